@@ -1,0 +1,70 @@
+"""Checkpoint files: one ``checkpoint.pt`` per Ray Train checkpoint directory.
+
+It holds everything a resume or an evaluation needs: the method's full state (backbone,
+heads and any method state), optimizer state, the completed epoch and global step (the
+learning-rate schedule is a pure function of the step), the torch RNG state, the run's
+config and the input normalisation. Files are written under a temporary name and renamed,
+so a crash mid-save never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config, from_dict
+from ssl_models import SSLMethod, build_method
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    path = Path(directory) / CHECKPOINT_FILE
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file, or the one inside a checkpoint directory (tensors only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest ``checkpoint_*`` directory of a run (Ray Train's naming sorts by time)."""
+    run_dir = Path(run_dir)
+    candidates = sorted(
+        p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file()
+    )
+    if not candidates:
+        raise FileNotFoundError(f"run directory {run_dir} holds no checkpoint yet")
+    return candidates[-1]
+
+
+def method_from_checkpoint(path: str | Path) -> tuple[SSLMethod, Config, dict[str, Any]]:
+    """Rebuild the trained method (eval mode) and its config from a checkpoint."""
+    state = load_checkpoint(path)
+    config = from_dict(state["config"])
+    method = build_method_for(config, state["channels"])
+    method.load_state_dict(state["model"])
+    return method.eval(), config, state
+
+
+def build_method_for(config: Config, channels: int) -> SSLMethod:
+    return build_method(
+        config.method_name,
+        backbone=config.model.backbone,
+        width=config.model.width,
+        in_channels=channels,
+        small_images=config.model.small_images,
+        **config.method_kwargs,
+    )

@@ -1,0 +1,289 @@
+"""Typed run configuration: YAML presets, ``--set key=value`` overrides and validation.
+
+A config is a tree of dataclasses. Every key a user writes is checked: unknown keys, wrong
+types and out-of-range values stop the run before Ray starts, with an error that names the
+dotted key and what is allowed. The ``method`` section is free-form because each method has
+its own knobs; it is checked against the method's constructor through the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssl_models import BACKBONES, METHODS
+from ssl_models.optim import OPTIMIZERS
+from ssl_models.registry import method_params
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "fmnist-simclr"
+    root: str = "runs"  # local directory, or s3:// / gs:// URI for Ray Train storage
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/shards/fashion-mnist/train"  # shards used for pretraining (labels unused)
+    eval_train: str = "data/shards/fashion-mnist/train"  # labelled shards: the kNN memory bank
+    eval_test: str = "data/shards/fashion-mnist/test"  # labelled shards: the kNN queries
+    limit: int | None = None  # pretrain on the first N images only
+    image_size: int | None = None  # None: the shards' own (uniform) size
+    decode_tasks: int = 2  # parallel decode + augment tasks in the Ray Data stage
+    prefetch_batches: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    """SimCLR view recipe; ``strength`` is the paper's colour-distortion strength s."""
+
+    strength: float = 0.5
+    crop_scale_min: float = 0.2
+    crop_ratio_max: float = 4 / 3  # aspect ratios drawn log-uniformly in [1/max, max]
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0  # SimCLR drops blur for 32 px images; use 0.5 for large images
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    width: float = 0.25
+    small_images: bool = True  # 3x3 stem, no max-pool (for 28-64 px inputs)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 256  # global: split evenly over workers
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    amp: bool = True  # mixed precision, used only on GPU
+    optimizer: str = "lars"
+    base_lr: float = 0.3  # scaled by batch_size / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    log_every_steps: int = 25
+    online_knn_bank: int = 5000  # per-epoch kNN monitor: train images in the bank (0 = off)
+    online_knn_queries: int = 1000  # ... and test images queried against it
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    @property
+    def method_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+
+def _positive(x: float) -> bool:
+    return x > 0
+
+
+def _probability(x: float) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+# (predicate, human description of the allowed range) per dotted key.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "run.name": (lambda s: bool(s) and "/" not in s, "a non-empty name without '/'"),
+    "data.limit": (lambda x: x is None or x > 0, "null or a positive integer"),
+    "data.image_size": (lambda x: x is None or x >= 8, "null or an integer >= 8"),
+    "data.decode_tasks": (_positive, "an integer >= 1"),
+    "data.prefetch_batches": (lambda x: x >= 0, "an integer >= 0"),
+    "augment.strength": (lambda x: 0 <= x <= 2, "a number in [0, 2]"),
+    "augment.crop_scale_min": (lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "augment.crop_ratio_max": (lambda x: x >= 1, "a number >= 1"),
+    "augment.flip_prob": (_probability, "a probability in [0, 1]"),
+    "augment.jitter_prob": (_probability, "a probability in [0, 1]"),
+    "augment.grayscale_prob": (_probability, "a probability in [0, 1]"),
+    "augment.blur_prob": (_probability, "a probability in [0, 1]"),
+    "model.backbone": (lambda s: s in BACKBONES, f"one of {sorted(BACKBONES)}"),
+    "model.width": (lambda x: 0 < x <= 4, "a number in (0, 4]"),
+    "train.epochs": (_positive, "an integer >= 1"),
+    "train.batch_size": (lambda x: x >= 2, "an integer >= 2"),
+    "train.num_workers": (_positive, "an integer >= 1"),
+    "train.cpus_per_worker": (_positive, "a number > 0"),
+    "train.optimizer": (lambda s: s in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}"),
+    "train.base_lr": (_positive, "a number > 0"),
+    "train.weight_decay": (lambda x: x >= 0, "a number >= 0"),
+    "train.momentum": (lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "train.warmup_epochs": (lambda x: x >= 0, "a number >= 0"),
+    "train.log_every_steps": (_positive, "an integer >= 1"),
+    "train.online_knn_bank": (lambda x: x >= 0, "an integer >= 0 (0 turns the monitor off)"),
+    "train.online_knn_queries": (_positive, "an integer >= 1"),
+    "eval.knn_k": (_positive, "an integer >= 1"),
+    "eval.knn_temperature": (_positive, "a number > 0"),
+    "eval.batch_size": (_positive, "an integer >= 1"),
+}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is Any:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(annotation)
+    return isinstance(value, origin or annotation)
+
+
+def _as_float(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string and ``1`` as an int; a float key takes both."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{dotted}'; allowed: {sorted(hints)}")
+        if _type_ok(0.5, hints[key]):  # a float key
+            value = _as_float(value)
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"config key '{dotted}' must be of type {hints[key]}, got {value!r}")
+        checked[key] = value
+    return cls(**checked)
+
+
+def _validate_method(method: dict[str, Any]) -> None:
+    name = method.get("name")
+    if name not in METHODS:
+        raise ConfigError(f"config key 'method.name' must be one of {sorted(METHODS)}, got {name!r}")
+    allowed = method_params(name)
+    for key, value in method.items():
+        if key == "name":
+            continue
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown config key 'method.{key}' for method '{name}'; "
+                f"allowed: {sorted(allowed)}"
+            )
+        if not isinstance(value, type(allowed[key])) and not (
+            isinstance(allowed[key], float) and isinstance(value, int)
+        ):
+            raise ConfigError(
+                f"config key 'method.{key}' must be like {allowed[key]!r}, got {value!r}"
+            )
+    if "temperature" in method and method["temperature"] <= 0:
+        raise ConfigError(f"config key 'method.temperature' must be > 0, got {method['temperature']}")
+
+
+def validate(config: Config) -> Config:
+    """Check every range rule and cross-key constraint; raise ConfigError naming the key."""
+    for dotted, (predicate, allowed) in _RULES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if not predicate(value):
+            raise ConfigError(f"config key '{dotted}' must be {allowed}, got {value!r}")
+    train = config.train
+    if train.batch_size % train.num_workers:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({train.batch_size}) must be divisible by "
+            f"'train.num_workers' ({train.num_workers})"
+        )
+    if train.batch_size // train.num_workers < 2:
+        raise ConfigError("config key 'train.batch_size' must give each worker at least 2 images")
+    _validate_method(config.method)
+    return config
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts (missing keys take their defaults)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section '{name}'; allowed: {sorted(sections)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping, got {value!r}")
+        if name == "method":
+            kwargs[name] = {"name": "simclr", **value}
+        else:
+            kwargs[name] = _build_section(typing.get_type_hints(Config)[name], value, name)
+    return validate(Config(**kwargs))
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; values are parsed as YAML scalars (1e-3, true, null)."""
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, key = parts
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        values[section][key] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (or the defaults when path is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        values = loaded or {}
+    return from_dict(apply_overrides(values, overrides or []))
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,154 @@
+"""Frozen-feature evaluation: weighted kNN (Wu et al. 2018, arXiv:1805.01978).
+
+Train-split features form the memory bank; each test image takes its k most cosine-similar
+bank entries, and each neighbour votes for its label with weight exp(similarity / T). This is
+the monitor used by InstDisc, DINO, solo-learn and lightly (k=200, T=0.1 by default).
+The two floors next to it say whether the encoder learned anything: kNN on raw pixels, and
+kNN on the same architecture with random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.checkpoint import build_method_for, method_from_checkpoint
+from pipeline.ingest import DecodedImages, ImageSpec, normalize, read_decoded
+
+
+def load_labelled(shard_dir: str | Path, spec: ImageSpec, limit: int | None = None) -> DecodedImages:
+    """Decode the first ``limit`` images of a shard directory, all of which must be labelled."""
+    images = read_decoded(shard_dir, spec, limit)
+    unlabelled = int((images.labels < 0).sum())
+    if unlabelled:
+        raise ValueError(f"{shard_dir}: {unlabelled} images have no label; kNN needs labels")
+    return images
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: Callable[[Tensor], Tensor],
+    pixels: np.ndarray,
+    mean: Tensor,
+    std: Tensor,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Features of uint8 images in batches, L2-normalised, on the CPU."""
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        batch = torch.from_numpy(pixels[start : start + batch_size]).to(device)
+        out.append(F.normalize(encoder(normalize(batch, mean.to(device), std.to(device))).float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_predict(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> Tensor:
+    """Class scores (Q, num_classes) from similarity-weighted votes of the k nearest bank rows.
+
+    ``bank`` and ``queries`` must be L2-normalised, so the dot product is cosine similarity.
+    """
+    k = min(k, len(bank))
+    scores = []
+    for start in range(0, len(queries), chunk):
+        sim = queries[start : start + chunk] @ bank.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(len(top_sim), num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, bank_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
+    k = min(k, scores.shape[1])
+    hits = (scores.topk(k, dim=1).indices == labels.view(-1, 1)).any(1)
+    return hits.float().mean().item()
+
+
+def knn_accuracy(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, k: int, temperature: float
+) -> dict[str, float]:
+    """kNN top-1 and top-5 accuracy of ``queries`` against the labelled ``bank``."""
+    num_classes = int(max(bank_labels.max(), labels.max())) + 1
+    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
+    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
+
+
+def raw_pixel_features(pixels: np.ndarray) -> Tensor:
+    """The raw-pixel floor's features: flattened, L2-normalised images."""
+    return F.normalize(torch.from_numpy(pixels).flatten(1).float(), dim=1)
+
+
+@dataclass
+class KNNRow:
+    """One line of the evaluation table."""
+
+    name: str
+    top1: float
+    top5: float
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, floors: bool = False, k: int | None = None, temperature: float | None = None
+) -> list[KNNRow]:
+    """kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
+
+    With ``floors``, also the raw-pixel floor and the random-init floor (same architecture,
+    untrained weights, same normalisation), which a useful encoder must beat.
+    """
+    method, config, state = method_from_checkpoint(path)
+    spec = ImageSpec(size=state["image_size"], channels=state["channels"])
+    mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
+    k = k or config.eval.knn_k
+    temperature = temperature or config.eval.knn_temperature
+    bank = load_labelled(config.data.eval_train, spec)
+    queries = load_labelled(config.data.eval_test, spec)
+    bank_labels, query_labels = torch.from_numpy(bank.labels), torch.from_numpy(queries.labels)
+
+    def score(name: str, bank_features: Tensor, query_features: Tensor) -> KNNRow:
+        acc = knn_accuracy(bank_features, bank_labels, query_features, query_labels, k, temperature)
+        return KNNRow(name, acc["top1"], acc["top5"])
+
+    def encoder_row(name: str, encoder: Callable[[Tensor], Tensor]) -> KNNRow:
+        size = config.eval.batch_size
+        return score(
+            name,
+            extract_features(encoder, bank.pixels, mean, std, size),
+            extract_features(encoder, queries.pixels, mean, std, size),
+        )
+
+    label = f"{config.method_name} {config.model.backbone} w{config.model.width:g}"
+    rows = [encoder_row(f"SSL {label}, epoch {state['epoch']}", method.features)]
+    if floors:
+        rows.append(score("raw pixels", raw_pixel_features(bank.pixels), raw_pixel_features(queries.pixels)))
+        torch.manual_seed(config.run.seed)
+        untrained = build_method_for(config, spec.channels).eval()
+        rows.append(encoder_row(f"random-init {config.model.backbone} w{config.model.width:g}", untrained.features))
+    return rows
+
+
+def format_table(rows: list[KNNRow], k: int, temperature: float, queries: str) -> str:
+    """The evaluation table printed by ``evaluate`` and ``demo``."""
+    width = max(len(r.name) for r in rows)
+    lines = [
+        f"kNN (k={k}, cosine, T={temperature:g}) on {queries}",
+        f"{'features':<{width}}  top-1   top-5",
+        f"{'-' * width}  ------  ------",
+    ]
+    lines += [f"{r.name:<{width}}  {r.top1:.4f}  {r.top5:.4f}" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,316 @@
+"""Parquet shards: the canonical training format, written once by ``prepare``.
+
+A shard directory holds ``part-00000.parquet``, ``part-00001.parquet``, ... (columns ``id``,
+``image``, ``label``, ``source``) and a ``manifest.json`` describing them. The directory is
+built under a temporary sibling name and renamed into place only when complete, so a
+directory with that name and a manifest is always a finished dataset; writing again is then a
+no-op unless ``overwrite`` is asked for.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.sources import ImageRecord, SkipCounter
+
+SHARD_SCHEMA = pa.schema(
+    [("id", pa.string()), ("image", pa.binary()), ("label", pa.int32()), ("source", pa.string())]
+)
+MANIFEST_NAME = "manifest.json"
+ROW_GROUP_SIZE = 1024
+_MAX_PROBLEMS_SHOWN = 50
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+class ShardError(ValueError):
+    """Shards or their manifest are missing or malformed; the message names file and problem."""
+
+
+@dataclass
+class ShardManifest:
+    """What a shard directory holds, written as ``manifest.json`` next to the shards."""
+
+    rows: int
+    shards: list[str]
+    num_classes: int | None
+    channels: int
+    image_size: tuple[int, int] | None
+    source: str
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, origin: Path) -> ShardManifest:
+        """Parse and type-check a manifest; ``origin`` names the file in errors."""
+        try:
+            raw: Any = json.loads(text)
+            size = raw["image_size"]
+            manifest = cls(
+                rows=raw["rows"],
+                shards=raw["shards"],
+                num_classes=raw["num_classes"],
+                channels=raw["channels"],
+                image_size=None if size is None else tuple(size),
+                source=raw["source"],
+                skipped=raw["skipped"],
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ShardError(f"{origin}: invalid manifest ({type(exc).__name__}: {exc})") from exc
+        valid = (
+            isinstance(manifest.rows, int)
+            and isinstance(manifest.shards, list)
+            and all(isinstance(name, str) for name in manifest.shards)
+            and (manifest.num_classes is None or isinstance(manifest.num_classes, int))
+            and manifest.channels in (1, 3)
+            and (size is None or (len(size) == 2 and all(isinstance(v, int) for v in size)))
+            and isinstance(manifest.source, str)
+            and isinstance(manifest.skipped, dict)
+        )
+        if not valid:
+            raise ShardError(f"{origin}: invalid manifest (a field has the wrong type)")
+        return manifest
+
+
+def load_manifest(shard_dir: Path) -> ShardManifest:
+    """Read ``shard_dir/manifest.json``."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ShardError(f"{path}: no readable manifest; prepare the shards first ({exc})") from exc
+    return ShardManifest.from_json(text, path)
+
+
+def shard_files(shard_dir: Path) -> list[Path]:
+    """The manifest's shard files as absolute paths, in order; all must exist."""
+    shard_dir = Path(shard_dir).absolute()
+    paths = [shard_dir / name for name in load_manifest(shard_dir).shards]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ShardError(f"{shard_dir}: shard files listed in the manifest are missing: {missing}")
+    return paths
+
+
+class _ShardWriter:
+    """Appends records to numbered part files, cutting a new file every ``rows_per_shard``."""
+
+    def __init__(self, directory: Path, rows_per_shard: int) -> None:
+        self.directory, self.rows_per_shard = directory, rows_per_shard
+        self.names: list[str] = []
+        self.pending: list[ImageRecord] = []
+        self.rows_in_shard = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, record: ImageRecord) -> None:
+        self.pending.append(record)
+        if len(self.pending) == min(ROW_GROUP_SIZE, self.rows_per_shard - self.rows_in_shard):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        if self.writer is None:
+            self.names.append(f"part-{len(self.names):05d}.parquet")
+            self.writer = pq.ParquetWriter(
+                self.directory / self.names[-1],
+                SHARD_SCHEMA,
+                compression="none",  # PNG/JPEG bytes are already compressed
+                use_dictionary=["source"],
+                write_statistics=["id", "label"],  # min/max of image blobs would bloat footers
+            )
+        columns = {name: [getattr(r, name) for r in self.pending] for name in SHARD_SCHEMA.names}
+        self.writer.write_table(pa.Table.from_pydict(columns, schema=SHARD_SCHEMA))
+        self.rows_in_shard += len(self.pending)
+        self.pending = []
+        if self.rows_in_shard == self.rows_per_shard:
+            self.close()
+
+    def close(self) -> None:
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.rows_in_shard = None, 0
+
+
+def _replaceable(directory: Path) -> bool:
+    """True if ``directory`` holds nothing but shard files, so deleting it loses nothing else."""
+    return all(
+        p.name == MANIFEST_NAME or (p.name.startswith("part-") and p.suffix == ".parquet")
+        for p in directory.iterdir()
+    )
+
+
+def write_shards(
+    records: Iterable[ImageRecord],
+    out_dir: Path,
+    *,
+    rows_per_shard: int = 4096,
+    source: str = "",
+    skipped: SkipCounter | None = None,
+    overwrite: bool = False,
+) -> ShardManifest:
+    """Write ``records`` as Parquet shards plus manifest under ``out_dir``; return the manifest.
+
+    If ``out_dir`` already holds a valid dataset and ``overwrite`` is false, its manifest is
+    returned and ``records`` is not touched. Records whose image header cannot be read are
+    skipped; the manifest lists them together with whatever ``skipped`` collected upstream.
+    Raises ShardError on a duplicate id, a negative label, or when no record is left to write;
+    nothing is then left behind under ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if rows_per_shard < 1:
+        raise ShardError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
+        try:
+            shard_files(out_dir)
+            return load_manifest(out_dir)
+        except ShardError as exc:
+            raise ShardError(
+                f"{out_dir} exists but is not a complete shard directory; "
+                f"pass overwrite=True to replace it ({exc})"
+            ) from exc
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
+        raise ShardError(f"{out_dir}: refusing to overwrite, it holds files that are not shards")
+    skipped = skipped if skipped is not None else SkipCounter()
+    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        writer = _ShardWriter(tmp_dir, rows_per_shard)
+        seen: set[str] = set()
+        sizes: set[tuple[int, int]] = set()
+        sources: set[str] = set()
+        all_gray, max_label = True, -1
+        for record in records:
+            if record.id in seen:
+                raise ShardError(f"duplicate id {record.id!r} (source {record.source})")
+            if record.label is not None and not 0 <= record.label < 2**31:
+                raise ShardError(f"{record.id}: label {record.label} is not in [0, 2**31)")
+            try:
+                with Image.open(io.BytesIO(record.image)) as header:
+                    size, mode = (header.height, header.width), header.mode
+            except Exception as exc:  # unreadable bytes: leave the row out, keep the reason
+                skipped.add(record.id, f"{type(exc).__name__}: {exc}")
+                continue
+            seen.add(record.id)
+            sizes.add(size)
+            sources.add(record.source)
+            all_gray = all_gray and mode in _GRAY_MODES
+            max_label = max(max_label, -1 if record.label is None else record.label)
+            writer.add(record)
+        writer.close()
+        if not seen:
+            raise ShardError(f"{out_dir}: no records to write ({len(skipped)} skipped)")
+        manifest = ShardManifest(
+            rows=len(seen),
+            shards=writer.names,
+            num_classes=max_label + 1 if max_label >= 0 else None,
+            channels=1 if all_gray else 3,
+            image_size=sizes.pop() if len(sizes) == 1 else None,
+            source=source or (", ".join(sorted(sources)) if len(sources) <= 3 else "mixed"),
+            skipped=dict(skipped.reasons),
+        )
+        # The manifest goes in last, so a directory with one always has every shard.
+        (tmp_dir / MANIFEST_NAME).write_text(manifest.to_json())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+_COLUMN_TYPES = {
+    "id": ("string", (pa.types.is_string, pa.types.is_large_string)),
+    "image": ("binary", (pa.types.is_binary, pa.types.is_large_binary)),
+    "label": ("integer", (pa.types.is_integer,)),
+    "source": ("string", (pa.types.is_string, pa.types.is_large_string)),
+}
+
+
+def validate_shards(path: Path) -> ShardManifest | None:
+    """Check a shard directory (or one Parquet file); raise ShardError listing every problem.
+
+    Returns the directory's manifest, or None when there is none (or ``path`` is a file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ShardError(f"{path}: no such file or directory")
+    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    if not files:
+        raise ShardError(f"{path}: no .parquet files")
+    problems: list[str] = []
+    first_file: dict[str, str] = {}
+    rows = 0
+    for file in files:
+        try:
+            parquet = pq.ParquetFile(file)
+        except (OSError, pa.ArrowException) as exc:
+            problems.append(f"{file.name}: unreadable Parquet file ({exc})")
+            continue
+        schema = parquet.schema_arrow
+        for column, (wanted, checks) in _COLUMN_TYPES.items():
+            if column not in schema.names:
+                if column in ("id", "image"):
+                    problems.append(f"{file.name}: missing column {column!r} ({wanted})")
+            elif not any(check(schema.field(column).type) for check in checks):
+                found = schema.field(column).type
+                problems.append(f"{file.name}: column {column!r} must be {wanted}, found {found}")
+        rows += parquet.metadata.num_rows
+        if "id" not in schema.names:
+            continue
+        for record_id in parquet.read(columns=["id"]).column("id").to_pylist():
+            if record_id is None:
+                problems.append(f"{file.name}: column 'id' has a null value")
+            elif record_id in first_file:
+                problems.append(
+                    f"{file.name}: duplicate id {record_id!r} (also in {first_file[record_id]})"
+                )
+            else:
+                first_file[record_id] = file.name
+    manifest = None
+    if path.is_dir() and (path / MANIFEST_NAME).exists():
+        manifest = load_manifest(path)
+        missing = sorted(set(manifest.shards) - {f.name for f in files})
+        if missing:
+            problems.append(f"{MANIFEST_NAME}: lists shard files that do not exist: {missing}")
+        if manifest.rows != rows:
+            problems.append(f"{MANIFEST_NAME}: says {manifest.rows} rows, the files hold {rows}")
+    if problems:
+        shown = problems[:_MAX_PROBLEMS_SHOWN]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more problems")
+        raise ShardError(f"{path}: invalid shards:\n  " + "\n  ".join(shown))
+    return manifest
+
+
+def read_labels(shard_dir: Path) -> tuple[list[str], np.ndarray]:
+    """Ids and labels (int64, -1 where null or absent) of every row, in shard order."""
+    ids: list[str] = []
+    labels: list[np.ndarray] = []
+    for path in shard_files(shard_dir):
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in ("id", "label") if c in names])
+        ids.extend(table.column("id").to_pylist())
+        if "label" in names:
+            filled = pc.fill_null(table.column("label"), -1)
+            labels.append(filled.to_numpy().astype(np.int64))
+        else:
+            labels.append(np.full(table.num_rows, -1, dtype=np.int64))
+    return ids, np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,274 @@
+"""Pretraining: a TorchTrainer whose workers pull augmented views from Ray Data.
+
+The driver (``pretrain``) builds the lazy view dataset and the trainer; each worker runs
+``train_loop_per_worker``: DDP (gloo on CPU, NCCL on GPU), a warm-up + cosine learning rate
+per step, one checkpoint per epoch through ``ray.train.report``. Ray Train restores the
+latest checkpoint when a run with the same name and storage path is started again.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.augment import ViewRecipe
+from pipeline.checkpoint import build_method_for, load_checkpoint, save_checkpoint
+from pipeline.config import Config, from_dict
+from pipeline.evaluate import extract_features, knn_accuracy, load_labelled
+from pipeline.ingest import (
+    ImageSpec,
+    channel_stats,
+    dataset_rows,
+    normalize,
+    read_decoded,
+    training_dataset,
+)
+from pipeline.shards import load_manifest
+from ssl_models.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+
+
+def run_dir(config: Config) -> str:
+    """Where Ray Train keeps this run's checkpoints and where TensorBoard events go."""
+    root = config.run.root
+    if "://" not in root:
+        root = str(Path(root).resolve())
+    return f"{root.rstrip('/')}/{config.run.name}"
+
+
+class ProgressLog:
+    """One console line per interval from rank 0: epoch, step, loss, images/s and ETA."""
+
+    def __init__(self, total_steps: int, global_batch: int, every: int) -> None:
+        self.total_steps, self.global_batch, self.every = total_steps, global_batch, every
+        self.started = self.last = time.perf_counter()
+        self.start_step = self.last_step = None
+
+    def images_per_second(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.global_batch / max(now - self.last, 1e-9)
+        self.last, self.last_step = now, step
+        return rate
+
+    def line(self, epoch: int, epochs: int, step: int, loss: float, lr: float, rate: float) -> str:
+        done = step - self.start_step
+        per_step = (time.perf_counter() - self.started) / max(done, 1)
+        eta = int(per_step * (self.total_steps - step))
+        return (
+            f"epoch {epoch + 1}/{epochs}  step {step}/{self.total_steps}  loss {loss:.4f}  "
+            f"lr {lr:.4f}  {rate:,.0f} img/s  ETA {eta // 60}m{eta % 60:02d}s"
+        )
+
+
+class OnlineKNN:
+    """Per-epoch kNN monitor on rank 0: a bank and disjoint queries from the labelled train
+    split (never the test set), so sweeps can select on it without touching test data."""
+
+    def __init__(self, config: Config, spec: ImageSpec) -> None:
+        bank = config.train.online_knn_bank
+        images = load_labelled(config.data.eval_train, spec, bank + config.train.online_knn_queries)
+        self.bank_pixels, self.query_pixels = images.pixels[:bank], images.pixels[bank:]
+        self.bank_labels = torch.from_numpy(images.labels[:bank])
+        self.query_labels = torch.from_numpy(images.labels[bank:])
+        self.k, self.temperature = config.eval.knn_k, config.eval.knn_temperature
+
+    def __call__(self, encoder, mean, std, device) -> float:
+        bank = extract_features(encoder, self.bank_pixels, mean, std, device=device)
+        queries = extract_features(encoder, self.query_pixels, mean, std, device=device)
+        acc = knn_accuracy(bank, self.bank_labels, queries, self.query_labels, self.k, self.temperature)
+        return acc["top1"]
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker loop; ``loop_config`` carries the config and what the driver measured."""
+    config = from_dict(loop_config["config"])
+    spec = ImageSpec(**loop_config["spec"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    use_amp = device.type == "cuda" and config.train.amp
+    torch.manual_seed(config.run.seed)
+    random.seed(config.run.seed)
+
+    method = build_method_for(config, spec.channels)
+    model = ray.train.torch.prepare_model(method)
+    lr = scaled_lr(config.train.base_lr, config.train.batch_size)
+    optimizer = build_optimizer(
+        config.train.optimizer,
+        param_groups(method, config.train.weight_decay),
+        lr=lr,
+        weight_decay=config.train.weight_decay,
+        momentum=config.train.momentum,
+    )
+    mean = torch.tensor(loop_config["mean"], device=device)
+    std = torch.tensor(loop_config["std"], device=device)
+
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        if rank == 0:
+            print(f"resuming {config.run.name} from epoch {start_epoch + 1} (step {step})", flush=True)
+
+    resumed_from = start_epoch
+    steps_per_epoch = loop_config["steps_per_epoch"]
+    total_steps = steps_per_epoch * config.train.epochs
+    warmup_steps = int(config.train.warmup_epochs * steps_per_epoch)
+    local_batch = config.train.batch_size // world
+    progress = ProgressLog(total_steps, config.train.batch_size, config.train.log_every_steps)
+    writer = monitor = None
+    if rank == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(loop_config["tensorboard_dir"])
+        monitor = OnlineKNN(config, spec) if config.train.online_knn_bank else None
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config.train.epochs):
+        model.train()
+        epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+        progress.start_step = progress.start_step if progress.start_step is not None else step
+        progress.last_step = step
+        batches = shard.iter_torch_batches(
+            batch_size=local_batch,
+            drop_last=True,
+            prefetch_batches=config.data.prefetch_batches,
+            device=device,
+        )
+        for batch in batches:
+            lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            views = [normalize(batch[f"view_{i}"], mean, std) for i in range(2)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                output = model(views)
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            optimizer.step()
+            method.after_optimizer_step(step, total_steps)
+            step += 1
+            epoch_steps += 1
+            loss = output.loss.item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at step {step}; the last good checkpoint is kept. "
+                    "Lower train.base_lr or raise method.temperature."
+                )
+            epoch_loss += loss
+            if rank == 0 and step % config.train.log_every_steps == 0:
+                rate = progress.images_per_second(step)
+                print(progress.line(epoch, config.train.epochs, step, loss, lr_now, rate), flush=True)
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/lr", lr_now, step)
+                writer.add_scalar("train/images_per_s", rate, step)
+                for name, value in output.logs.items():
+                    writer.add_scalar(f"train/{name}", float(value), step)
+
+        seconds = time.perf_counter() - epoch_start
+        metrics = {
+            "epoch": epoch + 1,
+            "resumed_from_epoch": resumed_from,
+            "step": step,
+            "loss": epoch_loss / max(epoch_steps, 1),
+            "images_per_s": epoch_steps * config.train.batch_size / max(seconds, 1e-9),
+            "epoch_seconds": seconds,
+        }
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        if monitor is not None:
+            method.eval()
+            metrics["knn_top1"] = monitor(method.features, mean, std, device)
+        for name in ("loss", "images_per_s", "knn_top1"):
+            if name in metrics:
+                writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
+        writer.flush()
+        print(
+            "epoch {epoch} done: loss {loss:.4f}, {images_per_s:,.0f} img/s".format(**metrics)
+            + (f", online kNN top-1 {metrics['knn_top1']:.4f}" if "knn_top1" in metrics else ""),
+            flush=True,
+        )
+        state = {
+            "model": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+            "config": loop_config["config"],
+            "channels": spec.channels,
+            "image_size": spec.size,
+            "mean": loop_config["mean"],
+            "std": loop_config["std"],
+            "metrics": metrics,
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(directory, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    if writer is not None:
+        writer.close()
+
+
+def pretrain(config: Config) -> ray.train.Result:
+    """Pretrain ``config``'s method; resumes when the run directory already has checkpoints."""
+    manifest = load_manifest(Path(config.data.train))
+    spec = ImageSpec.from_manifest(manifest, config.data.image_size)
+    rows = dataset_rows(config.data.train, config.data.limit)
+    world, batch = config.train.num_workers, config.train.batch_size
+    steps_per_epoch = (rows // world) // (batch // world)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{rows} training images give no full batch of {batch} over {world} workers; "
+            "lower train.batch_size or use more images"
+        )
+    mean, std = channel_stats(read_decoded(config.data.train, spec, limit=2048).pixels)
+    recipe = ViewRecipe.simclr(spec.size, **asdict(config.augment))
+    dataset = training_dataset(
+        config.data.train,
+        spec,
+        recipe,
+        limit=config.data.limit,
+        decode_tasks=config.data.decode_tasks,
+        batch_size=batch // world,
+    )
+    directory = run_dir(config)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.to_dict(),
+            "spec": asdict(spec),
+            "mean": mean,
+            "std": std,
+            "steps_per_epoch": steps_per_epoch,
+            "tensorboard_dir": f"{directory}/tensorboard",
+        },
+        scaling_config=ScalingConfig(
+            num_workers=world,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker}
+            | ({"GPU": 1} if config.train.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=directory.rsplit("/", 1)[0],
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+

@@ -1,0 +1,145 @@
+"""Encoders that turn an image batch (N, C, H, W) into a feature batch (N, D).
+
+Every backbone ends in global average pooling, so downstream code (projection heads, kNN and
+linear-probe evaluation) only ever sees flat feature vectors.
+
+- ``resnet18`` / ``resnet50``: torchvision's residual blocks (He et al. 2016, arXiv:1512.03385)
+  with every stage width multiplied by ``width``. Module names follow torchvision's ``ResNet``
+  (``conv1``, ``bn1``, ``layer1`` ... ``layer4``), so at ``width=1`` and ``small_images=False``
+  a torchvision state dict without ``fc`` loads as is. ``small_images=True`` swaps the
+  ImageNet stem (7x7 stride-2 conv + max-pool) for a 3x3 stride-1 conv, the CIFAR variant
+  used by SimCLR and solo-learn: on 32 px images the ImageNet stem would throw away 15/16 of
+  the pixels before the first residual block.
+- ``small_cnn``: four conv-BN-ReLU stages, a fast CPU-friendly encoder for demos on 28-32 px.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+class ResNet(nn.Module):
+    """A torchvision-style ResNet trunk (no classifier) with scalable stage widths."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: Sequence[int],
+        *,
+        width: float = 1.0,
+        in_channels: int = 3,
+        small_images: bool = True,
+    ) -> None:
+        super().__init__()
+        widths = [_scaled(c, width) for c in (64, 128, 256, 512)]
+        if small_images:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+
+        self.inplanes = widths[0]
+        self.layer1 = self._make_stage(block, widths[0], layers[0], stride=1)
+        self.layer2 = self._make_stage(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_stage(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_stage(block, widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = self.inplanes
+
+        # Same initialisation as torchvision's ResNet.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_stage(
+        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int
+    ) -> nn.Sequential:
+        out_planes = planes * block.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_planes:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes)
+            )
+        # base_width=64 keeps a Bottleneck's inner width equal to `planes`, already scaled.
+        stage = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out_planes
+        stage += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU stages (32, 64, 128, 256 channels x width); all but the first halve
+    the resolution, so a 28 or 32 px image ends as a 4x4 map before pooling."""
+
+    def __init__(self, *, width: float = 1.0, in_channels: int = 3) -> None:
+        super().__init__()
+        widths = [_scaled(c, width) for c in (32, 64, 128, 256)]
+        stages: list[nn.Module] = []
+        previous = in_channels
+        for i, channels in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages += [
+                nn.Conv2d(previous, channels, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            ]
+            previous = channels
+        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = previous
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
+def _resnet18(width: float, in_channels: int, small_images: bool) -> nn.Module:
+    return ResNet(
+        BasicBlock, (2, 2, 2, 2), width=width, in_channels=in_channels, small_images=small_images
+    )
+
+
+def _resnet50(width: float, in_channels: int, small_images: bool) -> nn.Module:
+    return ResNet(
+        Bottleneck, (3, 4, 6, 3), width=width, in_channels=in_channels, small_images=small_images
+    )
+
+
+def _small_cnn(width: float, in_channels: int, small_images: bool) -> nn.Module:
+    # Built for small inputs whatever `small_images` says: there is no stem to adapt.
+    return SmallCNN(width=width, in_channels=in_channels)
+
+
+# name -> builder(width, in_channels, small_images); each module exposes `out_dim`.
+BACKBONES: dict[str, Callable[[float, int, bool], nn.Module]] = {
+    "resnet18": _resnet18,
+    "resnet50": _resnet50,
+    "small_cnn": _small_cnn,
+}
+
+
+def build_backbone(
+    name: str, *, width: float = 1.0, in_channels: int = 3, small_images: bool = True
+) -> tuple[nn.Module, int]:
+    """Build a randomly initialised backbone; return it with its feature dimension D."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+    if width <= 0:
+        raise ValueError(f"backbone width must be > 0, got {width}")
+    module = BACKBONES[name](width, in_channels, small_images)
+    return module, module.out_dim

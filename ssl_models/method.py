@@ -1,0 +1,45 @@
+"""The base class every self-supervised method implements.
+
+A method is an ``nn.Module`` with one job: given a batch of views, return the loss and a few
+named scalars to log. It owns all of its state (backbone, heads, momentum encoders, queues,
+prototypes), so ``state_dict()`` checkpoints everything, and it exposes its backbone for
+frozen-feature evaluation.
+"""
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass
+class MethodOutput:
+    loss: Tensor  # scalar to backpropagate
+    logs: dict[str, Tensor]  # detached scalars to log, e.g. {"loss": ..., "pos_sim": ...}
+
+
+class SSLMethod(nn.Module):
+    """Base class: subclasses build their heads and losses and implement :meth:`forward`.
+
+    Subclass ``__init__`` signatures are ``(backbone, feature_dim, *, option=default, ...)``;
+    the keyword-only options are what ``method.*`` config keys may set (see ``registry``).
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+
+    def forward(self, views: list[Tensor]) -> MethodOutput:
+        """One training step's loss. ``views`` are normalised float (N, C, H, W) batches.
+
+        The training loop calls the DDP-wrapped module, so all gradient-carrying work must
+        happen here for DDP to synchronise it.
+        """
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Hook the loop calls after each optimiser step (EMA updates etc.). Default: none."""
+
+    def features(self, images: Tensor) -> Tensor:
+        """Backbone features (N, feature_dim) for evaluation."""
+        return self.backbone(images)

@@ -1,0 +1,54 @@
+"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations", arXiv:2002.05709).
+
+    for x in loader:
+        x_a, x_b = two random augmentations of x
+        h = f(x_a), f(x_b)                  # backbone features (the representation kept)
+        z = g(h)                            # projection head, used only for the loss
+        loss = NT-Xent(z_a, z_b)            # other 2N-2 embeddings are the negatives
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_models.heads import ProjectionHead
+from ssl_models.losses import NTXentLoss
+from ssl_models.method import MethodOutput, SSLMethod
+
+
+class SimCLR(SSLMethod):
+    """SimCLR v1: backbone, 2-layer MLP projector, NT-Xent loss.
+
+    Args:
+        backbone: encoder mapping images to (N, feature_dim) features.
+        feature_dim: backbone output dimension.
+        temperature: NT-Xent temperature (0.5 in the paper at batch 4096 on ImageNet; 0.2 is
+            the common choice for CIFAR-sized runs, e.g. solo-learn).
+        projection_hidden_dim: hidden width of the projector.
+        projection_dim: output dimension of the projector.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        *,
+        temperature: float = 0.2,
+        projection_hidden_dim: int = 512,
+        projection_dim: int = 128,
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        self.projector = ProjectionHead(feature_dim, projection_hidden_dim, projection_dim)
+        self.criterion = NTXentLoss(temperature)
+
+    def forward(self, views: list[Tensor]) -> MethodOutput:
+        if len(views) != 2:
+            raise ValueError(f"SimCLR takes exactly 2 views, got {len(views)}")
+        # One pass over both views: faster, and batch-norm statistics cover both views, as in
+        # the paper's implementation.
+        h = self.backbone(torch.cat(views))
+        z_a, z_b = self.projector(h).chunk(2)
+        loss = self.criterion(z_a, z_b)
+        pos_sim = F.cosine_similarity(z_a, z_b, dim=1).mean()
+        return MethodOutput(loss=loss, logs={"loss": loss.detach(), "pos_sim": pos_sim.detach()})

@@ -1,0 +1,138 @@
+"""Optimisers and learning-rate schedules for self-supervised pretraining.
+
+- :class:`LARS`: SGD with momentum whose per-layer step is scaled by a trust ratio
+  (You et al. 2017, "Large Batch Training of Convolutional Networks", arXiv:1708.03888), the
+  optimiser SimCLR uses for large batches.
+- :func:`param_groups`: biases and normalisation parameters get no weight decay and no trust
+  ratio, as in SimCLR, BYOL and solo-learn.
+- :func:`warmup_cosine` and :func:`scaled_lr`: SimCLR's schedule and linear scaling rule.
+"""
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+
+class LARS(Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling.
+
+    For each parameter w with gradient g (unless its group sets ``exclude_from_lars``)::
+
+        d     = g + weight_decay * w
+        trust = eta * ||w|| / ||d||          (1 when either norm is 0)
+        buf   = momentum * buf + trust * d
+        w     = w - lr * buf
+
+    Excluded groups skip the first two lines (no weight decay, no trust ratio), which makes
+    their update exactly ``torch.optim.SGD`` with momentum.
+
+    ``eta`` defaults to 0.001, the paper's value and the one in SimCLR's and Barlow Twins'
+    reference code, which pair it with ``lr = base_lr * batch / 256``. (solo-learn uses 0.02
+    together with clipping the trust ratio at 1.)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "eta": eta,
+            "exclude_from_lars": False,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad
+                if not group["exclude_from_lars"]:
+                    d_p = d_p.add(p, alpha=group["weight_decay"])
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d_p)
+                    trust = torch.where(
+                        (p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, 1.0
+                    )
+                    d_p = d_p * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split trainable parameters into weights and {biases, normalisation parameters}.
+
+    Parameters with ``ndim <= 1`` (biases, BatchNorm/LayerNorm scales and shifts) form the
+    second group, with ``weight_decay=0`` and ``exclude_from_lars=True``: decaying or
+    trust-scaling them hurts accuracy and buys nothing. Empty groups are left out.
+    """
+    regular, excluded = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (excluded if p.ndim <= 1 else regular).append(p)
+    groups = [
+        {"params": regular, "weight_decay": weight_decay, "exclude_from_lars": False},
+        {"params": excluded, "weight_decay": 0.0, "exclude_from_lars": True},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "lars": LARS,
+    "adamw": torch.optim.AdamW,
+}
+
+
+def build_optimizer(
+    name: str, params: Iterable[Any], lr: float, weight_decay: float, momentum: float = 0.9
+) -> Optimizer:
+    """Build an optimiser by name; ``params`` may be tensors or :func:`param_groups` output.
+
+    Per-group ``weight_decay`` overrides the default given here. AdamW ignores ``momentum``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; available: {sorted(OPTIMIZERS)}")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return OPTIMIZERS[name](params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def warmup_cosine(
+    step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0
+) -> float:
+    """Learning rate at ``step``: linear warm-up, then cosine decay to ``final_lr``.
+
+    Warm-up gives ``base_lr * (step + 1) / warmup_steps`` so the first step already moves;
+    it reaches ``base_lr`` at ``step = warmup_steps - 1``, and the cosine reaches ``final_lr``
+    at ``step = total_steps`` (and stays there after).
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """SimCLR's linear scaling rule: ``base_lr * global_batch / 256``."""
+    return base_lr * global_batch / 256

@@ -1,0 +1,53 @@
+"""Name -> method lookup, and validation of per-method options.
+
+A method's options are the keyword-only parameters of its ``__init__`` (everything after
+``backbone, feature_dim``), so adding an option to a method class is all it takes for
+configs to accept ``method.<option>``.
+"""
+
+import inspect
+from typing import Any
+
+from ssl_models.backbones import build_backbone
+from ssl_models.method import SSLMethod
+from ssl_models.methods import SimCLR
+
+METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+
+
+def _method_class(name: str) -> type[SSLMethod]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def method_params(name: str) -> dict[str, Any]:
+    """The options method ``name`` accepts, mapped to their default values."""
+    signature = inspect.signature(_method_class(name).__init__)
+    return {
+        p.name: p.default
+        for p in signature.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def build_method(
+    name: str,
+    *,
+    backbone: str,
+    width: float,
+    in_channels: int,
+    small_images: bool = True,
+    **method_kwargs: Any,
+) -> SSLMethod:
+    """Build method ``name`` on a fresh backbone; ``method_kwargs`` are its options."""
+    allowed = method_params(name)
+    for key in method_kwargs:
+        if key not in allowed:
+            raise ValueError(
+                f"unknown option {key!r} for method {name!r}; allowed: {sorted(allowed)}"
+            )
+    encoder, feature_dim = build_backbone(
+        backbone, width=width, in_channels=in_channels, small_images=small_images
+    )
+    return _method_class(name)(encoder, feature_dim, **method_kwargs)

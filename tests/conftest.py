@@ -1,0 +1,47 @@
+"""Shared fixtures: one Ray instance for the whole session and small real-data shards."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+# Explicit, so that a new local cluster does not depend on Ray's changing default. The test
+# cluster listens on loopback only and has no dashboard.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster shared by every test that needs one (4 logical CPUs)."""
+    import ray
+
+    from pipeline.cluster import configure_data_context
+
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=1 << 30)
+    configure_data_context()
+    yield
+    ray.shutdown()
+
+
+def _fashion_mnist_split(split: str, count: int, out: Path):
+    from pipeline.shards import write_shards
+    from pipeline.sources import SourceError, builtin_idx_files, read_idx
+
+    try:
+        images, labels = builtin_idx_files("fashion-mnist", split)
+    except SourceError as err:
+        pytest.fail(f"{err}\n(`make test` installs the data; run scripts/get_fashion_mnist.sh)")
+    records = itertools.islice(read_idx(images, labels, "fashion-mnist", split), count)
+    return write_shards(records, out, rows_per_shard=512, source=f"fashion-mnist:{split}")
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> dict[str, Path]:
+    """Real Fashion-MNIST: the first 2048 train and 512 test images as shard directories."""
+    root = tmp_path_factory.mktemp("fmnist")
+    _fashion_mnist_split("train", 2048, root / "train")
+    _fashion_mnist_split("test", 512, root / "test")
+    return {"train": root / "train", "test": root / "test"}

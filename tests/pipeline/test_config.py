@@ -1,0 +1,65 @@
+"""Config loading: defaults, YAML presets, overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_defaults_and_every_preset_are_valid():
+    assert load_config().train.batch_size == 256
+    for preset in CONFIGS.glob("*.yaml"):
+        assert load_config(preset).method_name == "simclr"
+
+
+def test_overrides_are_parsed_as_yaml_and_typed():
+    config = load_config(
+        CONFIGS / "fmnist_simclr.yaml",
+        ["train.epochs=3", "train.base_lr=1e-2", "data.limit=null", "method.temperature=0.5"],
+    )
+    assert config.train.epochs == 3
+    assert config.train.base_lr == pytest.approx(0.01)
+    assert config.data.limit is None
+    assert config.method_kwargs["temperature"] == 0.5
+
+
+def test_integer_given_for_float_key_becomes_float():
+    assert isinstance(load_config(None, ["train.base_lr=1"]).train.base_lr, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("train.epoch=3", "train.epoch"),
+        ("nosuch.key=1", "nosuch"),
+        ("method.temprature=0.1", "method.temprature"),
+        ("method.temperature=0", "method.temperature"),
+        ("method.temperature=-0.5", "method.temperature"),
+        ("train.batch_size=255", "train.batch_size"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.epochs=two", "train.epochs"),
+        ("augment.flip_prob=1.5", "augment.flip_prob"),
+        ("model.backbone=vgg", "model.backbone"),
+        ("train.optimizer=adam9", "train.optimizer"),
+        ("method.name=nosuch", "method.name"),
+        ("train.epochs", "train.epochs"),
+    ],
+)
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(path)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
