@@ -25,7 +25,9 @@ def init_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> None:
         cores = os.cpu_count() or 1
         ray.init(
             num_cpus=num_cpus or max(4, 2 * cores),
-            include_dashboard=False,
+            # Ray Train's controller uses the dashboard's State API; loopback only.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             object_store_memory=int(object_store_gb * 2**30),
         )
     configure_data_context()

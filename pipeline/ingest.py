@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 from PIL import Image, ImageOps
+from ray.data.expressions import col
 
 from pipeline.augment import ViewRecipe, random_views
 from pipeline.shards import ShardManifest, load_manifest, shard_files
@@ -82,6 +83,22 @@ def augment_batch(
     return out
 
 
+def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], list[str]]:
+    """The shard files holding the first ``limit`` rows, and the ids past the limit in the
+    last of them. Ray's own ``limit`` keeps whichever rows arrive first, which would change
+    the training subset from epoch to epoch."""
+    files, rows = [], 0
+    for path in shard_files(shard_dir):
+        if limit is not None and rows >= limit:
+            break
+        files.append(str(path))
+        rows += pq.ParquetFile(path).metadata.num_rows
+    if limit is None or rows <= limit:
+        return files, []
+    last_ids = pq.read_table(files[-1], columns=["id"]).column("id").to_pylist()
+    return files, last_ids[len(last_ids) - (rows - limit) :]
+
+
 def training_dataset(
     shard_dir: str | Path,
     spec: ImageSpec,
@@ -93,10 +110,10 @@ def training_dataset(
     batch_size: int = 256,
 ) -> ray.data.Dataset:
     """Lazy Ray dataset of augmented views for pretraining (labels are never read)."""
-    files = [str(p) for p in shard_files(Path(shard_dir))]
-    ds = ray.data.read_parquet(files, columns=["id", "image"])
-    if limit is not None:
-        ds = ds.limit(limit)
+    files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
+    ds = ray.data.read_parquet(files).select_columns(["id", "image"])
+    if beyond_limit:
+        ds = ds.filter(expr=col("id").not_in(beyond_limit))
     return ds.map_batches(
         augment_batch,
         fn_kwargs={"spec": spec, "recipe": recipe, "num_views": num_views},

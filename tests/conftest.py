@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 # Explicit, so that a new local cluster does not depend on Ray's changing default. The test
-# cluster listens on loopback only and has no dashboard.
+# cluster's dashboard listens on loopback only.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
@@ -20,7 +20,12 @@ def ray_session():
 
     from pipeline.cluster import configure_data_context
 
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=1 << 30)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        object_store_memory=1 << 30,
+    )
     configure_data_context()
     yield
     ray.shutdown()
