@@ -140,7 +140,9 @@ def _adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     hue = torch.where(
-        maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4)
+        maxc == r,
+        ((g - b) / safe) % 6,
+        torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4),
     )
     hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0

@@ -42,9 +42,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def latest_checkpoint(run_dir: str | Path) -> Path:
     """The newest ``checkpoint_*`` directory of a run (Ray Train's naming sorts by time)."""
     run_dir = Path(run_dir)
-    candidates = sorted(
-        p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file()
-    )
+    candidates = sorted(p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
     if not candidates:
         raise FileNotFoundError(f"run directory {run_dir} holds no checkpoint yet")
     return candidates[-1]

@@ -71,7 +71,9 @@ Examples:
     )
     prep.add_argument("source", help="what to convert (see above)")
     prep.add_argument("--out", type=Path, help="output directory (default data/shards/NAME)")
-    prep.add_argument("--root", type=Path, help="directory holding IDX files (fashion-mnist, mnist)")
+    prep.add_argument(
+        "--root", type=Path, help="directory holding IDX files (fashion-mnist, mnist)"
+    )
     prep.add_argument("--split", default="train", help="split name for folder/parquet sources")
     prep.add_argument("--rows-per-shard", type=int, default=4096)
     prep.add_argument("--overwrite", action="store_true", help="rewrite existing shards")
@@ -111,12 +113,16 @@ Examples:
 """,
     )
     ev.add_argument(
-        "--checkpoint", type=Path, required=True,
+        "--checkpoint",
+        type=Path,
+        required=True,
         help="a run directory (its latest checkpoint is used) or one checkpoint directory",
     )
     ev.add_argument("--floors", action="store_true", help="also score raw pixels and random init")
     ev.add_argument("--k", type=int, help="neighbours (default: the run's eval.knn_k)")
-    ev.add_argument("--temperature", type=float, help="vote temperature (default eval.knn_temperature)")
+    ev.add_argument(
+        "--temperature", type=float, help="vote temperature (default eval.knn_temperature)"
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -139,8 +145,8 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 
 def _evaluate(checkpoint: Path, floors: bool, k: int | None, temperature: float | None) -> str:
-    from pipeline.evaluate import evaluate_checkpoint, format_table
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.evaluate import evaluate_checkpoint, format_table
 
     checkpoint = _resolve_checkpoint(checkpoint)
     rows = evaluate_checkpoint(checkpoint, floors=floors, k=k, temperature=temperature)
@@ -180,11 +186,17 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.prepare import prepare
 
             for split, manifest in prepare(
-                args.source, args.out, root=args.root, split=args.split,
-                rows_per_shard=args.rows_per_shard, overwrite=args.overwrite,
+                args.source,
+                args.out,
+                root=args.root,
+                split=args.split,
+                rows_per_shard=args.rows_per_shard,
+                overwrite=args.overwrite,
             ).items():
-                print(f"{split}: {manifest.rows} images in {len(manifest.shards)} shards, "
-                      f"{len(manifest.skipped)} skipped")
+                print(
+                    f"{split}: {manifest.rows} images in {len(manifest.shards)} shards, "
+                    f"{len(manifest.skipped)} skipped"
+                )
         elif args.command == "pretrain":
             _pretrain(args.config, args.overrides, floors=False, evaluate=not args.no_eval)
         elif args.command == "evaluate":

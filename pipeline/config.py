@@ -201,15 +201,16 @@ def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def _validate_method(method: dict[str, Any]) -> None:
     name = method.get("name")
     if name not in METHODS:
-        raise ConfigError(f"config key 'method.name' must be one of {sorted(METHODS)}, got {name!r}")
+        raise ConfigError(
+            f"config key 'method.name' must be one of {sorted(METHODS)}, got {name!r}"
+        )
     allowed = method_params(name)
     for key, value in method.items():
         if key == "name":
             continue
         if key not in allowed:
             raise ConfigError(
-                f"unknown config key 'method.{key}' for method '{name}'; "
-                f"allowed: {sorted(allowed)}"
+                f"unknown config key 'method.{key}' for method '{name}'; allowed: {sorted(allowed)}"
             )
         if not isinstance(value, type(allowed[key])) and not (
             isinstance(allowed[key], float) and isinstance(value, int)
@@ -218,7 +219,9 @@ def _validate_method(method: dict[str, Any]) -> None:
                 f"config key 'method.{key}' must be like {allowed[key]!r}, got {value!r}"
             )
     if "temperature" in method and method["temperature"] <= 0:
-        raise ConfigError(f"config key 'method.temperature' must be > 0, got {method['temperature']}")
+        raise ConfigError(
+            f"config key 'method.temperature' must be > 0, got {method['temperature']}"
+        )
 
 
 def validate(config: Config) -> Config:
@@ -287,3 +290,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """Resolve relative local data paths and run root against the current directory.
+
+    Ray Train workers run in their own working directory, so a relative path that is right
+    for the driver would point elsewhere on a worker. URIs (s3://, gs://) pass unchanged.
+    """
+
+    def absolute(path: str) -> str:
+        return path if "://" in path else str(Path(path).expanduser().resolve())
+
+    data = dataclasses.replace(
+        config.data,
+        train=absolute(config.data.train),
+        eval_train=absolute(config.data.eval_train),
+        eval_test=absolute(config.data.eval_test),
+    )
+    run = dataclasses.replace(config.run, root=absolute(config.run.root))
+    return dataclasses.replace(config, data=data, run=run)

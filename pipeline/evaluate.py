@@ -22,7 +22,9 @@ from pipeline.checkpoint import build_method_for, method_from_checkpoint
 from pipeline.ingest import DecodedImages, ImageSpec, normalize, read_decoded
 
 
-def load_labelled(shard_dir: str | Path, spec: ImageSpec, limit: int | None = None) -> DecodedImages:
+def load_labelled(
+    shard_dir: str | Path, spec: ImageSpec, limit: int | None = None
+) -> DecodedImages:
     """Decode the first ``limit`` images of a shard directory, all of which must be labelled."""
     images = read_decoded(shard_dir, spec, limit)
     unlabelled = int((images.labels < 0).sum())
@@ -44,7 +46,11 @@ def extract_features(
     out = []
     for start in range(0, len(pixels), batch_size):
         batch = torch.from_numpy(pixels[start : start + batch_size]).to(device)
-        out.append(F.normalize(encoder(normalize(batch, mean.to(device), std.to(device))).float(), dim=1).cpu())
+        out.append(
+            F.normalize(
+                encoder(normalize(batch, mean.to(device), std.to(device))).float(), dim=1
+            ).cpu()
+        )
     return torch.cat(out)
 
 
@@ -104,7 +110,11 @@ class KNNRow:
 
 
 def evaluate_checkpoint(
-    path: str | Path, *, floors: bool = False, k: int | None = None, temperature: float | None = None
+    path: str | Path,
+    *,
+    floors: bool = False,
+    k: int | None = None,
+    temperature: float | None = None,
 ) -> list[KNNRow]:
     """kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
 
@@ -135,10 +145,16 @@ def evaluate_checkpoint(
     label = f"{config.method_name} {config.model.backbone} w{config.model.width:g}"
     rows = [encoder_row(f"SSL {label}, epoch {state['epoch']}", method.features)]
     if floors:
-        rows.append(score("raw pixels", raw_pixel_features(bank.pixels), raw_pixel_features(queries.pixels)))
+        rows.append(
+            score("raw pixels", raw_pixel_features(bank.pixels), raw_pixel_features(queries.pixels))
+        )
         torch.manual_seed(config.run.seed)
         untrained = build_method_for(config, spec.channels).eval()
-        rows.append(encoder_row(f"random-init {config.model.backbone} w{config.model.width:g}", untrained.features))
+        rows.append(
+            encoder_row(
+                f"random-init {config.model.backbone} w{config.model.width:g}", untrained.features
+            )
+        )
     return rows
 
 

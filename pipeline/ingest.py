@@ -111,7 +111,10 @@ def training_dataset(
 ) -> ray.data.Dataset:
     """Lazy Ray dataset of augmented views for pretraining (labels are never read)."""
     files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
-    ds = ray.data.read_parquet(files).select_columns(["id", "image"])
+    # One read task per file: the first views stream out after one file, not the whole set.
+    ds = ray.data.read_parquet(files, override_num_blocks=len(files)).select_columns(
+        ["id", "image"]
+    )
     if beyond_limit:
         ds = ds.filter(expr=col("id").not_in(beyond_limit))
     return ds.map_batches(

@@ -19,12 +19,12 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.augment import ViewRecipe
 from pipeline.checkpoint import build_method_for, load_checkpoint, save_checkpoint
-from pipeline.config import Config, from_dict
+from pipeline.config import Config, from_dict, with_absolute_paths
 from pipeline.evaluate import extract_features, knn_accuracy, load_labelled
 from pipeline.ingest import (
     ImageSpec,
@@ -40,10 +40,7 @@ from ssl_models.optim import build_optimizer, param_groups, scaled_lr, warmup_co
 
 def run_dir(config: Config) -> str:
     """Where Ray Train keeps this run's checkpoints and where TensorBoard events go."""
-    root = config.run.root
-    if "://" not in root:
-        root = str(Path(root).resolve())
-    return f"{root.rstrip('/')}/{config.run.name}"
+    return f"{with_absolute_paths(config).run.root.rstrip('/')}/{config.run.name}"
 
 
 class ProgressLog:
@@ -85,7 +82,9 @@ class OnlineKNN:
     def __call__(self, encoder, mean, std, device) -> float:
         bank = extract_features(encoder, self.bank_pixels, mean, std, device=device)
         queries = extract_features(encoder, self.query_pixels, mean, std, device=device)
-        acc = knn_accuracy(bank, self.bank_labels, queries, self.query_labels, self.k, self.temperature)
+        acc = knn_accuracy(
+            bank, self.bank_labels, queries, self.query_labels, self.k, self.temperature
+        )
         return acc["top1"]
 
 
@@ -123,7 +122,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, step = state["epoch"], state["step"]
         torch.set_rng_state(state["torch_rng"])
         if rank == 0:
-            print(f"resuming {config.run.name} from epoch {start_epoch + 1} (step {step})", flush=True)
+            print(
+                f"resuming {config.run.name} from epoch {start_epoch + 1} (step {step})", flush=True
+            )
 
     resumed_from = start_epoch
     steps_per_epoch = loop_config["steps_per_epoch"]
@@ -144,17 +145,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
         progress.start_step = progress.start_step if progress.start_step is not None else step
         progress.last_step = step
-        batches = shard.iter_torch_batches(
+        batches = shard.iter_batches(
             batch_size=local_batch,
             drop_last=True,
             prefetch_batches=config.data.prefetch_batches,
-            device=device,
+            batch_format="numpy",
         )
         for batch in batches:
             lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            views = [normalize(batch[f"view_{i}"], mean, std) for i in range(2)]
+            views = [
+                normalize(
+                    torch.from_numpy(batch[f"view_{i}"]).to(device, non_blocking=True), mean, std
+                )
+                for i in range(2)
+            ]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 output = model(views)
             optimizer.zero_grad(set_to_none=True)
@@ -172,7 +178,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch_loss += loss
             if rank == 0 and step % config.train.log_every_steps == 0:
                 rate = progress.images_per_second(step)
-                print(progress.line(epoch, config.train.epochs, step, loss, lr_now, rate), flush=True)
+                print(
+                    progress.line(epoch, config.train.epochs, step, loss, lr_now, rate), flush=True
+                )
                 writer.add_scalar("train/loss", loss, step)
                 writer.add_scalar("train/lr", lr_now, step)
                 writer.add_scalar("train/images_per_s", rate, step)
@@ -225,6 +233,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def pretrain(config: Config) -> ray.train.Result:
     """Pretrain ``config``'s method; resumes when the run directory already has checkpoints."""
+    config = with_absolute_paths(config)
     manifest = load_manifest(Path(config.data.train))
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
     rows = dataset_rows(config.data.train, config.data.limit)
@@ -267,8 +276,11 @@ def pretrain(config: Config) -> ray.train.Result:
             storage_path=directory.rsplit("/", 1)[0],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
+            # Our rank-0 progress lines replace Train's per-report logs; Train's print patch
+            # would echo each of them twice.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": dataset},
     )
     return trainer.fit()
-

@@ -43,8 +43,10 @@ def test_crop_boxes_fit_and_follow_scale_and_ratio_ranges():
     # Same distribution as torchvision's RandomResizedCrop (large boxes of extreme aspect
     # ratio do not fit and are redrawn there too, which pulls the mean area below 0.6).
     reference = torch.tensor(
-        [RandomResizedCrop.get_params(torch.zeros(1, 64, 48), [0.2, 1.0], [3 / 4, 4 / 3])
-         for _ in range(5000)],
+        [
+            RandomResizedCrop.get_params(torch.zeros(1, 64, 48), [0.2, 1.0], [3 / 4, 4 / 3])
+            for _ in range(5000)
+        ],
         dtype=torch.float,
     )
     ref_area = reference[:, 2] * reference[:, 3] / (64 * 48)
@@ -112,10 +114,13 @@ def test_jitter_probability_is_respected():
 
 def test_grayscale_rate_and_result():
     images = torch.randint(0, 256, (4000, 3, 4, 4), dtype=torch.uint8)
-    recipe = ViewRecipe(size=4, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0, jitter_prob=0,
-                        grayscale_prob=0.2)
+    recipe = ViewRecipe(
+        size=4, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0, jitter_prob=0, grayscale_prob=0.2
+    )
     views = random_views(images, recipe, _gen())
-    gray = (views[:, 0] == views[:, 1]).all(-1).all(-1) & (views[:, 1] == views[:, 2]).all(-1).all(-1)
+    gray = (views[:, 0] == views[:, 1]).all(-1).all(-1) & (views[:, 1] == views[:, 2]).all(-1).all(
+        -1
+    )
     assert abs(gray.float().mean().item() - 0.2) < 0.03
 
 
@@ -128,7 +133,9 @@ def test_blur_keeps_constant_images_and_matches_gaussian_weights(sigma):
     out = gaussian_blur(impulse, torch.tensor([sigma]))
     weight = lambda d: math.exp(-(d**2) / (2 * sigma**2))  # noqa: E731
     expected_ratio = weight(1) / weight(0)
-    assert out[0, 0, 10, 11].item() / out[0, 0, 10, 10].item() == pytest.approx(expected_ratio, rel=1e-4)
+    assert out[0, 0, 10, 11].item() / out[0, 0, 10, 10].item() == pytest.approx(
+        expected_ratio, rel=1e-4
+    )
     assert out.sum().item() == pytest.approx(1.0, rel=1e-5)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluate import format_table, KNNRow, knn_accuracy, knn_predict, raw_pixel_features
+from pipeline.evaluate import KNNRow, format_table, knn_accuracy, knn_predict, raw_pixel_features
 
 
 def test_votes_are_similarity_weighted_by_temperature():

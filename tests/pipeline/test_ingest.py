@@ -33,8 +33,9 @@ def _record_epochs(config: dict) -> None:
 def test_each_id_once_per_epoch_and_views_change(ray_session, fmnist_small, tmp_path):
     spec = ImageSpec.from_manifest(load_manifest(fmnist_small["train"]), None)
     limit = 1000
-    ds = training_dataset(fmnist_small["train"], spec, ViewRecipe.simclr(spec.size), limit=limit,
-                          batch_size=128)
+    ds = training_dataset(
+        fmnist_small["train"], spec, ViewRecipe.simclr(spec.size), limit=limit, batch_size=128
+    )
     TorchTrainer(
         _record_epochs,
         train_loop_config={"out": str(tmp_path)},
@@ -44,8 +45,9 @@ def test_each_id_once_per_epoch_and_views_change(ray_session, fmnist_small, tmp_
     ).fit()
     epochs = []
     for epoch in range(2):
-        ranks = [json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text())
-                 for r in range(2)]
+        ranks = [
+            json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text()) for r in range(2)
+        ]
         assert not set(ranks[0]) & set(ranks[1]), "an id reached both workers"
         both = ranks[0] | ranks[1]
         # streaming_split(equal=True) gives both workers the same count; 1000 splits evenly.
@@ -67,8 +69,9 @@ def test_augment_batch_drops_and_logs_undecodable_rows(fmnist_small, caplog):
     table = pq.read_table(shard_files(fmnist_small["train"])[0]).slice(0, 2)
     batch = {
         "id": np.asarray(["a", "broken", "b"], dtype=object),
-        "image": np.asarray([table["image"][0].as_py(), b"not an image", table["image"][1].as_py()],
-                            dtype=object),
+        "image": np.asarray(
+            [table["image"][0].as_py(), b"not an image", table["image"][1].as_py()], dtype=object
+        ),
     }
     out = augment_batch(batch, spec, ViewRecipe.simclr(28), num_views=3)
     assert list(out["id"]) == ["a", "b"]

@@ -1,0 +1,60 @@
+"""Command line: helpful --help, clear errors before Ray starts, prepare on a folder."""
+
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("prepare", "pretrain", "evaluate", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["prepare", "pretrain", "evaluate", "demo"])
+def test_each_command_help_teaches(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "usage:" in out and len(out.splitlines()) > 8
+    if command != "demo":
+        assert "Examples:" in out
+
+
+def test_config_error_stops_before_ray_and_names_the_key(capsys):
+    import ray
+
+    assert main(["pretrain", "--set", "method.temperature=0"]) == 2
+    assert "method.temperature" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_unknown_source_is_explained(capsys):
+    assert main(["prepare", "imagenet"]) == 2
+    assert "folder:PATH" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_explained(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_prepare_a_folder_then_reuse_it(tmp_path, capsys):
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (12, 12), (index * 40, 0, 0)).save(
+                tmp_path / "images" / label / f"{index}.png"
+            )
+    out = tmp_path / "shards"
+    args = ["prepare", f"folder:{tmp_path / 'images'}", "--out", str(out)]
+    assert main(args) == 0
+    assert "train: 6 images in 1 shards, 0 skipped" in capsys.readouterr().out
+    (out / "train" / "part-00000.parquet").touch()  # a rewrite would replace this file
+    stamp = (out / "train" / "part-00000.parquet").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "train" / "part-00000.parquet").stat().st_mtime_ns == stamp
