@@ -46,20 +46,25 @@ def run_dir(config: Config) -> str:
 class ProgressLog:
     """One console line per interval from rank 0: epoch, step, loss, images/s and ETA."""
 
-    def __init__(self, total_steps: int, global_batch: int, every: int) -> None:
-        self.total_steps, self.global_batch, self.every = total_steps, global_batch, every
-        self.started = self.last = time.perf_counter()
-        self.start_step = self.last_step = None
+    def __init__(self, first_step: int, total_steps: int, global_batch: int) -> None:
+        self.first_step, self.total_steps, self.global_batch = first_step, total_steps, global_batch
+        self.started = time.perf_counter()
+        self.mark(first_step)
+
+    def mark(self, step: int) -> None:
+        """Start a new rate interval (also at each epoch start, so that the pause for the
+        checkpoint and the kNN monitor does not count as slow training)."""
+        self.last, self.last_step = time.perf_counter(), step
 
     def images_per_second(self, step: int) -> float:
-        now = time.perf_counter()
-        rate = (step - self.last_step) * self.global_batch / max(now - self.last, 1e-9)
-        self.last, self.last_step = now, step
+        rate = (
+            (step - self.last_step) * self.global_batch / max(time.perf_counter() - self.last, 1e-9)
+        )
+        self.mark(step)
         return rate
 
     def line(self, epoch: int, epochs: int, step: int, loss: float, lr: float, rate: float) -> str:
-        done = step - self.start_step
-        per_step = (time.perf_counter() - self.started) / max(done, 1)
+        per_step = (time.perf_counter() - self.started) / max(step - self.first_step, 1)
         eta = int(per_step * (self.total_steps - step))
         return (
             f"epoch {epoch + 1}/{epochs}  step {step}/{self.total_steps}  loss {loss:.4f}  "
@@ -77,7 +82,7 @@ class OnlineKNN:
         self.bank_pixels, self.query_pixels = images.pixels[:bank], images.pixels[bank:]
         self.bank_labels = torch.from_numpy(images.labels[:bank])
         self.query_labels = torch.from_numpy(images.labels[bank:])
-        self.k, self.temperature = config.eval.knn_k, config.eval.knn_temperature
+        self.k, self.temperature = config.train.online_knn_k, config.eval.knn_temperature
 
     def __call__(self, encoder, mean, std, device) -> float:
         bank = extract_features(encoder, self.bank_pixels, mean, std, device=device)
@@ -108,6 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         lr=lr,
         weight_decay=config.train.weight_decay,
         momentum=config.train.momentum,
+        lars_eta=config.train.lars_eta,
     )
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
@@ -131,7 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     total_steps = steps_per_epoch * config.train.epochs
     warmup_steps = int(config.train.warmup_epochs * steps_per_epoch)
     local_batch = config.train.batch_size // world
-    progress = ProgressLog(total_steps, config.train.batch_size, config.train.log_every_steps)
+    progress = ProgressLog(step, total_steps, config.train.batch_size)
     writer = monitor = None
     if rank == 0:
         from tensorboardX import SummaryWriter
@@ -143,8 +149,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
-        progress.start_step = progress.start_step if progress.start_step is not None else step
-        progress.last_step = step
+        progress.mark(step)
         batches = shard.iter_batches(
             batch_size=local_batch,
             drop_last=True,

@@ -105,16 +105,24 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
 
 
 def build_optimizer(
-    name: str, params: Iterable[Any], lr: float, weight_decay: float, momentum: float = 0.9
+    name: str,
+    params: Iterable[Any],
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    lars_eta: float = 0.001,
 ) -> Optimizer:
     """Build an optimiser by name; ``params`` may be tensors or :func:`param_groups` output.
 
-    Per-group ``weight_decay`` overrides the default given here. AdamW ignores ``momentum``.
+    Per-group ``weight_decay`` overrides the default given here. AdamW ignores ``momentum``;
+    only LARS uses ``lars_eta``.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; available: {sorted(OPTIMIZERS)}")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
     return OPTIMIZERS[name](params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
