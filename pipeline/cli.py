@@ -161,12 +161,10 @@ def _evaluate(checkpoint: Path, floors: bool, k: int | None, temperature: float 
 
 
 def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, evaluate: bool) -> None:
-    from pipeline.cluster import init_ray
     from pipeline.config import load_config
     from pipeline.train import pretrain, run_dir
 
     config = load_config(config_path, overrides)
-    init_ray()
     result = pretrain(config)
     print(f"run directory: {run_dir(config)}")
     if evaluate and result.checkpoint is not None:
@@ -179,6 +177,7 @@ def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, eval
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipeline.config import ConfigError
+    from pipeline.shards import ShardError
     from pipeline.sources import SourceError
 
     try:
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
             prepare("fashion-mnist")
             _pretrain(args.config, args.overrides, floors=True, evaluate=True)
-    except (ConfigError, SourceError, FileNotFoundError) as err:
+    except (ConfigError, SourceError, ShardError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,7 +9,6 @@ latest checkpoint when a run with the same name and storage path is started agai
 from __future__ import annotations
 
 import math
-import random
 import tempfile
 import time
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.augment import ViewRecipe
 from pipeline.checkpoint import build_method_for, load_checkpoint, save_checkpoint
+from pipeline.cluster import init_ray
 from pipeline.config import Config, from_dict, with_absolute_paths
 from pipeline.evaluate import extract_features, knn_accuracy, load_labelled
 from pipeline.ingest import (
@@ -34,7 +34,8 @@ from pipeline.ingest import (
     read_decoded,
     training_dataset,
 )
-from pipeline.shards import load_manifest
+from pipeline.shards import load_manifest, validate_shards
+from ssl_models import SSLMethod
 from ssl_models.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 
 
@@ -44,28 +45,29 @@ def run_dir(config: Config) -> str:
 
 
 class ProgressLog:
-    """One console line per interval from rank 0: epoch, step, loss, images/s and ETA."""
+    """One console line per interval from rank 0: epoch, step, loss, images/s and ETA.
+
+    Rate and ETA come from the latest interval only, so start-up and the pauses for
+    checkpoints and the kNN monitor do not distort them.
+    """
 
     def __init__(self, first_step: int, total_steps: int, global_batch: int) -> None:
-        self.first_step, self.total_steps, self.global_batch = first_step, total_steps, global_batch
-        self.started = time.perf_counter()
+        self.total_steps, self.global_batch = total_steps, global_batch
         self.mark(first_step)
 
     def mark(self, step: int) -> None:
-        """Start a new rate interval (also at each epoch start, so that the pause for the
-        checkpoint and the kNN monitor does not count as slow training)."""
+        """Start a new interval (also at each epoch start)."""
         self.last, self.last_step = time.perf_counter(), step
 
     def images_per_second(self, step: int) -> float:
-        rate = (
-            (step - self.last_step) * self.global_batch / max(time.perf_counter() - self.last, 1e-9)
-        )
-        self.mark(step)
+        """Global images/s since the last mark; starts the next interval."""
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.global_batch / max(now - self.last, 1e-9)
+        self.last, self.last_step = now, step
         return rate
 
     def line(self, epoch: int, epochs: int, step: int, loss: float, lr: float, rate: float) -> str:
-        per_step = (time.perf_counter() - self.started) / max(step - self.first_step, 1)
-        eta = int(per_step * (self.total_steps - step))
+        eta = int((self.total_steps - step) * self.global_batch / max(rate, 1e-9))
         return (
             f"epoch {epoch + 1}/{epochs}  step {step}/{self.total_steps}  loss {loss:.4f}  "
             f"lr {lr:.4f}  {rate:,.0f} img/s  ETA {eta // 60}m{eta % 60:02d}s"
@@ -93,6 +95,19 @@ class OnlineKNN:
         return acc["top1"]
 
 
+def _restore(method: SSLMethod, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """Load the run's latest checkpoint, if any; return (completed epochs, global step)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(directory)
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["step"]
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker loop; ``loop_config`` carries the config and what the driver measured."""
     config = from_dict(loop_config["config"])
@@ -102,7 +117,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     use_amp = device.type == "cuda" and config.train.amp
     torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
 
     method = build_method_for(config, spec.channels)
     model = ray.train.torch.prepare_model(method)
@@ -118,21 +132,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
 
-    start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        if rank == 0:
-            print(
-                f"resuming {config.run.name} from epoch {start_epoch + 1} (step {step})", flush=True
-            )
-
-    resumed_from = start_epoch
+    start_epoch, step = _restore(method, optimizer)
+    if rank == 0 and start_epoch:
+        print(f"resuming {config.run.name} from epoch {start_epoch + 1} (step {step})", flush=True)
     steps_per_epoch = loop_config["steps_per_epoch"]
     total_steps = steps_per_epoch * config.train.epochs
     warmup_steps = int(config.train.warmup_epochs * steps_per_epoch)
@@ -195,7 +197,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - epoch_start
         metrics = {
             "epoch": epoch + 1,
-            "resumed_from_epoch": resumed_from,
+            "resumed_from_epoch": start_epoch,
             "step": step,
             "loss": epoch_loss / max(epoch_steps, 1),
             "images_per_s": epoch_steps * config.train.batch_size / max(seconds, 1e-9),
@@ -237,8 +239,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def pretrain(config: Config) -> ray.train.Result:
-    """Pretrain ``config``'s method; resumes when the run directory already has checkpoints."""
+    """Pretrain ``config``'s method; resumes when the run directory already has checkpoints.
+
+    Joins the running Ray instance, or the cluster in ``RAY_ADDRESS``, or starts a local one.
+    """
     config = with_absolute_paths(config)
+    for shard_dir in {config.data.train, config.data.eval_train, config.data.eval_test}:
+        validate_shards(Path(shard_dir))  # a bad shard fails here, not an hour into training
+    init_ray()
     manifest = load_manifest(Path(config.data.train))
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
     rows = dataset_rows(config.data.train, config.data.limit)

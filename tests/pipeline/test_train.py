@@ -48,3 +48,25 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     assert [r.name.split()[0] for r in rows] == ["SSL", "raw", "random-init"]
     for row in rows:
         assert 0.1 < row.top1 <= row.top5 <= 1.0  # well above 10-class chance
+
+
+def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.shards import ShardError
+
+    monkeypatch.setattr("pipeline.train.init_ray", lambda: pytest.fail("Ray was started"))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "pixels": [b"x"]}), bad / "part-00000.parquet")
+    config = load_config(None, [f"data.train={bad}", f"run.root={tmp_path}"])
+    with pytest.raises(ShardError, match="part-00000.parquet: missing column 'image'"):
+        pretrain(config)
+
+
+def test_run_dir_is_absolute_and_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["run.root=runs", "run.name=abc"])
+    assert run_dir(config) == f"{tmp_path}/runs/abc"
