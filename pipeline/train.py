@@ -133,7 +133,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     std = torch.tensor(loop_config["std"], device=device)
 
     start_epoch, step = _restore(method, optimizer)
-    if rank == 0 and start_epoch:
+    if rank == 0 and start_epoch >= config.train.epochs:
+        print(
+            f"{config.run.name} already has {start_epoch} epochs; raise train.epochs to go on",
+            flush=True,
+        )
+    elif rank == 0 and start_epoch:
         print(f"resuming {config.run.name} from epoch {start_epoch + 1} (step {step})", flush=True)
     steps_per_epoch = loop_config["steps_per_epoch"]
     total_steps = steps_per_epoch * config.train.epochs
