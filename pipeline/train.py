@@ -36,7 +36,7 @@ from pipeline.ingest import (
 )
 from pipeline.shards import load_manifest, validate_shards
 from ssl_models import SSLMethod
-from ssl_models.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+from ssl_models.optim import build_optimizer, scaled_lr, warmup_cosine
 
 
 def run_dir(config: Config) -> str:
@@ -119,11 +119,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.run.seed)
 
     method = build_method_for(config, spec.channels)
-    model = ray.train.torch.prepare_model(method)
+    # Buffers (queues, banks, BN statistics) evolve identically or per rank by design;
+    # re-broadcasting them from rank 0 before every forward would only cost time.
+    model = ray.train.torch.prepare_model(
+        method, parallel_strategy_kwargs={"broadcast_buffers": False}
+    )
     lr = scaled_lr(config.train.base_lr, config.train.batch_size)
     optimizer = build_optimizer(
         config.train.optimizer,
-        param_groups(method, config.train.weight_decay),
+        method.parameter_groups(config.train.weight_decay),
         lr=lr,
         weight_decay=config.train.weight_decay,
         momentum=config.train.momentum,
@@ -166,7 +170,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in batches:
             lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr_now
+                group["lr"] = lr if group.get("fixed_lr") else lr_now
             views = [
                 normalize(
                     torch.from_numpy(batch[f"view_{i}"]).to(device, non_blocking=True), mean, std

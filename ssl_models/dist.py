@@ -58,3 +58,68 @@ def gather_with_grad(x: Tensor) -> Tensor:
     if not _active():
         return x
     return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, in rank order, as constants (MoCo keys)."""
+    if not _active():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum_with_grad(x: Tensor) -> Tensor:
+    """Sum ``x`` over ranks, keeping gradients (a plain ``all_reduce`` has no backward).
+
+    Every rank then holds the same global statistic and computes the same loss L; the
+    backward sums the ranks' gradients, so each rank's local contribution receives R * dL/dx
+    and DDP's averaging yields exactly the single-process gradient (the convention of the
+    module docstring, with ``loss_r = L`` on every rank). Identity when not distributed.
+    """
+    if not _active():
+        return x
+    return _AllReduceSumWithGrad.apply(x)
+
+
+@torch.no_grad()
+def shuffle_across_ranks(x: Tensor) -> tuple[Tensor, Tensor]:
+    """MoCo's shuffling BN: give this rank a random slice of the global batch.
+
+    Returns (this rank's shuffled rows, the global permutation). Pass the permutation to
+    :func:`unshuffle_across_ranks` to put the encoded rows back. Every rank draws the
+    permutation from rank 0 so that the slices partition the global batch.
+    """
+    if not _active():
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return x[perm], perm
+    everything = gather_no_grad(x)
+    perm = torch.randperm(everything.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    n = x.shape[0]
+    return everything[perm[rank() * n : (rank() + 1) * n]], perm
+
+
+@torch.no_grad()
+def unshuffle_across_ranks(y: Tensor, perm: Tensor) -> Tensor:
+    """Undo :func:`shuffle_across_ranks`: this rank's rows of the original order."""
+    everything = gather_no_grad(y)
+    restored = torch.empty_like(everything)
+    restored[perm] = everything
+    n = y.shape[0]
+    return restored[rank() * n : (rank() + 1) * n]

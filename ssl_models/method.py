@@ -7,8 +7,11 @@ frozen-feature evaluation.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
+
+from ssl_models.optim import param_groups
 
 
 @dataclass
@@ -36,6 +39,14 @@ class SSLMethod(nn.Module):
         happen here for DDP to synchronise it.
         """
         raise NotImplementedError
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups (frozen teachers are left out: no ``requires_grad``).
+
+        A group with ``"fixed_lr": True`` keeps the base learning rate instead of following
+        the warm-up + cosine schedule (SimSiam's predictor).
+        """
+        return param_groups(self, weight_decay)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook the loop calls after each optimiser step (EMA updates etc.). Default: none."""
