@@ -253,7 +253,9 @@ def pretrain(config: Config) -> ray.train.Result:
     Joins the running Ray instance, or the cluster in ``RAY_ADDRESS``, or starts a local one.
     """
     config = with_absolute_paths(config)
-    for shard_dir in {config.data.train, config.data.eval_train, config.data.eval_test}:
+    for shard_dir in dict.fromkeys(
+        [config.data.train, config.data.eval_train, config.data.eval_test]
+    ):
         validate_shards(Path(shard_dir))  # a bad shard fails here, not an hour into training
     init_ray()
     manifest = load_manifest(Path(config.data.train))

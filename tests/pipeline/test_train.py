@@ -61,7 +61,11 @@ def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     bad.mkdir()
     pq.write_table(pa.table({"id": ["a"], "pixels": [b"x"]}), bad / "part-00000.parquet")
-    config = load_config(None, [f"data.train={bad}", f"run.root={tmp_path}"])
+    config = load_config(
+        None,
+        [f"data.{split}={bad}" for split in ("train", "eval_train", "eval_test")]
+        + [f"run.root={tmp_path}"],
+    )
     with pytest.raises(ShardError, match="part-00000.parquet: missing column 'image'"):
         pretrain(config)
 
