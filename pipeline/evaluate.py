@@ -149,7 +149,7 @@ def evaluate_checkpoint(
             score("raw pixels", raw_pixel_features(bank.pixels), raw_pixel_features(queries.pixels))
         )
         torch.manual_seed(config.run.seed)
-        untrained = build_method_for(config, spec.channels).eval()
+        untrained = build_method_for(config, spec.channels, state["num_images"]).eval()
         rows.append(
             encoder_row(
                 f"random-init {config.model.backbone} w{config.model.width:g}", untrained.features

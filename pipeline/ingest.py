@@ -127,6 +127,16 @@ def training_dataset(
     )
 
 
+def image_slots(shard_dir: str | Path, limit: int | None) -> dict[str, int]:
+    """id -> position among the first ``limit`` images: the slot of a memory-bank method."""
+    ids: list[str] = []
+    for path in shard_files(Path(shard_dir)):
+        ids.extend(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+        if limit is not None and len(ids) >= limit:
+            break
+    return {image_id: slot for slot, image_id in enumerate(ids[:limit])}
+
+
 def dataset_rows(shard_dir: str | Path, limit: int | None) -> int:
     rows = load_manifest(Path(shard_dir)).rows
     return rows if limit is None else min(rows, limit)

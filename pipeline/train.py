@@ -30,12 +30,13 @@ from pipeline.ingest import (
     ImageSpec,
     channel_stats,
     dataset_rows,
+    image_slots,
     normalize,
     read_decoded,
     training_dataset,
 )
 from pipeline.shards import load_manifest, validate_shards
-from ssl_models import SSLMethod
+from ssl_models import METHODS, SSLMethod
 from ssl_models.optim import build_optimizer, scaled_lr, warmup_cosine
 
 
@@ -118,7 +119,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     use_amp = device.type == "cuda" and config.train.amp
     torch.manual_seed(config.run.seed)
 
-    method = build_method_for(config, spec.channels)
+    num_images = loop_config["num_images"]
+    method = build_method_for(config, spec.channels, num_images)
     # Buffers (queues, banks, BN statistics) evolve identically or per rank by design;
     # re-broadcasting them from rank 0 before every forward would only cost time.
     model = ray.train.torch.prepare_model(
@@ -156,6 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         writer = SummaryWriter(loop_config["tensorboard_dir"])
         monitor = OnlineKNN(config, spec) if config.train.online_knn_bank else None
 
+    slots = image_slots(config.data.train, num_images) if method.uses_image_indices else None
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
@@ -175,10 +178,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 normalize(
                     torch.from_numpy(batch[f"view_{i}"]).to(device, non_blocking=True), mean, std
                 )
-                for i in range(2)
+                for i in range(method.num_views)
             ]
+            extra = {}
+            if slots is not None:
+                extra["indices"] = torch.tensor([slots[i] for i in batch["id"]], device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                output = model(views)
+                output = model(views, **extra)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             optimizer.step()
@@ -236,6 +242,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "config": loop_config["config"],
             "channels": spec.channels,
             "image_size": spec.size,
+            "num_images": num_images,
             "mean": loop_config["mean"],
             "std": loop_config["std"],
             "metrics": metrics,
@@ -274,6 +281,7 @@ def pretrain(config: Config) -> ray.train.Result:
         config.data.train,
         spec,
         recipe,
+        num_views=METHODS[config.method_name].num_views,
         limit=config.data.limit,
         decode_tasks=config.data.decode_tasks,
         batch_size=batch // world,
@@ -287,6 +295,7 @@ def pretrain(config: Config) -> ray.train.Result:
             "mean": mean,
             "std": std,
             "steps_per_epoch": steps_per_epoch,
+            "num_images": rows,
             "tensorboard_dir": f"{directory}/tensorboard",
         },
         scaling_config=ScalingConfig(

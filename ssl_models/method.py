@@ -7,7 +7,7 @@ frozen-feature evaluation.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -27,13 +27,20 @@ class SSLMethod(nn.Module):
     the keyword-only options are what ``method.*`` config keys may set (see ``registry``).
     """
 
+    #: Random views the data stage makes of each image.
+    num_views: ClassVar[int] = 2
+    #: Whether ``forward`` needs each image's dataset index (memory-bank methods); such a
+    #: method's ``__init__`` also takes ``num_images`` after ``feature_dim``.
+    uses_image_indices: ClassVar[bool] = False
+
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        """One training step's loss. ``views`` are normalised float (N, C, H, W) batches.
+    def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
+        """One training step's loss. ``views`` are normalised float (N, C, H, W) batches;
+        ``indices`` are the images' dataset indices, given when ``uses_image_indices``.
 
         The training loop calls the DDP-wrapped module, so all gradient-carrying work must
         happen here for DDP to synchronise it.

@@ -10,9 +10,14 @@ from typing import Any
 
 from ssl_models.backbones import build_backbone
 from ssl_models.method import SSLMethod
-from ssl_models.methods import SimCLR
+from ssl_models.methods import BYOL, InstDisc, SimCLR, SimSiam
 
-METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+METHODS: dict[str, type[SSLMethod]] = {
+    "simclr": SimCLR,
+    "instdisc": InstDisc,
+    "byol": BYOL,
+    "simsiam": SimSiam,
+}
 
 
 def _method_class(name: str) -> type[SSLMethod]:
@@ -38,9 +43,14 @@ def build_method(
     width: float,
     in_channels: int,
     small_images: bool = True,
+    num_images: int | None = None,
     **method_kwargs: Any,
 ) -> SSLMethod:
-    """Build method ``name`` on a fresh backbone; ``method_kwargs`` are its options."""
+    """Build method ``name`` on a fresh backbone; ``method_kwargs`` are its options.
+
+    ``num_images`` (the training-set size) is required by, and only passed to, methods
+    that keep per-image state (``uses_image_indices``).
+    """
     allowed = method_params(name)
     for key in method_kwargs:
         if key not in allowed:
@@ -50,4 +60,9 @@ def build_method(
     encoder, feature_dim = build_backbone(
         backbone, width=width, in_channels=in_channels, small_images=small_images
     )
-    return _method_class(name)(encoder, feature_dim, **method_kwargs)
+    cls = _method_class(name)
+    if not cls.uses_image_indices:
+        return cls(encoder, feature_dim, **method_kwargs)
+    if num_images is None:
+        raise ValueError(f"method {name!r} keeps one entry per image: pass num_images")
+    return cls(encoder, feature_dim, num_images, **method_kwargs)

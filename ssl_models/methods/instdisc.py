@@ -1,0 +1,89 @@
+"""Instance discrimination with a memory bank (Wu et al. 2018, "Unsupervised Feature
+Learning via Non-Parametric Instance Discrimination", arXiv:1805.01978).
+
+Every training image is its own class. A memory bank keeps one 128-d feature per image;
+noise-contrastive estimation (NCE) tells the bank entry of the image apart from m entries
+drawn uniformly at random, and the bank entry then moves towards the new feature:
+
+    for x, i in loader:                        # i: the images' dataset indices
+        v = normalise(g(f(augment(x))))        # one view per image
+        P(j | v) = exp(V[j] . v / t) / Z       # Z estimated once, on the first batch
+        h(j, v) = P(j | v) / (P(j | v) + m / n)
+        loss = -log h(i, v) - sum_{m noise j} log(1 - h(j, v))
+        V[i] = normalise(mu * V[i] + (1 - mu) * v)          # proximal update, mu = 0.5
+"""
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_models.dist import gather_no_grad
+from ssl_models.losses.nce import nce_loss
+from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.queue import MemoryBank
+
+
+class InstDisc(SSLMethod):
+    """Non-parametric instance discrimination with NCE over a memory bank.
+
+    Args:
+        backbone: encoder mapping images to (N, feature_dim) features.
+        feature_dim: backbone output dimension.
+        num_images: training-set size, one bank slot per image (supplied by the pipeline).
+        embedding_dim: dimension of the bank's features (128 in the paper).
+        temperature: softmax temperature t (0.07 in the paper).
+        num_negatives: noise samples m per image (4096 in the paper).
+        bank_momentum: proximal update momentum mu (0.5 in the paper).
+    """
+
+    num_views: ClassVar[int] = 1
+    uses_image_indices: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_images: int,
+        *,
+        embedding_dim: int = 128,
+        temperature: float = 0.07,
+        num_negatives: int = 4096,
+        bank_momentum: float = 0.5,
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.embedding = nn.Linear(feature_dim, embedding_dim)
+        self.bank = MemoryBank(num_images, embedding_dim)
+        self.temperature, self.num_negatives, self.bank_momentum = (
+            temperature,
+            num_negatives,
+            bank_momentum,
+        )
+        # The NCE normaliser Z; negative until estimated on the first batch.
+        self.register_buffer("normalizer", torch.tensor(-1.0))
+
+    def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
+        if len(views) != 1 or indices is None:
+            raise ValueError("InstDisc takes one view per image and the images' indices")
+        v = F.normalize(self.embedding(self.backbone(views[0])), dim=1)
+        n, num_images = v.shape[0], self.bank.features.shape[0]
+        noise = torch.randint(0, num_images, (n, self.num_negatives), device=v.device)
+        candidates = torch.cat([indices.view(-1, 1), noise], dim=1)  # column 0: the image
+        with torch.no_grad():
+            bank_rows = self.bank.features[candidates]  # (n, 1 + m, d)
+        scores = torch.exp(torch.einsum("nkd,nd->nk", bank_rows, v) / self.temperature)
+
+        if self.normalizer < 0:  # Monte Carlo estimate, shared by all workers
+            batch_mean = gather_no_grad(scores.detach().mean().view(1)).mean()
+            self.normalizer.fill_(float(batch_mean) * num_images)
+        loss = nce_loss(scores, self.normalizer, num_images)
+
+        # Every worker applies every worker's update, so the banks stay identical.
+        self.bank.update(gather_no_grad(indices), gather_no_grad(v.detach()), self.bank_momentum)
+        positive_similarity = (bank_rows[:, 0] * v.detach()).sum(1).mean()
+        return MethodOutput(
+            loss=loss, logs={"loss": loss.detach(), "positive_similarity": positive_similarity}
+        )
