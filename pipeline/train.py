@@ -39,6 +39,8 @@ from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
 from ssl_models.optim import build_optimizer, scaled_lr, warmup_cosine
 
+EDGE_STEPS = 5  # steps averaged for the per-epoch loss_first_steps / loss_last_steps
+
 
 def run_dir(config: Config) -> str:
     """Where Ray Train keeps this run's checkpoints and where TensorBoard events go."""
@@ -163,6 +165,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+        first_losses: list[float] = []
+        last_losses: list[float] = []
         progress.mark(step)
         batches = shard.iter_batches(
             batch_size=local_batch,
@@ -198,6 +202,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "Lower train.base_lr or raise method.temperature."
                 )
             epoch_loss += loss
+            if epoch_steps <= EDGE_STEPS:
+                first_losses.append(loss)
+            last_losses = [*last_losses[-(EDGE_STEPS - 1) :], loss]
             if rank == 0 and step % config.train.log_every_steps == 0:
                 rate = progress.images_per_second(step)
                 print(
@@ -215,6 +222,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "resumed_from_epoch": start_epoch,
             "step": step,
             "loss": epoch_loss / max(epoch_steps, 1),
+            # Mean loss over the epoch's first and last few steps: is it still learning?
+            "loss_first_steps": sum(first_losses) / max(len(first_losses), 1),
+            "loss_last_steps": sum(last_losses) / max(len(last_losses), 1),
             "images_per_s": epoch_steps * config.train.batch_size / max(seconds, 1e-9),
             "epoch_seconds": seconds,
         }

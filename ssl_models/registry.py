@@ -10,13 +10,15 @@ from typing import Any
 
 from ssl_models.backbones import build_backbone
 from ssl_models.method import SSLMethod
-from ssl_models.methods import BYOL, InstDisc, SimCLR, SimSiam
+from ssl_models.methods import BYOL, BarlowTwins, InstDisc, SimCLR, SimSiam, VICReg
 
 METHODS: dict[str, type[SSLMethod]] = {
     "simclr": SimCLR,
     "instdisc": InstDisc,
     "byol": BYOL,
     "simsiam": SimSiam,
+    "barlow_twins": BarlowTwins,
+    "vicreg": VICReg,
 }
 
 

@@ -1,8 +1,10 @@
 """Self-supervised methods, one per file."""
 
+from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
 from ssl_models.methods.instdisc import InstDisc
 from ssl_models.methods.simclr import SimCLR
 from ssl_models.methods.simsiam import SimSiam
+from ssl_models.methods.vicreg import VICReg
 
-__all__ = ["BYOL", "InstDisc", "SimCLR", "SimSiam"]
+__all__ = ["BYOL", "BarlowTwins", "InstDisc", "SimCLR", "SimSiam", "VICReg"]

@@ -2,15 +2,20 @@
 Learning via Non-Parametric Instance Discrimination", arXiv:1805.01978).
 
 Every training image is its own class. A memory bank keeps one 128-d feature per image;
-noise-contrastive estimation (NCE) tells the bank entry of the image apart from m entries
-drawn uniformly at random, and the bank entry then moves towards the new feature:
+the image's feature must pick out its own bank entry among m entries drawn uniformly at
+random, after which the bank entry moves towards the new feature:
 
     for x, i in loader:                        # i: the images' dataset indices
         v = normalise(g(f(augment(x))))        # one view per image
-        P(j | v) = exp(V[j] . v / t) / Z       # Z estimated once, on the first batch
-        h(j, v) = P(j | v) / (P(j | v) + m / n)
-        loss = -log h(i, v) - sum_{m noise j} log(1 - h(j, v))
-        V[i] = normalise(mu * V[i] + (1 - mu) * v)          # proximal update, mu = 0.5
+        s_j = V[j] . v / t  for j in {i} + m noise entries
+        loss = softmax:  -log( exp(s_i) / sum_j exp(s_j) )          # eq. 2, sampled
+               nce:      -log h(i, v) - sum_noise log(1 - h(j, v))   # eq. 5-7, Z fixed
+        V[i] = normalise(mu * V[i] + (1 - mu) * v)                   # proximal, mu = 0.5
+
+The paper trains with NCE on 1.28M images. NCE estimates the partition function Z once, on
+the random initial bank; on small datasets the early, still-similar features then make
+every noise entry look like data and the loss explodes, so the default objective is the
+sampled non-parametric softmax of eq. 2 (the form later reimplementations compare against).
 """
 
 from typing import ClassVar
@@ -36,6 +41,7 @@ class InstDisc(SSLMethod):
         temperature: softmax temperature t (0.07 in the paper).
         num_negatives: noise samples m per image (4096 in the paper).
         bank_momentum: proximal update momentum mu (0.5 in the paper).
+        objective: "softmax" (sampled eq. 2) or "nce" (eq. 5-7).
     """
 
     num_views: ClassVar[int] = 1
@@ -51,10 +57,14 @@ class InstDisc(SSLMethod):
         temperature: float = 0.07,
         num_negatives: int = 4096,
         bank_momentum: float = 0.5,
+        objective: str = "softmax",
     ) -> None:
         super().__init__(backbone, feature_dim)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if objective not in ("softmax", "nce"):
+            raise ValueError(f"objective must be 'softmax' or 'nce', got {objective!r}")
+        self.objective = objective
         self.embedding = nn.Linear(feature_dim, embedding_dim)
         self.bank = MemoryBank(num_images, embedding_dim)
         self.temperature, self.num_negatives, self.bank_momentum = (
@@ -62,7 +72,7 @@ class InstDisc(SSLMethod):
             num_negatives,
             bank_momentum,
         )
-        # The NCE normaliser Z; negative until estimated on the first batch.
+        # The NCE normaliser Z; negative until estimated on the first batch (NCE only).
         self.register_buffer("normalizer", torch.tensor(-1.0))
 
     def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
@@ -74,12 +84,15 @@ class InstDisc(SSLMethod):
         candidates = torch.cat([indices.view(-1, 1), noise], dim=1)  # column 0: the image
         with torch.no_grad():
             bank_rows = self.bank.features[candidates]  # (n, 1 + m, d)
-        scores = torch.exp(torch.einsum("nkd,nd->nk", bank_rows, v) / self.temperature)
-
-        if self.normalizer < 0:  # Monte Carlo estimate, shared by all workers
-            batch_mean = gather_no_grad(scores.detach().mean().view(1)).mean()
-            self.normalizer.fill_(float(batch_mean) * num_images)
-        loss = nce_loss(scores, self.normalizer, num_images)
+        logits = torch.einsum("nkd,nd->nk", bank_rows, v) / self.temperature
+        if self.objective == "softmax":
+            loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=v.device))
+        else:
+            scores = logits.exp()
+            if self.normalizer < 0:  # Monte Carlo estimate, shared by all workers
+                batch_mean = gather_no_grad(scores.detach().mean().view(1)).mean()
+                self.normalizer.fill_(float(batch_mean) * num_images)
+            loss = nce_loss(scores, self.normalizer, num_images)
 
         # Every worker applies every worker's update, so the banks stay identical.
         self.bank.update(gather_no_grad(indices), gather_no_grad(v.detach()), self.bank_momentum)

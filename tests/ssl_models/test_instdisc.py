@@ -46,7 +46,7 @@ def _instdisc(num_images: int = 16, **options):
 
 
 def test_normaliser_is_estimated_once_and_bank_entries_follow_the_batch():
-    method = _instdisc(num_images=64, num_negatives=16)
+    method = _instdisc(num_images=64, num_negatives=16, objective="nce")
     images, indices = torch.randn(8, 1, 16, 16), torch.arange(8, 16)
     untouched = method.bank.features[:8].clone()
     method([images], indices)
@@ -67,21 +67,22 @@ def test_needs_indices_and_one_view():
 
 
 def test_bank_survives_a_state_dict_round_trip():
-    method = _instdisc(num_negatives=16)
+    method = _instdisc(num_negatives=16, objective="nce")
     method([torch.randn(8, 1, 16, 16)], torch.arange(8))
-    copy = _instdisc(num_negatives=16)
+    copy = _instdisc(num_negatives=16, objective="nce")
     copy.load_state_dict(method.state_dict())
     assert torch.equal(copy.bank.features, method.bank.features)
     assert torch.equal(copy.normalizer, method.normalizer)
 
 
-def test_training_discriminates_instances():
+@pytest.mark.parametrize("objective", ["softmax", "nce"])
+def test_training_discriminates_instances(objective):
     """Each image's feature ends closer to its own bank entry than to the others' entries.
 
     (On a 16-image toy set the NCE loss itself is not monotone: Z is estimated once, on
-    the random initial bank, as in the paper.)
+    the random initial bank, as in the paper; see the method's docstring.)
     """
-    method = _instdisc(num_negatives=32)
+    method = _instdisc(num_negatives=32, objective=objective)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.05, momentum=0.9)
     images, indices = torch.randn(16, 1, 16, 16), torch.arange(16)
 
