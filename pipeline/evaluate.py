@@ -168,3 +168,13 @@ def format_table(rows: list[KNNRow], k: int, temperature: float, queries: str) -
     ]
     lines += [f"{r.name:<{width}}  {r.top1:.4f}  {r.top5:.4f}" for r in rows]
     return "\n".join(lines)
+
+
+def feature_spread(features: Tensor) -> float:
+    """How far apart L2-normalised features are: mean per-dimension std times sqrt(D).
+
+    About 1 for directions spread over the sphere, lower for features confined to a cone
+    (e.g. after a ReLU), and 0 when every image maps to the same embedding (collapse).
+    """
+    normalised = F.normalize(features.float(), dim=1)
+    return (normalised.std(dim=0).mean() * normalised.shape[1] ** 0.5).item()

@@ -58,3 +58,13 @@ def test_k_larger_than_bank_is_clamped(k):
     bank = F.normalize(torch.randn(3, 4), dim=1)
     scores = knn_predict(bank, torch.tensor([0, 1, 2]), bank, 3, k=k * 10, temperature=0.1)
     assert scores.shape == (3, 3)
+
+
+def test_feature_spread_detects_collapse():
+    from pipeline.evaluate import feature_spread
+
+    gen = torch.Generator().manual_seed(0)
+    spread_out = torch.randn(2000, 64, generator=gen)
+    collapsed = torch.ones(2000, 64) + 1e-4 * torch.randn(2000, 64, generator=gen)
+    assert abs(feature_spread(spread_out) - 1.0) < 0.05
+    assert feature_spread(collapsed) < 0.01
