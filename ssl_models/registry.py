@@ -10,11 +10,22 @@ from typing import Any
 
 from ssl_models.backbones import build_backbone
 from ssl_models.method import SSLMethod
-from ssl_models.methods import BYOL, BarlowTwins, InstDisc, SimCLR, SimSiam, VICReg
+from ssl_models.methods import (
+    BYOL,
+    BarlowTwins,
+    InstDisc,
+    MoCoV2,
+    MoCoV3,
+    SimCLR,
+    SimSiam,
+    VICReg,
+)
 
 METHODS: dict[str, type[SSLMethod]] = {
     "simclr": SimCLR,
     "instdisc": InstDisc,
+    "moco_v2": MoCoV2,
+    "moco_v3": MoCoV3,
     "byol": BYOL,
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
