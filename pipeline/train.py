@@ -126,7 +126,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Buffers (queues, banks, BN statistics) evolve identically or per rank by design;
     # re-broadcasting them from rank 0 before every forward would only cost time.
     model = ray.train.torch.prepare_model(
-        method, parallel_strategy_kwargs={"broadcast_buffers": False}
+        method, parallel_strategy_kwargs={"forward_sync_buffers": False}
     )
     lr = scaled_lr(config.train.base_lr, config.train.batch_size)
     optimizer = build_optimizer(
