@@ -6,9 +6,11 @@ prototypes), so ``state_dict()`` checkpoints everything, and it exposes its back
 frozen-feature evaluation.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ssl_models.optim import param_groups
@@ -57,6 +59,18 @@ class SSLMethod(nn.Module):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook the loop calls after each optimiser step (EMA updates etc.). Default: none."""
+
+    def embed_views(self, views: Sequence[Tensor], *heads: nn.Module) -> tuple[Tensor, ...]:
+        """``heads(backbone(view))`` for every view, split back into one tensor per view.
+
+        All views go through the backbone and each head in one concatenated pass, so the
+        batch-norm statistics cover every view (as in the reference implementations), not
+        one view at a time.
+        """
+        x = self.backbone(torch.cat(list(views)))
+        for head in heads:
+            x = head(x)
+        return x.chunk(len(views))
 
     def features(self, images: Tensor) -> Tensor:
         """Backbone features (N, feature_dim) for evaluation."""

@@ -14,7 +14,6 @@ cross-correlation towards the identity (invariance on the diagonal, redundancy r
 off it).
 """
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -58,9 +57,7 @@ class BarlowTwins(SSLMethod):
     def forward(self, views: list[Tensor]) -> MethodOutput:
         if len(views) != 2:
             raise ValueError(f"Barlow Twins takes exactly 2 views, got {len(views)}")
-        # One pass over both views: batch-norm statistics cover both views.
-        h = self.backbone(torch.cat(views))
-        z_a, z_b = self.projector(h).chunk(2)
+        z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(y)), one pass
         loss = self.criterion(z_a, z_b)
         pos_sim = F.cosine_similarity(z_a, z_b, dim=1).mean()
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), "pos_sim": pos_sim.detach()})

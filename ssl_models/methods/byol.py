@@ -69,11 +69,10 @@ class BYOL(SSLMethod):
     def forward(self, views: list[Tensor]) -> MethodOutput:
         if len(views) != 2:
             raise ValueError(f"BYOL takes exactly 2 views, got {len(views)}")
-        images = torch.cat(views)
         # One pass per network over both views; batch-norm statistics cover both views.
-        p_a, p_b = self.predictor(self.projector(self.backbone(images))).chunk(2)
+        p_a, p_b = self.embed_views(views, self.projector, self.predictor)
         with torch.no_grad():
-            z_a, z_b = self.target_projector(self.target_backbone(images)).chunk(2)
+            z_a, z_b = self.target_projector(self.target_backbone(torch.cat(views))).chunk(2)
         loss = byol_loss(p_a, z_b) + byol_loss(p_b, z_a)
         return MethodOutput(
             loss=loss,

@@ -8,7 +8,6 @@ Representations", arXiv:2002.05709).
         loss = NT-Xent(z_a, z_b)            # other 2N-2 embeddings are the negatives
 """
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -45,10 +44,7 @@ class SimCLR(SSLMethod):
     def forward(self, views: list[Tensor]) -> MethodOutput:
         if len(views) != 2:
             raise ValueError(f"SimCLR takes exactly 2 views, got {len(views)}")
-        # One pass over both views: faster, and batch-norm statistics cover both views, as in
-        # the paper's implementation.
-        h = self.backbone(torch.cat(views))
-        z_a, z_b = self.projector(h).chunk(2)
+        z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(x)), one pass
         loss = self.criterion(z_a, z_b)
         pos_sim = F.cosine_similarity(z_a, z_b, dim=1).mean()
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), "pos_sim": pos_sim.detach()})

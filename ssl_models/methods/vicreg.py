@@ -14,7 +14,6 @@ deviation above 1 (no collapse) and the covariance term decorrelates the dimensi
 negatives, momentum encoder or stop-gradient are needed.
 """
 
-import torch
 from torch import Tensor, nn
 
 from ssl_models.heads import ProjectionHead
@@ -58,8 +57,6 @@ class VICReg(SSLMethod):
     def forward(self, views: list[Tensor]) -> MethodOutput:
         if len(views) != 2:
             raise ValueError(f"VICReg takes exactly 2 views, got {len(views)}")
-        # One pass over both views: batch-norm statistics cover both views.
-        h = self.backbone(torch.cat(views))
-        z_a, z_b = self.projector(h).chunk(2)
+        z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(y)), one pass
         loss, parts = self.criterion(z_a, z_b)
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), **parts})

@@ -1,21 +1,31 @@
 """Barlow Twins: loss values worked by hand, distributed equivalence, and the method."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from ssl_models import SSLMethod, build_backbone
-from ssl_models.dist import world_size
 from ssl_models.losses.barlow_twins import BarlowTwinsLoss, barlow_twins_loss
-from ssl_models.method import MethodOutput
 from ssl_models.methods.barlow_twins import BarlowTwins
-from tests.ssl_models.distributed import run_on_ranks
+from tests.ssl_models.distributed import (
+    assert_gradients_match,
+    run_on_ranks,
+    single_process_grads,
+    split_batch_grads,
+    two_view_batch,
+)
+from tests.ssl_models.helpers import (
+    check_forward_backward,
+    noisy_views,
+    tiny_backbone,
+    train_losses,
+)
 
 WORLD = 2
 N, IN_DIM, DIM, LAMBDA = 8, 6, 5, 0.3
+_loss = partial(barlow_twins_loss, lambda_offdiag=LAMBDA)
 
 
 def _reference_loss(z_a: list[list[float]], z_b: list[list[float]], lam: float) -> float:
@@ -96,36 +106,12 @@ def test_rejects_bad_shapes_and_lambda():
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, nn.Linear]:
-    g = torch.Generator().manual_seed(0)
-    z_a, z_b = torch.randn(N, DIM, generator=g), torch.randn(N, DIM, generator=g) + 1.0
-    x = torch.randn(2 * N, IN_DIM, generator=g)  # view-a rows then view-b rows
-    torch.manual_seed(0)
-    return z_a, z_b, x, nn.Linear(IN_DIM, DIM)
-
-
-def _loss_and_grads(z_a, z_b):
-    z_a, z_b = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
-    loss = barlow_twins_loss(z_a, z_b, LAMBDA)
-    loss.backward()
-    return loss.detach(), z_a.grad, z_b.grad
+    z_a, z_b, x, linear = two_view_batch(N, DIM, IN_DIM)
+    return z_a, z_b + 1.0, x, linear
 
 
 def _rank_fn(r: int) -> dict:
-    z_a, z_b, x, linear = _data()
-    n = N // WORLD
-    rows = slice(r * n, (r + 1) * n)
-    loss, grad_a, grad_b = _loss_and_grads(z_a[rows], z_b[rows])
-    ddp = DistributedDataParallel(linear)
-    p_a, p_b = ddp(torch.cat([x[:N][rows], x[N:][rows]])).chunk(2)
-    barlow_twins_loss(p_a, p_b, LAMBDA).backward()
-    return {
-        "world_size": world_size(),
-        "loss": loss,
-        "grad_a": grad_a,
-        "grad_b": grad_b,
-        "weight_grad": linear.weight.grad,
-        "bias_grad": linear.bias.grad,
-    }
+    return split_batch_grads(_loss, *_data())
 
 
 def test_two_processes_match_single_process(tmp_path):
@@ -133,44 +119,27 @@ def test_two_processes_match_single_process(tmp_path):
     assert [res["world_size"] for res in results] == [WORLD, WORLD]
 
     z_a, z_b, x, linear = _data()
-    loss, grad_a, grad_b = _loss_and_grads(z_a, z_b)
-    p_a, p_b = linear(x).chunk(2)
-    barlow_twins_loss(p_a, p_b, LAMBDA).backward()
+    loss, grad_a, grad_b = single_process_grads(_loss, z_a, z_b, x, linear)
 
     # Every rank computes the full global-batch loss ...
     for res in results:
         assert torch.allclose(res["loss"], loss, atol=1e-5)
-    # ... receives WORLD x the single-process gradient for its own rows ...
-    for key, expected in (("grad_a", grad_a), ("grad_b", grad_b)):
-        gathered = torch.cat([res[key] for res in results]) / WORLD
-        assert torch.allclose(gathered, expected, atol=1e-5)
-    # ... and DDP's averaging gives the single-process parameter gradients.
-    for res in results:
-        assert torch.allclose(res["weight_grad"], linear.weight.grad, atol=1e-5)
-        assert torch.allclose(res["bias_grad"], linear.bias.grad, atol=1e-5)
+    # ... receives WORLD x the single-process gradient for its own rows, and DDP's averaging
+    # gives the single-process parameter gradients.
+    assert_gradients_match(results, grad_a, grad_b, linear, atol=1e-5)
 
 
 # --- the method --------------------------------------------------------------------------
 
 
 def _tiny_model() -> BarlowTwins:
-    torch.manual_seed(0)
-    backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
+    backbone, dim = tiny_backbone()
     return BarlowTwins(backbone, dim, projection_hidden_dim=32, projection_dim=16)
 
 
 def test_forward_returns_finite_loss_with_backbone_gradients():
-    model = _tiny_model()
-    assert isinstance(model, SSLMethod)
-    out = model([torch.randn(16, 1, 16, 16), torch.randn(16, 1, 16, 16)])
-    assert isinstance(out, MethodOutput)
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert set(out.logs) == {"loss", "pos_sim"}
-    assert all(not v.requires_grad for v in out.logs.values())
-    out.loss.backward()
-    grads = [p.grad for p in model.backbone.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+    views = [torch.randn(16, 1, 16, 16), torch.randn(16, 1, 16, 16)]
+    check_forward_backward(_tiny_model(), views, {"loss", "pos_sim"})
 
 
 def test_rejects_wrong_number_of_views():
@@ -179,16 +148,5 @@ def test_rejects_wrong_number_of_views():
 
 
 def test_loss_decreases_on_fixed_batch():
-    model = _tiny_model()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(16, 1, 16, 16, generator=g)
-    views = [images + 0.3 * torch.randn(images.shape, generator=g) for _ in range(2)]
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(30):
-        out = model(views)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = train_losses(_tiny_model(), noisy_views(16, 16, seed=1), lr=0.05)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses

@@ -3,25 +3,23 @@ import math
 import pytest
 import torch
 
-from ssl_models import SSLMethod, build_backbone
+from ssl_models import SSLMethod
 from ssl_models.losses.byol import byol_loss
 from ssl_models.losses.cosine import negative_cosine_similarity
 from ssl_models.methods.byol import BYOL
 from ssl_models.momentum import cosine_momentum
+from tests.ssl_models.helpers import noisy_views, tiny_backbone, train_losses
 
 
 def _tiny_byol(base_momentum: float = 0.9) -> BYOL:
-    torch.manual_seed(0)
-    backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
+    backbone, dim = tiny_backbone()
     return BYOL(
         backbone, dim, projection_hidden_dim=32, projection_dim=16, base_momentum=base_momentum
     )
 
 
-def _views(seed: int = 1, n: int = 8) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 1, 16, 16, generator=g)
-    return [images + 0.3 * torch.randn(images.shape, generator=g) for _ in range(2)]
+def _views(seed: int = 1) -> list[torch.Tensor]:
+    return noisy_views(8, 16, seed)
 
 
 def _online(model: BYOL) -> list[torch.Tensor]:
@@ -142,16 +140,6 @@ def test_features_use_online_backbone():
 
 def test_loss_decreases_on_fixed_batch():
     model = _tiny_byol(0.9)
-    views = _views(seed=2)
-    opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.05, momentum=0.9)
-    losses = []
-    total = 30
-    for step in range(total):
-        out = model(views)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_optimizer_step(step, total)
-        losses.append(out.loss.item())
+    losses = train_losses(model, _views(seed=2), params=model.parameter_groups(0.0))
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5

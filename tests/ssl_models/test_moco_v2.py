@@ -8,34 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_models import SSLMethod, build_backbone
+from ssl_models import SSLMethod
 from ssl_models.losses.info_nce import info_nce_loss
 from ssl_models.methods.moco_v2 import MoCoV2
 from tests.ssl_models.distributed import run_on_ranks
+from tests.ssl_models.helpers import noisy_views, tiny_backbone, train_losses
 
 BATCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a small shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_moco(seed: int = 0, **options) -> MoCoV2:
-    torch.manual_seed(seed)
-    backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
+    backbone, dim = tiny_backbone(seed)
     options = {"queue_size": 16, "projection_hidden_dim": 32, "projection_dim": 16} | options
     return MoCoV2(backbone, dim, **options)
 
 
-def _views(seed: int = 1, n: int = BATCH) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 1, 16, 16, generator=g)
-    return [images + 0.3 * torch.randn(images.shape, generator=g) for _ in range(2)]
+def _views(seed: int = 1) -> list[torch.Tensor]:
+    return noisy_views(BATCH, 16, seed)
 
 
 def _pairs(model: MoCoV2):
@@ -163,16 +152,7 @@ def test_rejects_wrong_number_of_views():
 
 def test_loss_decreases_on_fixed_batch():
     model = _tiny_moco(queue_size=32)
-    views = _views()
-    opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(30):
-        out = model(views)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_optimizer_step(step, 30)
-        losses.append(out.loss.item())
+    losses = train_losses(model, _views(), params=model.parameter_groups(0.0))
     assert all(torch.isfinite(torch.tensor(losses)))
     # The queue starts with random keys, which are easy negatives; after 32 / 8 = 4 steps it
     # holds only real keys (of these same 8 images), and from there the loss must fall.
@@ -212,7 +192,7 @@ def _on_rank(r: int) -> dict:
     initial = model.queue.features.clone()
     ddp = DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.1)
-    out = ddp([v[rows] for v in _views(n=BATCH)])
+    out = ddp([v[rows] for v in _views()])
     opt.zero_grad()
     out.loss.backward()
     opt.step()

@@ -7,33 +7,22 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_models import SSLMethod, build_backbone
+from ssl_models import SSLMethod
 from ssl_models.losses.info_nce import info_nce_loss
 from ssl_models.methods.moco_v3 import MoCoV3
 from ssl_models.momentum import cosine_momentum
 from tests.ssl_models.distributed import run_on_ranks
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a small shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.ssl_models.helpers import noisy_views, tiny_backbone, train_losses
 
 
 def _tiny_moco(seed: int = 0, **options) -> MoCoV3:
-    torch.manual_seed(seed)
-    backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
+    backbone, dim = tiny_backbone(seed)
     options = {"projection_hidden_dim": 32, "projection_dim": 16} | options
     return MoCoV3(backbone, dim, **options)
 
 
 def _views(seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(8, 1, 16, 16, generator=g)
-    return [images + 0.3 * torch.randn(images.shape, generator=g) for _ in range(2)]
+    return noisy_views(8, 16, seed)
 
 
 def _pairs(model: MoCoV3):
@@ -119,16 +108,7 @@ def test_rejects_wrong_number_of_views():
 
 def test_loss_decreases_on_fixed_batch():
     model = _tiny_moco()
-    views = _views()
-    opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.05, momentum=0.9)
-    losses = []
-    for step in range(30):
-        out = model(views)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        model.after_optimizer_step(step, 30)
-        losses.append(out.loss.item())
+    losses = train_losses(model, _views(), params=model.parameter_groups(0.0))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 

@@ -2,21 +2,19 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_models import SSLMethod, build_backbone
+from ssl_models import SSLMethod
 from ssl_models.losses.cosine import negative_cosine_similarity
 from ssl_models.methods.simsiam import SimSiam
+from tests.ssl_models.helpers import noisy_views, tiny_backbone, train_losses
 
 
 def _tiny_simsiam(**kwargs) -> SimSiam:
-    torch.manual_seed(0)
-    backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
+    backbone, dim = tiny_backbone()
     return SimSiam(backbone, dim, projection_dim=32, predictor_hidden_dim=8, **kwargs)
 
 
-def _views(seed: int = 1, n: int = 8) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 1, 16, 16, generator=g)
-    return [images + 0.3 * torch.randn(images.shape, generator=g) for _ in range(2)]
+def _views(seed: int = 1) -> list[torch.Tensor]:
+    return noisy_views(8, 16, seed)
 
 
 def test_negative_cosine_matches_hand_computed_values():
@@ -108,13 +106,5 @@ def test_rejects_wrong_number_of_views():
 
 def test_loss_decreases_on_fixed_batch():
     model = _tiny_simsiam()
-    views = _views(seed=2)
-    opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(30):
-        out = model(views)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = train_losses(model, _views(seed=2), params=model.parameter_groups(0.0))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
