@@ -98,7 +98,7 @@ class OnlineKNN:
         return acc["top1"]
 
 
-def _restore(method: SSLMethod, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+def _restore(method: SSLMethod, optimizer: torch.optim.Optimizer, rank: int) -> tuple[int, int]:
     """Load the run's latest checkpoint, if any; return (completed epochs, global step)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -107,7 +107,9 @@ def _restore(method: SSLMethod, optimizer: torch.optim.Optimizer) -> tuple[int, 
         state = load_checkpoint(directory)
     method.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    # Rank 0 saved its generator; each rank derives its own stream from it, reproducibly.
     torch.set_rng_state(state["torch_rng"])
+    torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
     return state["epoch"], state["step"]
 
 
@@ -123,6 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     num_images = loop_config["num_images"]
     method = build_method_for(config, spec.channels, num_images)
+    torch.manual_seed(config.run.seed + rank)  # same init everywhere, then per-rank draws
     # Buffers (queues, banks, BN statistics) evolve identically or per rank by design;
     # re-broadcasting them from rank 0 before every forward would only cost time.
     model = ray.train.torch.prepare_model(
@@ -140,7 +143,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
 
-    start_epoch, step = _restore(method, optimizer)
+    start_epoch, step = _restore(method, optimizer, rank)
     if rank == 0 and start_epoch >= config.train.epochs:
         print(
             f"{config.run.name} already has {start_epoch} epochs; raise train.epochs to go on",
