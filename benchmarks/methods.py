@@ -15,13 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from pipeline.checkpoint import method_from_checkpoint
 from pipeline.cli import DEMO_CONFIG
 from pipeline.config import from_dict, load_config
-from pipeline.evaluate import evaluate_checkpoint, extract_features, feature_spread
-from pipeline.ingest import ImageSpec, read_decoded
+from pipeline.evaluate import evaluate_checkpoint
 from pipeline.train import pretrain
 from ssl_models import METHODS
 
@@ -37,14 +33,9 @@ def run(method: str, epochs: int, limit: int, root: Path) -> dict[str, object]:
     started = time.perf_counter()
     result = pretrain(from_dict(values))
     seconds = time.perf_counter() - started
-    checkpoint = result.checkpoint.path
-    model, config, state = method_from_checkpoint(checkpoint)
-    spec = ImageSpec(state["image_size"], state["channels"])
-    test = read_decoded(config.data.eval_test, spec)
-    mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    spread = feature_spread(extract_features(model.features, test.pixels, mean, std))
-    rows = {row.name.split()[0]: row.top1 for row in evaluate_checkpoint(checkpoint, floors=True)}
-    return {"method": method, "seconds": seconds, "spread": spread, **rows}
+    report = evaluate_checkpoint(result.checkpoint.path, floors=True)
+    rows = {row.name.split()[0]: row for row in report.rows}
+    return {"method": method, "seconds": seconds, **rows}
 
 
 def main() -> None:
@@ -61,12 +52,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for method in args.methods:
         r = run(method, args.epochs, args.limit, args.root)
-        collapsed = r["spread"] < COLLAPSE_SPREAD
-        top1 = "COLLAPSED" if collapsed else f"{r['SSL']:.4f}"
-        beats = "" if collapsed or r["SSL"] > r["random-init"] else " (below random init)"
+        ssl, floor = r["SSL"], r["random-init"]
+        collapsed = ssl.spread < COLLAPSE_SPREAD
+        top1 = "COLLAPSED" if collapsed else f"{ssl.top1:.4f}"
+        beats = "" if collapsed or ssl.top1 > floor.top1 else " (below random init)"
         print(
-            f"| {method} | {top1}{beats} | {r['random-init']:.4f} | {r['raw']:.4f} "
-            f"| {r['spread']:.3f} | {r['seconds']:.0f} |",
+            f"| {method} | {top1}{beats} | {floor.top1:.4f} | {r['raw'].top1:.4f} "
+            f"| {ssl.spread:.3f} | {r['seconds']:.0f} |",
             flush=True,
         )
 

@@ -52,12 +52,12 @@ def method_from_checkpoint(path: str | Path) -> tuple[SSLMethod, Config, dict[st
     """Rebuild the trained method (eval mode) and its config from a checkpoint."""
     state = load_checkpoint(path)
     config = from_dict(state["config"])
-    method = build_method_for(config, state["channels"], state["num_images"])
+    method = build_method_for(config, state["channels"], state.get("num_images"))
     method.load_state_dict(state["model"])
     return method.eval(), config, state
 
 
-def build_method_for(config: Config, channels: int, num_images: int) -> SSLMethod:
+def build_method_for(config: Config, channels: int, num_images: int | None) -> SSLMethod:
     """The config's method on a fresh backbone for ``channels``-channel inputs and a
     training set of ``num_images`` images (used by memory-bank methods)."""
     return build_method(

@@ -145,19 +145,11 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 
 def _evaluate(checkpoint: Path, floors: bool, k: int | None, temperature: float | None) -> str:
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.evaluate import evaluate_checkpoint, format_table
+    from pipeline.evaluate import evaluate_checkpoint
 
     checkpoint = _resolve_checkpoint(checkpoint)
-    rows = evaluate_checkpoint(checkpoint, floors=floors, k=k, temperature=temperature)
-    config = load_checkpoint(checkpoint)["config"]
-    table = format_table(
-        rows,
-        k or config["eval"]["knn_k"],
-        temperature or config["eval"]["knn_temperature"],
-        config["data"]["eval_test"],
-    )
-    return f"checkpoint: {checkpoint}\n{table}"
+    report = evaluate_checkpoint(checkpoint, floors=floors, k=k, temperature=temperature)
+    return f"checkpoint: {checkpoint}\n{report.table()}"
 
 
 def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, evaluate: bool) -> None:

@@ -102,11 +102,35 @@ def raw_pixel_features(pixels: np.ndarray) -> Tensor:
 
 @dataclass
 class KNNRow:
-    """One line of the evaluation table."""
+    """One line of the evaluation table; ``spread`` is the queries' feature_spread."""
 
     name: str
     top1: float
     top5: float
+    spread: float
+
+
+@dataclass
+class KNNReport:
+    """The kNN protocol's settings and one row per feature set."""
+
+    rows: list[KNNRow]
+    k: int
+    temperature: float
+    queries: str
+
+    def table(self) -> str:
+        """The evaluation table printed by ``evaluate`` and ``demo``."""
+        width = max(len(r.name) for r in self.rows)
+        lines = [
+            f"kNN (k={self.k}, cosine, T={self.temperature:g}) on {self.queries}",
+            f"{'features':<{width}}  top-1   top-5   spread",
+            f"{'-' * width}  ------  ------  ------",
+        ]
+        lines += [
+            f"{r.name:<{width}}  {r.top1:.4f}  {r.top5:.4f}  {r.spread:.3f}" for r in self.rows
+        ]
+        return "\n".join(lines)
 
 
 def evaluate_checkpoint(
@@ -132,7 +156,7 @@ def evaluate_checkpoint(
 
     def score(name: str, bank_features: Tensor, query_features: Tensor) -> KNNRow:
         acc = knn_accuracy(bank_features, bank_labels, query_features, query_labels, k, temperature)
-        return KNNRow(name, acc["top1"], acc["top5"])
+        return KNNRow(name, acc["top1"], acc["top5"], feature_spread(query_features))
 
     def encoder_row(name: str, encoder: Callable[[Tensor], Tensor]) -> KNNRow:
         size = config.eval.batch_size
@@ -149,25 +173,13 @@ def evaluate_checkpoint(
             score("raw pixels", raw_pixel_features(bank.pixels), raw_pixel_features(queries.pixels))
         )
         torch.manual_seed(config.run.seed)
-        untrained = build_method_for(config, spec.channels, state["num_images"]).eval()
+        untrained = build_method_for(config, spec.channels, state.get("num_images")).eval()
         rows.append(
             encoder_row(
                 f"random-init {config.model.backbone} w{config.model.width:g}", untrained.features
             )
         )
-    return rows
-
-
-def format_table(rows: list[KNNRow], k: int, temperature: float, queries: str) -> str:
-    """The evaluation table printed by ``evaluate`` and ``demo``."""
-    width = max(len(r.name) for r in rows)
-    lines = [
-        f"kNN (k={k}, cosine, T={temperature:g}) on {queries}",
-        f"{'features':<{width}}  top-1   top-5",
-        f"{'-' * width}  ------  ------",
-    ]
-    lines += [f"{r.name:<{width}}  {r.top1:.4f}  {r.top5:.4f}" for r in rows]
-    return "\n".join(lines)
+    return KNNReport(rows, k, temperature, config.data.eval_test)
 
 
 def feature_spread(features: Tensor) -> float:

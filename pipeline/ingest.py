@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from ray.data.expressions import col
 
 from pipeline.augment import ViewRecipe, random_views
-from pipeline.shards import ShardManifest, load_manifest, shard_files
+from pipeline.shards import ShardManifest, load_manifest, read_labels, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,7 @@ def training_dataset(
 
 def image_slots(shard_dir: str | Path, limit: int | None) -> dict[str, int]:
     """id -> position among the first ``limit`` images: the slot of a memory-bank method."""
-    ids: list[str] = []
-    for path in shard_files(Path(shard_dir)):
-        ids.extend(pq.read_table(path, columns=["id"]).column("id").to_pylist())
-        if limit is not None and len(ids) >= limit:
-            break
+    ids, _ = read_labels(Path(shard_dir))
     return {image_id: slot for slot, image_id in enumerate(ids[:limit])}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluate import KNNRow, format_table, knn_accuracy, knn_predict, raw_pixel_features
+from pipeline.evaluate import KNNReport, KNNRow, knn_accuracy, knn_predict, raw_pixel_features
 
 
 def test_votes_are_similarity_weighted_by_temperature():
@@ -49,7 +49,8 @@ def test_raw_pixel_features_are_unit_norm():
 
 
 def test_table_lists_every_row():
-    table = format_table([KNNRow("ssl", 0.8, 0.99), KNNRow("raw pixels", 0.7, 0.95)], 200, 0.1, "t")
+    rows = [KNNRow("ssl", 0.8, 0.99, 0.4), KNNRow("raw pixels", 0.7, 0.95, 0.3)]
+    table = KNNReport(rows, 200, 0.1, "t").table()
     assert "0.8000" in table and "raw pixels" in table and "k=200" in table
 
 

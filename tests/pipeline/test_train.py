@@ -44,7 +44,7 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     state = load_checkpoint(latest)
     assert state["epoch"] == 2 and state["step"] == 2 * steps_per_epoch
 
-    rows = evaluate_checkpoint(latest, floors=True, k=20)
+    rows = evaluate_checkpoint(latest, floors=True, k=20).rows
     assert [r.name.split()[0] for r in rows] == ["SSL", "raw", "random-init"]
     for row in rows:
         assert 0.1 < row.top1 <= row.top5 <= 1.0  # well above 10-class chance
