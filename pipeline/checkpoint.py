@@ -69,3 +69,46 @@ def build_method_for(config: Config, channels: int, num_images: int | None) -> S
         num_images=num_images,
         **config.method_kwargs,
     )
+
+
+# What a resumed run must share with the run that wrote its checkpoints: the method's state,
+# the optimizer's state and the step count all depend on them.
+RESUME_KEYS = (
+    "model",
+    "method",
+    "data.train",
+    "data.limit",
+    "data.image_size",
+    "train.optimizer",
+    "train.batch_size",
+)
+
+
+def check_resumable(run_dir: str | Path, config: Config) -> None:
+    """Raise if ``run_dir`` holds checkpoints of a run that ``config`` cannot continue.
+
+    A run resumes by name; reusing a name with another method, model, optimizer, batch size
+    or dataset would load state that does not fit (or silently train something else).
+    """
+    try:
+        checkpoint = latest_checkpoint(run_dir)
+    except FileNotFoundError:
+        return
+    saved, wanted = load_checkpoint(checkpoint)["config"], config.to_dict()
+
+    def lookup(values: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            values = values.get(part) if isinstance(values, dict) else None
+        return values
+
+    changed = [
+        f"{key}: {lookup(saved, key)!r} -> {lookup(wanted, key)!r}"
+        for key in RESUME_KEYS
+        if lookup(saved, key) != lookup(wanted, key)
+    ]
+    if changed:
+        raise ValueError(
+            f"run '{config.run.name}' already has checkpoints in {run_dir} from a different "
+            f"setup ({'; '.join(changed)}); pick a new run.name to start afresh, or delete "
+            "that directory"
+        )

@@ -22,7 +22,12 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline.augment import ViewRecipe
-from pipeline.checkpoint import build_method_for, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    build_method_for,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.cluster import init_ray
 from pipeline.config import Config, from_dict, with_absolute_paths
 from pipeline.evaluate import extract_features, knn_accuracy, load_labelled
@@ -277,6 +282,8 @@ def pretrain(config: Config) -> ray.train.Result:
         [config.data.train, config.data.eval_train, config.data.eval_test]
     ):
         validate_shards(Path(shard_dir))  # a bad shard fails here, not an hour into training
+    directory = run_dir(config)
+    check_resumable(directory, config)
     init_ray()
     manifest = load_manifest(Path(config.data.train))
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
@@ -299,7 +306,6 @@ def pretrain(config: Config) -> ray.train.Result:
         decode_tasks=config.data.decode_tasks,
         batch_size=batch // world,
     )
-    directory = run_dir(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

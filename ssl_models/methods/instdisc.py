@@ -16,6 +16,10 @@ The paper trains with NCE on 1.28M images. NCE estimates the partition function 
 the random initial bank; on small datasets the early, still-similar features then make
 every noise entry look like data and the loss explodes, so the default objective is the
 sampled non-parametric softmax of eq. 2 (the form later reimplementations compare against).
+
+One set of m noise entries is drawn per step and shared by the batch (the paper's code draws
+m per image): the estimator is unchanged in expectation, and a (B, d) x (d, m) product
+replaces gathering B * m bank rows, which made InstDisc 3x slower than two-view SimCLR.
 """
 
 from typing import ClassVar
@@ -80,11 +84,11 @@ class InstDisc(SSLMethod):
             raise ValueError("InstDisc takes one view per image and the images' indices")
         v = F.normalize(self.embedding(self.backbone(views[0])), dim=1)
         n, num_images = v.shape[0], self.bank.features.shape[0]
-        noise = torch.randint(0, num_images, (n, self.num_negatives), device=v.device)
-        candidates = torch.cat([indices.view(-1, 1), noise], dim=1)  # column 0: the image
+        noise = torch.randint(0, num_images, (self.num_negatives,), device=v.device)
         with torch.no_grad():
-            bank_rows = self.bank.features[candidates]  # (n, 1 + m, d)
-        logits = torch.einsum("nkd,nd->nk", bank_rows, v) / self.temperature
+            positives, negatives = self.bank.features[indices], self.bank.features[noise]
+        logits = torch.cat([(positives * v).sum(1, keepdim=True), v @ negatives.T], dim=1)
+        logits = logits / self.temperature  # column 0: the image's own entry
         if self.objective == "softmax":
             loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=v.device))
         else:
@@ -96,7 +100,7 @@ class InstDisc(SSLMethod):
 
         # Every worker applies every worker's update, so the banks stay identical.
         self.bank.update(gather_no_grad(indices), gather_no_grad(v.detach()), self.bank_momentum)
-        positive_similarity = (bank_rows[:, 0] * v.detach()).sum(1).mean()
+        positive_similarity = (positives * v.detach()).sum(1).mean()
         return MethodOutput(
             loss=loss, logs={"loss": loss.detach(), "positive_similarity": positive_similarity}
         )

@@ -4,7 +4,8 @@ and load with torch.load(weights_only=True)."""
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from pipeline.config import Config, from_dict
 from ssl_models import METHODS, build_method
 
 
@@ -31,3 +32,24 @@ def test_method_state_round_trips_through_a_checkpoint_file(name, tmp_path):
     for key, value in restored.state_dict().items():
         assert torch.equal(value, original[key]), key
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def _with(config: Config, section: str, **values) -> Config:
+    changed = config.to_dict()
+    changed[section].update(values)
+    return from_dict(changed)
+
+
+def test_a_run_resumes_only_with_the_setup_that_wrote_it(tmp_path):
+    config = from_dict({"run": {"name": "r"}, "method": {"name": "simclr"}})
+    check_resumable(tmp_path, config)  # no checkpoints yet: anything goes
+    (tmp_path / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
+    save_checkpoint(
+        tmp_path / "checkpoint_2026-01-01_00-00-00.000000", {"config": config.to_dict()}
+    )
+
+    check_resumable(tmp_path, _with(config, "train", epochs=50, base_lr=0.1))  # may go on
+    with pytest.raises(ValueError, match=r"train.optimizer: 'lars' -> 'sgd'.*new run.name"):
+        check_resumable(tmp_path, _with(config, "train", optimizer="sgd"))
+    with pytest.raises(ValueError, match=r"method: .*'simclr'.*'byol'"):
+        check_resumable(tmp_path, _with(config, "method", name="byol"))

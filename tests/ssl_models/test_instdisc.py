@@ -95,7 +95,22 @@ def test_training_discriminates_instances(objective):
 
     assert abs(own_minus_other_similarity()) < 0.05
     losses = train_losses(
-        method, lambda: [images + 0.1 * torch.randn_like(images)], steps=40, indices=indices
+        method, lambda: [images + 0.1 * torch.randn_like(images)], steps=60, indices=indices
     )
     assert all(math.isfinite(loss) for loss in losses)
     assert own_minus_other_similarity() > 0.2
+
+
+def test_softmax_loss_is_cross_entropy_over_own_entry_and_shared_noise():
+    method = _instdisc(num_negatives=8)
+    images, indices = torch.randn(4, 1, 16, 16), torch.tensor([3, 0, 9, 5])
+    bank = method.bank.features.clone()
+    torch.manual_seed(7)
+    loss = method([images], indices).loss
+    torch.manual_seed(7)
+    noise = torch.randint(0, 16, (8,))  # the draw forward() makes after the same seed
+    with torch.no_grad():
+        v = F.normalize(method.embedding(method.backbone(images)), dim=1)
+    logits = torch.cat([(bank[indices] * v).sum(1, keepdim=True), v @ bank[noise].T], 1) / 0.07
+    expected = F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
