@@ -1,4 +1,5 @@
-"""Command line: ``python -m pipeline {prepare,pretrain,evaluate,demo}`` (also ``ray-ssl``)."""
+"""Command line: ``python -m pipeline {prepare,pretrain,evaluate,tune,demo}`` (also
+``ray-ssl``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ Typical session:
   python -m pipeline prepare fashion-mnist            # IDX files -> Parquet shards (once)
   python -m pipeline pretrain --config configs/fmnist_simclr.yaml
   python -m pipeline evaluate --checkpoint runs/fmnist-simclr --floors
+  python -m pipeline tune --config configs/fmnist_simclr.yaml --space simclr --samples 16
   python -m pipeline demo                              # all of the above, small and quick
 
 Run `python -m pipeline COMMAND --help` for each command's options.
@@ -124,6 +126,58 @@ Examples:
         "--temperature", type=float, help="vote temperature (default eval.knn_temperature)"
     )
 
+    sweep = commands.add_parser(
+        "tune",
+        help="hyperparameter sweep with Ray Tune (ASHA on online kNN top-1)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Search hyperparameters: every trial is a full pretraining run on the config with the trial's
+values filled in. Each epoch a trial reports kNN top-1 on a labelled validation split taken
+from data.eval_train (train.online_knn_bank images as the bank, the next
+train.online_knn_queries as queries; never the test set), and ASHA stops the weak ones.
+
+Spaces live in tune_spaces/ (one per method: `--space simclr`, `--space byol`, ...); a
+distribution is one of {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {randint: [lo, hi]},
+{choice: [a, b]}. Override keys from a YAML file (--space-file) or one by one
+(--space-set); `null` drops a key. Bad spaces stop before any trial starts.
+
+Writes RUN.ROOT/sweeps/NAME/: results.csv and .parquet (one row per trial), a PNG of the
+metric against each parameter, and best_config.yaml that `pretrain --config` accepts.
+An interrupted sweep (Ctrl-C, lost driver) finishes with the same command plus --resume.
+
+Examples:
+  python -m pipeline tune --config configs/fmnist_simclr.yaml --space simclr --samples 16
+  python -m pipeline tune --space byol --search optuna --set method.name=byol \\
+      --space-set 'method.base_momentum={uniform: [0.95, 0.999]}'
+  python -m pipeline tune --config configs/fmnist_simclr.yaml --space simclr --resume
+""",
+    )
+    _add_config_args(sweep, CONFIGS / "fmnist_simclr.yaml")
+    sweep.add_argument("--space", required=True, help="search space name (see tune_spaces/)")
+    sweep.add_argument("--space-file", type=Path, help="YAML of keys overriding the space")
+    sweep.add_argument(
+        "--space-set",
+        action="append",
+        default=[],
+        metavar="KEY=DISTRIBUTION",
+        help="override one key, e.g. 'method.temperature={loguniform: [0.05, 0.3]}'",
+    )
+    sweep.add_argument("--samples", type=int, default=16, help="trials to run (default 16)")
+    sweep.add_argument(
+        "--search", choices=["random", "optuna"], default="random", help="search algorithm"
+    )
+    sweep.add_argument(
+        "--grace-epochs", type=int, default=1, help="epochs before ASHA may stop a trial"
+    )
+    sweep.add_argument(
+        "--concurrency",
+        type=int,
+        help="trials at once (default: what the cluster's CPUs/GPUs fit, see README)",
+    )
+    sweep.add_argument("--retries", type=int, default=1, help="re-runs of an errored trial")
+    sweep.add_argument("--name", help="sweep name (default: RUN.NAME-sweep)")
+    sweep.add_argument("--resume", action="store_true", help="finish an interrupted sweep")
+
     demo = commands.add_parser(
         "demo",
         help="prepare Fashion-MNIST, pretrain SimCLR briefly, print the kNN table",
@@ -166,11 +220,30 @@ def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, eval
             (Path(run_dir(config)) / "knn.txt").write_text(table + "\n")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from pipeline.config import load_config
+    from pipeline.sweep import SweepSettings, sweep
+    from tune_spaces import load_space
+
+    config = load_config(args.config, args.overrides)
+    space = load_space(args.space, args.space_file, args.space_set)
+    settings = SweepSettings(
+        samples=args.samples,
+        search=args.search,
+        grace_epochs=args.grace_epochs,
+        concurrency=args.concurrency,
+        retries=args.retries,
+        name=args.name,
+    )
+    sweep(config, space, settings, resume=args.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipeline.config import ConfigError
     from pipeline.shards import ShardError
     from pipeline.sources import SourceError
+    from tune_spaces import SpaceError
 
     try:
         if args.command == "prepare":
@@ -192,12 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             _pretrain(args.config, args.overrides, floors=False, evaluate=not args.no_eval)
         elif args.command == "evaluate":
             print(_evaluate(args.checkpoint, args.floors, args.k, args.temperature))
+        elif args.command == "tune":
+            _tune(args)
         elif args.command == "demo":
             from pipeline.prepare import prepare
 
             prepare("fashion-mnist")
             _pretrain(args.config, args.overrides, floors=True, evaluate=True)
-    except (ConfigError, SourceError, ShardError, FileNotFoundError) as err:
+    except (ConfigError, SourceError, ShardError, SpaceError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

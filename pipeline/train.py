@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,14 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
 
 from pipeline.augment import ViewRecipe
@@ -272,10 +280,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         writer.close()
 
 
-def pretrain(config: Config) -> ray.train.Result:
+def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.train.Result:
     """Pretrain ``config``'s method; resumes when the run directory already has checkpoints.
 
     Joins the running Ray instance, or the cluster in ``RAY_ADDRESS``, or starts a local one.
+    ``callbacks`` see every report (a sweep forwards rank 0's metrics to Tune with one).
     """
     config = with_absolute_paths(config)
     for shard_dir in dict.fromkeys(
@@ -332,6 +341,7 @@ def pretrain(config: Config) -> ray.train.Result:
             # would echo each of them twice.
             logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=list(callbacks),
         ),
         datasets={"train": dataset},
     )

@@ -1,0 +1,131 @@
+"""Ray Tune sweeps: concurrency from resources, bad sweeps stop before Ray, and a real
+4-trial ASHA sweep on Fashion-MNIST writes its table, plot and a best config that
+`pretrain` accepts; an interrupted sweep resumes and finishes."""
+
+import os
+import signal
+
+import pandas as pd
+import pytest
+from ray import tune
+
+import pipeline.sweep as sweep_module
+from pipeline.config import load_config
+from pipeline.sweep import SweepSettings, sweep, sweep_dir, trial_concurrency
+from tune_spaces import SpaceError
+
+
+def _config(fmnist_small, tmp_path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"run.root={tmp_path / 'runs'}",
+            "run.name=sweep",
+            f"data.train={fmnist_small['train']}",
+            f"data.eval_train={fmnist_small['train']}",
+            f"data.eval_test={fmnist_small['test']}",
+            "data.limit=384",
+            "data.decode_tasks=1",
+            "model.backbone=small_cnn",
+            "model.width=0.25",
+            "train.batch_size=64",
+            "train.num_workers=1",
+            "train.epochs=2",
+            "train.warmup_epochs=0",
+            "train.online_knn_bank=256",
+            "train.online_knn_queries=128",
+            *extra,
+        ],
+    )
+
+
+SPACE = {
+    "method.temperature": {"loguniform": [0.05, 0.5]},
+    "train.base_lr": {"loguniform": [0.05, 1.0]},
+}
+
+
+def test_concurrency_leaves_a_cpu_per_trial_for_its_data_stage(tmp_path):
+    config = load_config(None, ["train.num_workers=2", "train.cpus_per_worker=1"])
+    assert trial_concurrency(config, {"CPU": 4}) == 1  # 2 workers + 1 data CPU each
+    assert trial_concurrency(config, {"CPU": 9}) == 3
+    half = load_config(None, ["train.num_workers=2", "train.cpus_per_worker=0.5"])
+    assert trial_concurrency(half, {"CPU": 4}) == 2
+    gpu = load_config(None, ["train.num_workers=2", "train.use_gpu=true"])
+    assert trial_concurrency(gpu, {"CPU": 64, "GPU": 4}) == 2
+    assert trial_concurrency(config, {"CPU": 1}) == 1  # never zero
+
+
+def test_bad_sweeps_stop_before_ray_starts(fmnist_small, tmp_path, monkeypatch):
+    def no_ray():
+        raise AssertionError("Ray was started for an invalid sweep")
+
+    monkeypatch.setattr(sweep_module, "init_ray", no_ray)
+    config = _config(fmnist_small, tmp_path)
+    with pytest.raises(SpaceError, match="method.temperature = 0.0"):
+        sweep(config, {"method.temperature": {"uniform": [0.0, 1.0]}}, SweepSettings())
+    with pytest.raises(SpaceError, match="search must be one of"):
+        sweep(config, SPACE, SweepSettings(search="grid"))
+    with pytest.raises(SpaceError, match="online_knn_bank is 0"):
+        sweep(_config(fmnist_small, tmp_path, "train.online_knn_bank=0"), SPACE, SweepSettings())
+    with pytest.raises(FileNotFoundError, match="no sweep to resume"):
+        sweep(config, SPACE, SweepSettings(), resume=True)
+
+
+class _InterruptAfterFirstTrial(tune.Callback):
+    """Ctrl-C once the first trial has finished: Tune saves its state and returns.
+
+    Fires once per test process: the restored sweep unpickles this callback too."""
+
+    fired = False
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not _InterruptAfterFirstTrial.fired:
+            _InterruptAfterFirstTrial.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_sweep_runs_asha_writes_results_and_resumes(ray_session, fmnist_small, tmp_path):
+    config = _config(fmnist_small, tmp_path)
+    settings = SweepSettings(samples=4, concurrency=2, grace_epochs=1, name="s")
+    directory = sweep_dir(config, settings)
+
+    first = sweep(config, SPACE, settings, callbacks=[_InterruptAfterFirstTrial()])
+    done = [r for r in first if not r["status"].startswith("unfinished")]
+    assert 1 <= len(done) < 4, first
+
+    rows = sweep(config, SPACE, settings, resume=True)
+    assert len(rows) == 4
+    assert all(not r["status"].startswith("ERROR") for r in rows), rows
+    assert all(1 <= r["epochs"] <= 2 for r in rows)
+    assert all(0.1 < r["best_knn_top1"] <= 1.0 for r in rows)  # above 10-class chance
+    assert rows[0]["best_knn_top1"] == max(r["best_knn_top1"] for r in rows)
+
+    table = pd.read_csv(directory / "results.csv")
+    assert list(table.columns) == [
+        "trial",
+        "method.temperature",
+        "train.base_lr",
+        "epochs",
+        "best_knn_top1",
+        "status",
+    ]
+    assert len(table) == 4 and len(pd.read_parquet(directory / "results.parquet")) == 4
+    assert (directory / "metric_vs_params.png").stat().st_size > 1000
+
+    best = load_config(directory / "best_config.yaml")  # pretrain accepts it unchanged
+    assert best.method["temperature"] == pytest.approx(rows[0]["method.temperature"])
+    assert best.train.base_lr == pytest.approx(rows[0]["train.base_lr"])
+    assert best.data.limit == 384 and best.run.name == "s-best"
+
+
+@pytest.mark.slow
+def test_optuna_search_proposes_values_inside_the_space(ray_session, fmnist_small, tmp_path):
+    config = _config(fmnist_small, tmp_path, "train.epochs=1")
+    settings = SweepSettings(samples=2, concurrency=2, search="optuna", name="o")
+    rows = sweep(config, SPACE, settings)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    for row in rows:
+        assert 0.05 <= row["method.temperature"] <= 0.5
+        assert 0.05 <= row["train.base_lr"] <= 1.0
