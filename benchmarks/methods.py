@@ -57,7 +57,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
-    parser.add_argument("--epochs", type=int, default=9, help="epochs of a two-view method")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of a two-view method")
     parser.add_argument("--limit", type=int, default=20000, help="training images per epoch")
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
     args = parser.parse_args()
