@@ -6,7 +6,8 @@ Train V2 pattern: a function trainable fits one ``TorchTrainer`` per trial, and 
 retried (its Train run resumes from its last checkpoint) and, if it still fails, reported
 in the table. Everything a sweep writes lives in ``<run.root>/sweeps/<name>/``:
 
-    results.csv, results.parquet   one row per trial: parameters, epochs, best metric, status
+    results.csv, results.parquet   one row per trial: parameters, epochs, best metric,
+                                   status and failed attempts
     metric_vs_params.png           the metric against each searched parameter
     best_config.yaml               the best trial's full config; `pretrain --config` takes it
     trials/                        each trial's Train run (checkpoints, TensorBoard)
@@ -181,6 +182,7 @@ def result_rows(grid: tune.ResultGrid, keys: list[str], max_epochs: int) -> list
                 "epochs": epochs,
                 f"best_{METRIC}": float(max(scores)) if len(scores) else math.nan,
                 "status": status,
+                "failures": trial.num_failures,  # attempts that errored, retries included
             }
         )
     rows.sort(key=lambda r: -r[f"best_{METRIC}"] if not math.isnan(r[f"best_{METRIC}"]) else 1)

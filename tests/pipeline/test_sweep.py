@@ -110,6 +110,7 @@ def test_sweep_runs_asha_writes_results_and_resumes(ray_session, fmnist_small, t
         "epochs",
         "best_knn_top1",
         "status",
+        "failures",
     ]
     assert len(table) == 4 and len(pd.read_parquet(directory / "results.parquet")) == 4
     assert (directory / "metric_vs_params.png").stat().st_size > 1000
@@ -129,3 +130,17 @@ def test_optuna_search_proposes_values_inside_the_space(ray_session, fmnist_smal
     for row in rows:
         assert 0.05 <= row["method.temperature"] <= 0.5
         assert 0.05 <= row["train.base_lr"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_retried_then_reported_not_dropped(ray_session, fmnist_small, tmp_path):
+    config = _config(fmnist_small, tmp_path, "train.epochs=1")
+    # Valid as a config, but 384 images hold no full batch of 1024: the trial itself fails.
+    space = {**SPACE, "train.batch_size": {"choice": [1024]}}
+    settings = SweepSettings(samples=1, retries=1, name="failing")
+    rows = sweep(config, space, settings)
+    assert len(rows) == 1 and rows[0]["status"].startswith("ERROR"), rows
+    assert rows[0]["epochs"] == 0 and rows[0]["failures"] == 2  # first try + 1 retry
+    directory = sweep_dir(config, settings)
+    assert "ERROR" in pd.read_csv(directory / "results.csv")["status"][0]
+    assert not (directory / "best_config.yaml").exists()
