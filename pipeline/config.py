@@ -265,18 +265,25 @@ def from_dict(values: dict[str, Any]) -> Config:
     return validate(Config(**kwargs))
 
 
+def set_value(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``values[section][key] = value`` for ``dotted == "section.key"`` (in place)."""
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"'{dotted}' is not a config key of the form section.key")
+    section, key = parts
+    values.setdefault(section, {})
+    if not isinstance(values[section], dict):
+        raise ConfigError(f"config section '{section}' must be a mapping")
+    values[section][key] = value
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; values are parsed as YAML scalars (1e-3, true, null)."""
     for item in overrides:
         dotted, sep, raw = item.partition("=")
-        parts = dotted.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
+        if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        section, key = parts
-        values.setdefault(section, {})
-        if not isinstance(values[section], dict):
-            raise ConfigError(f"config section '{section}' must be a mapping")
-        values[section][key] = yaml.safe_load(raw) if raw.strip() else None
+        set_value(values, dotted, yaml.safe_load(raw) if raw.strip() else None)
     return values
 
 

@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.cluster import init_ray
-from pipeline.config import Config, from_dict, with_absolute_paths
+from pipeline.config import Config, from_dict, set_value, to_yaml, with_absolute_paths
 from pipeline.shards import validate_shards
-from tune_spaces import Space, SpaceError, check_space, set_dotted, to_tune
+from tune_spaces import Space, SpaceError, check_space, to_tune
 
 METRIC = "knn_top1"
 SEARCHERS = ("random", "optuna")
@@ -76,7 +75,7 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], trials_root: str) -
 
     values = copy.deepcopy(base)
     for key, value in params.items():
-        set_dotted(values, key, value)
+        set_value(values, key, value)
     values["run"].update(name=f"trial-{tune.get_context().get_trial_id()}", root=trials_root)
     configure_data_context()
     pretrain(from_dict(values), callbacks=[TuneReportCallback()])
@@ -205,10 +204,10 @@ def write_results(rows: list[dict], keys: list[str], base: dict, directory: Path
         return
     best = copy.deepcopy(base)
     for key in keys:
-        set_dotted(best, key, _plain(scored[0][key]))
+        set_value(best, key, _plain(scored[0][key]))
     best["run"]["name"] = f"{directory.name}-best"
     path = directory / "best_config.yaml"
-    path.write_text(yaml.safe_dump(best, sort_keys=False))
+    path.write_text(to_yaml(from_dict(best)))
     print(f"best trial {scored[0]['trial']}: {METRIC} {scored[0][f'best_{METRIC}']:.4f}")
     print(f"results, plot and best config in {directory}{os.sep}")
 

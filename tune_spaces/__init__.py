@@ -95,21 +95,13 @@ def _candidates(key: str, distribution: Any) -> list[Any]:
     return [low, high - 1] if kind == "randint" else [low, high]
 
 
-def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``values["a"]["b"] = value`` for ``key == "a.b"`` (in place)."""
-    section, _, name = key.partition(".")
-    if not name or not isinstance(values.get(section), dict):
-        raise SpaceError(f"'{key}' is not a config key of the form section.name")
-    values[section][name] = value
-
-
 def check_space(space: Space, config_values: dict[str, Any]) -> None:
     """Raise SpaceError unless every value the space can draw makes a valid config.
 
     ``config_values`` is the base config as nested dicts; each edge value and each choice is
     put into it in turn and validated by the config's own rules, so errors name the key.
     """
-    from pipeline.config import ConfigError, from_dict
+    from pipeline.config import ConfigError, from_dict, set_value
 
     if not space:
         raise SpaceError("the search space is empty: nothing to sweep")
@@ -124,8 +116,8 @@ def check_space(space: Space, config_values: dict[str, Any]) -> None:
                     f"train.num_workers={workers}"
                 )
             trial = copy.deepcopy(config_values)
-            set_dotted(trial, key, value)
             try:
+                set_value(trial, key, value)
                 from_dict(trial)
             except ConfigError as error:
                 raise SpaceError(f"{key} = {value!r} gives an invalid config: {error}") from None
