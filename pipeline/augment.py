@@ -1,4 +1,4 @@
-"""Batched SimCLR view generation on uint8 image tensors.
+"""Batched SimCLR view generation on uint8 image tensors, on CPU or the training device.
 
 The SimCLR recipe (Chen et al. 2020, arXiv:2002.05709, appendix A): random resized crop,
 horizontal flip, colour jitter (brightness, contrast, saturation, hue in random order) with
@@ -6,9 +6,11 @@ probability 0.8, random grayscale with probability 0.2, and Gaussian blur. Colou
 ``s`` scales the jitter to (0.8s, 0.8s, 0.8s, 0.2s). Single-channel images get brightness
 and contrast only, since saturation, hue and grayscale are meaningless for them.
 
-Every random parameter is drawn per sample, but each operation runs once over the whole
-batch: crop and flip are one ``affine_grid``/``grid_sample`` call, jitter is a few
-broadcast multiplies. That avoids the per-image Python loop of the usual PIL pipeline.
+Every random parameter is drawn per sample (on the CPU, from one generator, so a seed gives
+the same views on any device), but each operation runs once over a batch: crop and flip are
+one ``affine_grid``/``grid_sample`` call, jitter a few broadcast passes (pipeline.color),
+blur one grouped convolution per axis. On CPU the batch is processed in chunks small enough
+to stay in cache, which matters more than anything else for large images.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
+from pipeline.color import JitterParams, apply_jitter, grayscale, sample_jitter
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int) ->
     n, _, height, width = images.shape
     x0, y0, w, h = boxes.unbind(1)
     # Map output coordinates in [-1, 1] onto the box, in align_corners=False convention.
-    theta = torch.zeros(n, 2, 3)
+    theta = torch.zeros(n, 2, 3, device=images.device)
     theta[:, 0, 0] = (w / width) * torch.where(flip, -1.0, 1.0)
     theta[:, 0, 2] = (2 * x0 + w) / width - 1
     theta[:, 1, 1] = h / height
@@ -121,77 +122,16 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int) ->
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _grayscale(images: Tensor) -> Tensor:
-    if images.shape[1] == 1:
-        return images
-    r, g, b = images.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
-
-
-def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    return (factor * images + (1 - factor) * other).clamp(0, 1)
-
-
-def _adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
-    """Rotate hue by ``shift`` (fraction of a turn) through HSV, per sample."""
-    r, g, b = images.unbind(1)
-    maxc, _ = images.max(1)
-    minc, _ = images.min(1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(
-        maxc == r,
-        ((g - b) / safe) % 6,
-        torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4),
-    )
-    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
-    hue = (hue + shift.view(-1, 1, 1)) % 1.0
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), 0.0)
-    # HSV -> RGB: channel k takes v - v*s*clamp(min(t, 4 - t), 0, 1) with t = (k + 6h) mod 6.
-    out = []
-    for k in (5.0, 3.0, 1.0):
-        t = (k + hue * 6) % 6
-        out.append(maxc - maxc * sat * torch.clamp(torch.minimum(t, 4 - t), 0, 1))
-    return torch.stack(out, 1)
-
-
-def color_jitter(images: Tensor, recipe: ViewRecipe, gen: torch.Generator) -> Tensor:
-    """Apply jitter with probability ``jitter_prob``; the four ops run in a per-sample order."""
-    n, channels = images.shape[:2]
-    ops = ["brightness", "contrast"] + (["saturation", "hue"] if channels == 3 else [])
-    apply = torch.rand(n, generator=gen) < recipe.jitter_prob
-    factors = {
-        name: _uniform(n, max(0.0, 1 - getattr(recipe, name)), 1 + getattr(recipe, name), gen)
-        for name in ops[:3]
-    }
-    if "hue" in ops:
-        factors["hue"] = _uniform(n, -recipe.hue, recipe.hue, gen)
-    order = torch.argsort(torch.rand(n, len(ops), generator=gen), dim=1)
-    for position in range(len(ops)):
-        for op_index, name in enumerate(ops):
-            chosen = apply & (order[:, position] == op_index)
-            if not chosen.any():
-                continue
-            x, f = images[chosen], factors[name][chosen].view(-1, 1, 1, 1)
-            if name == "brightness":
-                x = (x * f).clamp(0, 1)
-            elif name == "contrast":
-                x = _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f)
-            elif name == "saturation":
-                x = _blend(x, _grayscale(x), f)
-            else:
-                x = _adjust_hue(x, f.view(-1))
-            images[chosen] = x
-    return images
-
-
 def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     """Separable Gaussian blur with a per-sample sigma, kernel about 10% of the image side."""
     n, channels, height, _ = images.shape
     radius = max(1, int(0.1 * height) // 2)
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(channels, 0)
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    # Tail weights of a narrow kernel underflow to denormals, which make the convolution
+    # several times slower on CPUs; they are far below a uint8 step, so drop them.
+    kernel = torch.where(kernel < 1e-12, 0.0, kernel).repeat_interleave(channels, 0)
     flat = images.reshape(1, n * channels, height, -1)
     flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
     flat = F.conv2d(flat, kernel.view(n * channels, 1, 1, -1), groups=n * channels)
@@ -199,20 +139,72 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     return flat.view_as(images)
 
 
-def random_views(images: Tensor, recipe: ViewRecipe, gen: torch.Generator) -> Tensor:
-    """One random view of each uint8 image in (N, C, H, W); returns uint8 (N, C, size, size)."""
-    n, _, height, width = images.shape
-    x = images.float().div_(255)
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random draw for one view of each image in a batch (CPU tensors)."""
+
+    boxes: Tensor  # (N, 4) crop boxes x0, y0, w, h in source pixels
+    flip: Tensor  # (N,) mirror or not
+    jitter: JitterParams
+    gray: Tensor  # (N,) convert to grayscale or not
+    blur_sigma: Tensor  # (N,) Gaussian sigma, 0 for no blur
+
+    def rows(self, start: int, stop: int) -> ViewParams:
+        return ViewParams(
+            self.boxes[start:stop],
+            self.flip[start:stop],
+            self.jitter.rows(start, stop),
+            self.gray[start:stop],
+            self.blur_sigma[start:stop],
+        )
+
+
+def sample_view_params(
+    n: int, channels: int, height: int, width: int, recipe: ViewRecipe, gen: torch.Generator
+) -> ViewParams:
+    """Draw one view's parameters for each of ``n`` images of the given shape."""
     boxes = sample_crop_boxes(n, height, width, recipe, gen)
     flip = torch.rand(n, generator=gen) < recipe.flip_prob
-    x = resized_crop_flip(x, boxes, flip, recipe.size)
-    x = color_jitter(x, recipe, gen)
-    if x.shape[1] == 3 and recipe.grayscale_prob > 0:
-        gray = torch.rand(n, generator=gen) < recipe.grayscale_prob
-        x = torch.where(gray.view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
-    if recipe.blur_prob > 0:
-        blur = torch.rand(n, generator=gen) < recipe.blur_prob
-        if blur.any():
-            sigma = _uniform(int(blur.sum()), *recipe.blur_sigma, gen)
-            x[blur] = gaussian_blur(x[blur], sigma)
+    jitter = sample_jitter(n, channels, recipe, gen)
+    gray = (torch.rand(n, generator=gen) < recipe.grayscale_prob) & (channels == 3)
+    blur = torch.rand(n, generator=gen) < recipe.blur_prob
+    sigma = torch.where(blur, _uniform(n, *recipe.blur_sigma, gen), 0.0)
+    return ViewParams(boxes, flip, jitter, gray, sigma)
+
+
+def apply_view(images: Tensor, params: ViewParams, size: int) -> Tensor:
+    """Make uint8 (N, C, H, W) images into uint8 (N, C, size, size) views of ``params``."""
+    device = images.device
+    x = images.float().div_(255)
+    x = resized_crop_flip(x, params.boxes.to(device), params.flip.to(device), size)
+    x = apply_jitter(x, params.jitter)
+    gray = params.gray.to(device)
+    if bool(gray.any()):
+        x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+    blurred = params.blur_sigma.nonzero().view(-1)
+    if len(blurred):
+        sigma = params.blur_sigma[blurred].to(device)
+        x[blurred.to(device)] = gaussian_blur(x[blurred.to(device)], sigma)
     return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# Float elements per CPU chunk (4 MiB): a chunk's passes then run out of cache, not memory.
+_CPU_CHUNK_ELEMENTS = 1 << 20
+
+
+def random_views(images: Tensor, recipe: ViewRecipe, gen: torch.Generator) -> Tensor:
+    """One random view of each uint8 image in (N, C, H, W); returns uint8 (N, C, size, size).
+
+    Works on the images' device; ``gen`` is a CPU generator that draws all parameters.
+    """
+    n, channels, height, width = images.shape
+    params = sample_view_params(n, channels, height, width, recipe, gen)
+    pixels = channels * max(height * width, recipe.size**2)
+    chunk = n if images.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // pixels)
+    views = torch.empty(
+        n, channels, recipe.size, recipe.size, dtype=torch.uint8, device=images.device
+    )
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        views[start:stop] = apply_view(images[start:stop], params.rows(start, stop), recipe.size)
+    return views

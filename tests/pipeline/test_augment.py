@@ -9,12 +9,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipeline.augment import (
     ViewRecipe,
-    color_jitter,
     gaussian_blur,
     random_views,
     resized_crop_flip,
     sample_crop_boxes,
 )
+from pipeline.color import adjust_hue, color_jitter
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -86,9 +86,7 @@ def test_hue_matches_torchvision():
     images = torch.rand(6, 3, 5, 5)
     shifts = torch.tensor([-0.4, -0.1, 0.0, 0.05, 0.2, 0.5])
     recipe = ViewRecipe(size=5, jitter_prob=1.0, brightness=0, contrast=0, saturation=0, hue=0.5)
-    from pipeline.augment import _adjust_hue
-
-    ours = _adjust_hue(images, shifts)
+    ours = adjust_hue(images, shifts)
     for i, shift in enumerate(shifts.tolist()):
         torch.testing.assert_close(ours[i], TF.adjust_hue(images[i], shift), atol=1e-4, rtol=0)
     assert recipe.hue == 0.5
