@@ -19,8 +19,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from pipeline.augment import ViewRecipe
 
-# ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
+# ITU-R 601-2 luma as torchvision's rgb_to_grayscale writes it (PIL rounds 0.2989 to 0.299).
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 def grayscale(images: Tensor) -> Tensor:

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms import RandomResizedCrop, v2
 
 from pipeline.augment import (
     ViewRecipe,
@@ -13,8 +12,9 @@ from pipeline.augment import (
     random_views,
     resized_crop_flip,
     sample_crop_boxes,
+    sample_view_params,
 )
-from pipeline.color import adjust_hue, color_jitter
+from pipeline.color import color_jitter
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -82,16 +82,6 @@ def test_flip_rate_matches_probability():
     assert abs(flipped - 0.5) < 0.03
 
 
-def test_hue_matches_torchvision():
-    images = torch.rand(6, 3, 5, 5)
-    shifts = torch.tensor([-0.4, -0.1, 0.0, 0.05, 0.2, 0.5])
-    recipe = ViewRecipe(size=5, jitter_prob=1.0, brightness=0, contrast=0, saturation=0, hue=0.5)
-    ours = adjust_hue(images, shifts)
-    for i, shift in enumerate(shifts.tolist()):
-        torch.testing.assert_close(ours[i], TF.adjust_hue(images[i], shift), atol=1e-4, rtol=0)
-    assert recipe.hue == 0.5
-
-
 def test_brightness_and_contrast_stay_in_range_and_single_channel_keeps_one_channel():
     images = torch.rand(512, 1, 6, 6)
     recipe = ViewRecipe(size=6, jitter_prob=1.0, brightness=0.8, contrast=0.8)
@@ -143,3 +133,81 @@ def test_two_draws_differ_and_seeded_draws_repeat():
     a, b = random_views(images, recipe, _gen(1)), random_views(images, recipe, _gen(2))
     assert not torch.equal(a, b)
     assert torch.equal(a, random_views(images, recipe, _gen(1)))
+
+
+def _ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    values = torch.cat([a, b]).sort().values
+    cdf_a = torch.searchsorted(a.sort().values, values, right=True) / len(a)
+    cdf_b = torch.searchsorted(b.sort().values, values, right=True) / len(b)
+    return (cdf_a - cdf_b).abs().max().item()
+
+
+def _colour_wheel(size: int) -> torch.Tensor:
+    """A uint8 test image with every hue along x and falling brightness along y."""
+    hue = torch.linspace(0, 1, size).view(1, size)
+    value = torch.linspace(1, 0.3, size).view(size, 1)
+    channels = []
+    for k in (5, 3, 1):
+        t = (k + 6 * hue) % 6
+        channels.append(value - value * torch.clamp(torch.minimum(t, 4 - t), 0, 1))
+    return (torch.stack(channels) * 255).round().to(torch.uint8)
+
+
+def test_views_match_the_per_image_torchvision_recipe_in_distribution():
+    """Same image, 3,000 views each way: per-view channel means and contrast agree (KS)."""
+    recipe = ViewRecipe.simclr(24, strength=1.0, blur_prob=0.5)
+    image = _colour_wheel(32)
+    ours = random_views(image.expand(3000, -1, -1, -1), recipe, _gen()).float() / 255
+    torch.manual_seed(0)
+    reference_recipe = v2.Compose(
+        [
+            v2.RandomResizedCrop(24, scale=recipe.crop_scale, ratio=recipe.crop_ratio),
+            v2.RandomHorizontalFlip(recipe.flip_prob),
+            v2.RandomApply(
+                [v2.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)],
+                p=recipe.jitter_prob,
+            ),
+            v2.RandomGrayscale(recipe.grayscale_prob),
+            v2.RandomApply([v2.GaussianBlur(5, recipe.blur_sigma)], p=recipe.blur_prob),
+        ]
+    )
+    reference = torch.stack([reference_recipe(image.float() / 255) for _ in range(3000)])
+    threshold = 1.95 * (2 / 3000) ** 0.5  # two-sample KS at alpha = 0.001
+    for statistic in (
+        lambda v: v.mean(dim=(2, 3)),  # brightness and colour balance, per channel
+        lambda v: v.std(dim=(2, 3)),  # contrast and crop extent
+        lambda v: (v.amax(1) - v.amin(1)).mean(dim=(1, 2)).unsqueeze(1),  # chroma
+    ):
+        for ours_column, reference_column in zip(
+            statistic(ours).T, statistic(reference).T, strict=True
+        ):
+            assert _ks_distance(ours_column, reference_column) < threshold
+
+
+def test_every_sample_in_a_batch_gets_its_own_parameters():
+    recipe = ViewRecipe.simclr(24, blur_prob=0.5)
+    params = sample_view_params(512, 3, 224, 224, recipe, _gen())
+    assert len(params.boxes.unique(dim=0)) > 505  # whole-pixel boxes: a few coincide
+    jittered = (params.jitter.factors != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(1)
+    # Every jittered sample has its own factors; the rest share the identity.
+    assert len(params.jitter.factors.unique(dim=0)) == int(jittered.sum()) + 1
+    views = random_views(_colour_wheel(32).expand(512, -1, -1, -1), recipe, _gen())
+    assert len(views.flatten(1).unique(dim=0)) == 512
+
+
+def test_blur_rate_and_sigma_range():
+    recipe = ViewRecipe(size=8, blur_prob=0.5, blur_sigma=(0.1, 2.0))
+    sigma = sample_view_params(20000, 3, 8, 8, recipe, _gen()).blur_sigma
+    blurred = sigma[sigma > 0]
+    assert abs(len(blurred) / 20000 - 0.5) < 0.015
+    assert blurred.min() >= 0.1 and blurred.max() <= 2.0
+    assert abs(blurred.mean().item() - 1.05) < 0.02
+
+
+def test_chunked_cpu_views_equal_one_pass_views(monkeypatch):
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    recipe = ViewRecipe.simclr(12, blur_prob=0.5)
+    whole = random_views(images, recipe, _gen(3))
+    monkeypatch.setattr("pipeline.augment._CPU_CHUNK_ELEMENTS", 3 * 16 * 16 * 3)
+    torch.testing.assert_close(random_views(images, recipe, _gen(3)), whole, atol=1, rtol=0)
