@@ -10,8 +10,8 @@ the same recipe, and produce two uint8 views per image:
   ``SimCLRTransform`` does.
 
 Images: real Fashion-MNIST shards (28 px grayscale PNG) and 224 px RGB JPEGs made from them
-(upscaled in memory; blur on, as SimCLR uses it for large images). Prints a Markdown table
-of medians over ``--repeats`` runs.
+(upscaled and coloured in memory; blur on, as SimCLR uses it for large images). Prints a
+Markdown table of medians over ``--repeats`` runs.
 
     .venv/bin/python benchmarks/ingest.py
     .venv/bin/python benchmarks/ingest.py --images 1024 --repeats 5
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from pipeline.augment import ViewRecipe
@@ -47,9 +48,14 @@ def fashion_mnist_bytes(count: int) -> list[bytes]:
     return images[:count]
 
 
-def to_large_jpeg(png: bytes, size: int) -> bytes:
+def to_large_jpeg(png: bytes, size: int, rng: random.Random) -> bytes:
+    """Upscale a Fashion-MNIST image and colour it between two random colours, so hue,
+    saturation and grayscale have real colour to work on."""
+    dark, light = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
     with Image.open(io.BytesIO(png)) as img:
-        large = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        large = ImageOps.colorize(img.convert("L"), dark, light).resize(
+            (size, size), Image.Resampling.BICUBIC
+        )
     out = io.BytesIO()
     large.save(out, format="JPEG", quality=90)
     return out.getvalue()
@@ -124,7 +130,8 @@ def main() -> None:
     torch.set_num_threads(1)  # one core for both sides
 
     small = fashion_mnist_bytes(args.images)
-    large = [to_large_jpeg(png, 224) for png in small[: args.large_images]]
+    rng = random.Random(0)
+    large = [to_large_jpeg(png, 224, rng) for png in small[: args.large_images]]
     cases = [
         ("Fashion-MNIST 28 px PNG, 1 ch", small, ImageSpec(28, 1), ViewRecipe.simclr(28)),
         (
