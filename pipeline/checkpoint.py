@@ -84,8 +84,9 @@ RESUME_KEYS = (
 )
 
 
-def check_resumable(run_dir: str | Path, config: Config) -> None:
-    """Raise if ``run_dir`` holds checkpoints of a run that ``config`` cannot continue.
+def check_resumable(run_dir: str | Path, config: Config) -> int:
+    """The epochs ``run_dir``'s checkpoints completed (0 for none); raise if they come from
+    a run that ``config`` cannot continue.
 
     A run resumes by name; reusing a name with another method, model, optimizer, batch size
     or dataset would load state that does not fit (or silently train something else).
@@ -93,8 +94,9 @@ def check_resumable(run_dir: str | Path, config: Config) -> None:
     try:
         checkpoint = latest_checkpoint(run_dir)
     except FileNotFoundError:
-        return
-    saved, wanted = load_checkpoint(checkpoint)["config"], config.to_dict()
+        return 0
+    state = load_checkpoint(checkpoint)
+    saved, wanted = state["config"], config.to_dict()
 
     def lookup(values: dict[str, Any], key: str) -> Any:
         for part in key.split("."):
@@ -112,3 +114,4 @@ def check_resumable(run_dir: str | Path, config: Config) -> None:
             f"setup ({'; '.join(changed)}); pick a new run.name to start afresh, or delete "
             "that directory"
         )
+    return state["epoch"]

@@ -56,6 +56,9 @@ class AugmentConfig:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.0  # SimCLR drops blur for 32 px images; use 0.5 for large images
+    # Draw the views on the training device (GPU) from decoded images, for nodes whose CPUs
+    # cannot keep up; same recipe. False: the Ray Data stage draws them on CPU workers.
+    on_train_device: bool = False
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The Ray Data side: Parquet shards -> decoded images -> random uint8 views, streamed to Train.
 
-The dataset is lazy, so each epoch re-runs decode and augmentation and every view is drawn
+The dataset is lazy, so every pass re-runs decode and augmentation and every view is drawn
 afresh. Views stay uint8 until the training device, where ``normalize`` casts them.
 """
 
@@ -9,15 +9,17 @@ from __future__ import annotations
 import io
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 import torch
 from PIL import Image, ImageOps
-from ray.data.expressions import col
 
 from pipeline.augment import ViewRecipe, random_views
 from pipeline.shards import ShardManifest, load_manifest, read_labels, shard_files
@@ -68,19 +70,53 @@ def decode_batch(ids: np.ndarray, images: np.ndarray, spec: ImageSpec) -> tuple[
     return kept_ids, np.stack(arrays) if arrays else np.zeros(shape, np.uint8)
 
 
+def decoded_batch(batch: dict[str, np.ndarray], spec: ImageSpec) -> dict[str, np.ndarray]:
+    """Ray Data batch function: {id, image bytes} -> {id, image uint8}, for augmentation on
+    the training device."""
+    ids, pixels = decode_batch(batch["id"], batch["image"], spec)
+    return {"id": np.asarray(ids, dtype=object), "image": pixels}
+
+
 def augment_batch(
     batch: dict[str, np.ndarray], spec: ImageSpec, recipe: ViewRecipe, num_views: int
 ) -> dict[str, np.ndarray]:
     """Ray Data batch function: {id, image bytes} -> {id, view_0, view_1, ...} uint8."""
     torch.set_num_threads(1)
-    ids, pixels = decode_batch(batch["id"], batch["image"], spec)
+    decoded = decoded_batch(batch, spec)
     # Fresh OS entropy per batch: views differ across workers and epochs by construction.
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    tensor = torch.from_numpy(pixels)
-    out: dict[str, np.ndarray] = {"id": np.asarray(ids, dtype=object)}
+    pixels = torch.from_numpy(decoded.pop("image"))
     for index in range(num_views):
-        out[f"view_{index}"] = random_views(tensor, recipe, gen).numpy()
-    return out
+        decoded[f"view_{index}"] = random_views(pixels, recipe, gen).numpy()
+    return decoded
+
+
+def views_on_device(
+    batch: dict[str, np.ndarray],
+    num_views: int,
+    device: torch.device,
+    augment: tuple[ViewRecipe, torch.Generator] | None = None,
+) -> list[torch.Tensor]:
+    """The batch's uint8 views on ``device``: shipped by the data stage, or drawn there from
+    the decoded images with ``augment`` = (recipe, CPU generator for the parameters)."""
+    if augment is None:
+        return [
+            torch.from_numpy(batch[f"view_{i}"]).to(device, non_blocking=True)
+            for i in range(num_views)
+        ]
+    recipe, gen = augment
+    images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
+    return [random_views(images, recipe, gen) for _ in range(num_views)]
+
+
+def read_shard_rows(batch: pa.Table, skip_ids: list[str]) -> pa.Table:
+    """Ray Data batch function: {path} -> the {id, image} rows of those shard files."""
+    table = pa.concat_tables(
+        pq.read_table(path, columns=["id", "image"]) for path in batch.column("path").to_pylist()
+    )
+    if skip_ids:
+        table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(skip_ids))))
+    return table
 
 
 def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], list[str]]:
@@ -102,24 +138,45 @@ def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], lis
 def training_dataset(
     shard_dir: str | Path,
     spec: ImageSpec,
-    recipe: ViewRecipe,
+    recipe: ViewRecipe | None,
     *,
     num_views: int = 2,
+    epochs: int = 1,
+    seed: int = 0,
     limit: int | None = None,
     decode_tasks: int = 2,
     batch_size: int = 256,
 ) -> ray.data.Dataset:
-    """Lazy Ray dataset of augmented views for pretraining (labels are never read)."""
+    """Lazy Ray dataset of augmented views for ``epochs`` passes (labels are never read).
+
+    All passes are one stream, each over the shard files in its own seeded order, so the
+    next epoch's decoding overlaps the end of the current one instead of restarting the
+    execution (and its worker processes) at every epoch. With ``recipe=None`` the stage only
+    decodes and the views are drawn on the training device (``views_on_device``).
+    """
     files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
-    # One read task per file: the first views stream out after one file, not the whole set.
-    ds = ray.data.read_parquet(files, override_num_blocks=len(files)).select_columns(
-        ["id", "image"]
+    passes = []
+    for epoch in range(epochs):
+        order = list(files)
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        passes += order
+    # One read task per file and pass, in this order (read_parquet would drop the repeats);
+    # the first views stream out after one file, not the whole set.
+    ds = ray.data.from_items(
+        [{"path": path} for path in passes], override_num_blocks=len(passes)
+    ).map_batches(
+        read_shard_rows,
+        fn_kwargs={"skip_ids": beyond_limit},
+        batch_size=1,
+        batch_format="pyarrow",
     )
-    if beyond_limit:
-        ds = ds.filter(expr=col("id").not_in(beyond_limit))
+    if recipe is None:
+        fn, fn_kwargs = decoded_batch, {"spec": spec}
+    else:
+        fn, fn_kwargs = augment_batch, {"spec": spec, "recipe": recipe, "num_views": num_views}
     return ds.map_batches(
-        augment_batch,
-        fn_kwargs={"spec": spec, "recipe": recipe, "num_views": num_views},
+        fn,
+        fn_kwargs=fn_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=decode_tasks),

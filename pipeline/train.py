@@ -8,6 +8,7 @@ latest checkpoint when a run with the same name and storage path is started agai
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -47,6 +48,7 @@ from pipeline.ingest import (
     normalize,
     read_decoded,
     training_dataset,
+    views_on_device,
 )
 from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
@@ -58,6 +60,13 @@ EDGE_STEPS = 5  # steps averaged for the per-epoch loss_first_steps / loss_last_
 def run_dir(config: Config) -> str:
     """Where Ray Train keeps this run's checkpoints and where TensorBoard events go."""
     return f"{with_absolute_paths(config).run.root.rstrip('/')}/{config.run.name}"
+
+
+def recipe_options(config: Config) -> dict[str, Any]:
+    """The augment section without its placement: ``ViewRecipe.simclr``'s keywords."""
+    options = asdict(config.augment)
+    del options["on_train_device"]
+    return options
 
 
 class ProgressLog:
@@ -177,28 +186,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         monitor = OnlineKNN(config, spec) if config.train.online_knn_bank else None
 
     slots = image_slots(config.data.train, num_images) if method.uses_image_indices else None
-    shard = ray.train.get_dataset_shard("train")
+    augment_here = None
+    if config.augment.on_train_device:
+        # Parameters come from a CPU generator, so a seed gives the same views on any device.
+        gen = torch.Generator().manual_seed(config.run.seed * 1009 + rank * 101 + start_epoch)
+        augment_here = (ViewRecipe.simclr(spec.size, **recipe_options(config)), gen)
+    # One stream for all remaining epochs (see training_dataset); an epoch is a step count.
+    batches = iter(
+        ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=local_batch,
+            drop_last=True,
+            prefetch_batches=config.data.prefetch_batches,
+            batch_format="numpy",
+        )
+    )
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
         first_losses: list[float] = []
         last_losses: list[float] = []
         progress.mark(step)
-        batches = shard.iter_batches(
-            batch_size=local_batch,
-            drop_last=True,
-            prefetch_batches=config.data.prefetch_batches,
-            batch_format="numpy",
-        )
-        for batch in batches:
+        for batch in itertools.islice(batches, steps_per_epoch):
             lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr if group.get("fixed_lr") else lr_now
             views = [
-                normalize(
-                    torch.from_numpy(batch[f"view_{i}"]).to(device, non_blocking=True), mean, std
-                )
-                for i in range(method.num_views)
+                normalize(view, mean, std)
+                for view in views_on_device(batch, method.num_views, device, augment_here)
             ]
             extra = {}
             if slots is not None:
@@ -233,6 +247,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     writer.add_scalar(f"train/{name}", float(value), step)
 
         seconds = time.perf_counter() - epoch_start
+        if epoch_steps < steps_per_epoch and rank == 0:
+            print(
+                f"warning: the data stream ended after {epoch_steps} of {steps_per_epoch} "
+                f"steps in epoch {epoch + 1} (images rejected by the decoder?)",
+                flush=True,
+            )
         metrics = {
             "epoch": epoch + 1,
             "resumed_from_epoch": start_epoch,
@@ -292,7 +312,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     ):
         validate_shards(Path(shard_dir))  # a bad shard fails here, not an hour into training
     directory = run_dir(config)
-    check_resumable(directory, config)
+    completed_epochs = check_resumable(directory, config)
     init_ray()
     manifest = load_manifest(Path(config.data.train))
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
@@ -305,12 +325,14 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             "lower train.batch_size or use more images"
         )
     mean, std = channel_stats(read_decoded(config.data.train, spec, limit=2048).pixels)
-    recipe = ViewRecipe.simclr(spec.size, **asdict(config.augment))
+    on_device = config.augment.on_train_device
     dataset = training_dataset(
         config.data.train,
         spec,
-        recipe,
+        None if on_device else ViewRecipe.simclr(spec.size, **recipe_options(config)),
         num_views=METHODS[config.method_name].num_views,
+        epochs=max(config.train.epochs - completed_epochs, 1),
+        seed=config.run.seed + completed_epochs,
         limit=config.data.limit,
         decode_tasks=config.data.decode_tasks,
         batch_size=batch // world,

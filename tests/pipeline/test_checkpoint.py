@@ -42,13 +42,15 @@ def _with(config: Config, section: str, **values) -> Config:
 
 def test_a_run_resumes_only_with_the_setup_that_wrote_it(tmp_path):
     config = from_dict({"run": {"name": "r"}, "method": {"name": "simclr"}})
-    check_resumable(tmp_path, config)  # no checkpoints yet: anything goes
+    assert check_resumable(tmp_path, config) == 0  # no checkpoints yet: anything goes
     (tmp_path / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
     save_checkpoint(
-        tmp_path / "checkpoint_2026-01-01_00-00-00.000000", {"config": config.to_dict()}
+        tmp_path / "checkpoint_2026-01-01_00-00-00.000000",
+        {"config": config.to_dict(), "epoch": 3},
     )
 
-    check_resumable(tmp_path, _with(config, "train", epochs=50, base_lr=0.1))  # may go on
+    # May go on, from the 3 epochs done.
+    assert check_resumable(tmp_path, _with(config, "train", epochs=50, base_lr=0.1)) == 3
     with pytest.raises(ValueError, match=r"train.optimizer: 'lars' -> 'sgd'.*new run.name"):
         check_resumable(tmp_path, _with(config, "train", optimizer="sgd"))
     with pytest.raises(ValueError, match=r"method: .*'simclr'.*'byol'"):

@@ -1,62 +1,109 @@
-"""Ray Data ingest: exact delivery per epoch across workers, fresh views every epoch."""
+"""Ray Data ingest: exact delivery per pass across workers, fresh views every pass."""
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.data
 import ray.train
+import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.augment import ViewRecipe
-from pipeline.ingest import ImageSpec, augment_batch, decode_image, read_decoded, training_dataset
+from pipeline.ingest import (
+    ImageSpec,
+    augment_batch,
+    decode_image,
+    read_decoded,
+    training_dataset,
+    views_on_device,
+)
 from pipeline.shards import load_manifest
 
 
-def _record_epochs(config: dict) -> None:
-    """Iterate the shard twice; write every id and a digest of both views per epoch."""
+def _record_stream(config: dict) -> None:
+    """Iterate the shard's one stream; write each row's id and digests of its two views."""
     rank = ray.train.get_context().get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(2):
-        seen = {}
-        for batch in shard.iter_batches(batch_size=64, batch_format="numpy"):
-            for image_id, a, b in zip(batch["id"], batch["view_0"], batch["view_1"], strict=True):
-                digests = [hashlib.sha1(view.tobytes()).hexdigest() for view in (a, b)]
-                seen[str(image_id)] = [*digests, bool((a != b).any())]
-        Path(config["out"], f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(seen))
-        ray.train.report({"epoch": epoch})
+    rows = []
+    for batch in ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=64, batch_format="numpy"
+    ):
+        for image_id, a, b in zip(batch["id"], batch["view_0"], batch["view_1"], strict=True):
+            digests = [hashlib.sha1(view.tobytes()).hexdigest() for view in (a, b)]
+            rows.append([str(image_id), *digests])
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(rows))
+    ray.train.report({"rows": len(rows)})
 
 
 @pytest.mark.slow
-def test_each_id_once_per_epoch_and_views_change(ray_session, fmnist_small, tmp_path):
+def test_each_id_once_per_pass_and_views_change(ray_session, fmnist_small, tmp_path):
     spec = ImageSpec.from_manifest(load_manifest(fmnist_small["train"]), None)
-    limit = 1000
+    limit, passes = 1000, 3
     ds = training_dataset(
-        fmnist_small["train"], spec, ViewRecipe.simclr(spec.size), limit=limit, batch_size=128
+        fmnist_small["train"],
+        spec,
+        ViewRecipe.simclr(spec.size),
+        epochs=passes,
+        limit=limit,
+        batch_size=128,
     )
     TorchTrainer(
-        _record_epochs,
+        _record_stream,
         train_loop_config={"out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="ingest", storage_path=str(tmp_path / "runs")),
         datasets={"train": ds},
     ).fit()
-    epochs = []
-    for epoch in range(2):
-        ranks = [
-            json.loads((tmp_path / f"rank{r}_epoch{epoch}.json").read_text()) for r in range(2)
-        ]
-        assert not set(ranks[0]) & set(ranks[1]), "an id reached both workers"
-        both = ranks[0] | ranks[1]
-        # streaming_split(equal=True) gives both workers the same count; 1000 splits evenly.
-        assert len(ranks[0]) == len(ranks[1]) == limit // 2
-        assert set(both) == set(read_decoded(fmnist_small["train"], spec, limit).ids)
-        assert all(differ for _, _, differ in both.values()), "the two views of an image match"
-        epochs.append(both)
-    changed = sum(epochs[0][i][0] != epochs[1][i][0] for i in epochs[0])
-    assert changed == limit, "views were not re-drawn in the second epoch"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # streaming_split(equal=True) gives both workers the same count; 3 x 1000 splits evenly.
+    assert len(ranks[0]) == len(ranks[1]) == passes * limit // 2
+    rows = ranks[0] + ranks[1]
+    counts = Counter(image_id for image_id, _, _ in rows)
+    assert set(counts) == set(read_decoded(fmnist_small["train"], spec, limit).ids)
+    assert set(counts.values()) == {passes}, "an image was seen more or less than once a pass"
+    assert all(a != b for _, a, b in rows), "the two views of an image match"
+    distinct = {image_id: set() for image_id in counts}
+    for image_id, a, _ in rows:
+        distinct[image_id].add(a)
+    assert all(len(views) == passes for views in distinct.values()), "views were not re-drawn"
+
+
+def test_passes_visit_the_shard_files_in_seeded_orders(monkeypatch, fmnist_small):
+    read: list[list[str]] = []
+    real_from_items = ray.data.from_items
+
+    def recording_from_items(items, **kwargs):
+        read.append([item["path"] for item in items])
+        return real_from_items(items, **kwargs)
+
+    monkeypatch.setattr(ray.data, "from_items", recording_from_items)
+    spec = ImageSpec(size=28, channels=1)
+    for seed in (0, 0, 1):
+        training_dataset(fmnist_small["train"], spec, None, epochs=4, seed=seed)
+    files = sorted(read[0][:4])
+    assert len(files) == 4 and all(sorted(read[0][i : i + 4]) == files for i in (4, 8, 12))
+    assert len({tuple(read[0][i : i + 4]) for i in (0, 4, 8, 12)}) > 1, "every pass same order"
+    assert read[0] == read[1] and read[0] != read[2]
+
+
+def test_decode_only_stream_feeds_views_drawn_on_the_device(ray_session, fmnist_small):
+    spec = ImageSpec(size=28, channels=1)
+    ds = training_dataset(fmnist_small["train"], spec, None, limit=300, batch_size=100)
+    batch = next(iter(ds.iter_batches(batch_size=300, batch_format="numpy")))
+    assert set(batch) == {"id", "image"} and batch["image"].dtype == np.uint8
+    decoded = read_decoded(fmnist_small["train"], spec, 300)
+    by_id = dict(zip(decoded.ids, decoded.pixels, strict=True))
+    for image_id, pixels in zip(batch["id"], batch["image"], strict=True):
+        np.testing.assert_array_equal(pixels, by_id[image_id])
+    gen = torch.Generator().manual_seed(0)
+    recipe = ViewRecipe.simclr(24)
+    views = views_on_device(batch, 2, torch.device("cpu"), (recipe, gen))
+    assert [v.shape for v in views] == [(300, 1, 24, 24)] * 2
+    assert views[0].dtype == torch.uint8 and not torch.equal(views[0], views[1])
 
 
 def test_augment_batch_drops_and_logs_undecodable_rows(fmnist_small, caplog):

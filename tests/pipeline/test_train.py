@@ -8,7 +8,7 @@ from pipeline.evaluate import evaluate_checkpoint
 from pipeline.train import pretrain, run_dir
 
 
-def _config(fmnist_small, tmp_path, epochs: int):
+def _config(fmnist_small, tmp_path, epochs: int, *extra: str):
     return load_config(
         None,
         [
@@ -24,6 +24,7 @@ def _config(fmnist_small, tmp_path, epochs: int):
             "train.log_every_steps=4",
             "train.online_knn_bank=500",
             "train.online_knn_queries=200",
+            *extra,
         ],
     )
 
@@ -48,6 +49,17 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     assert [r.name.split()[0] for r in rows] == ["SSL", "raw", "random-init"]
     for row in rows:
         assert 0.1 < row.top1 <= row.top5 <= 1.0  # well above 10-class chance
+
+
+@pytest.mark.slow
+def test_views_drawn_on_the_training_device(ray_session, fmnist_small, tmp_path):
+    config = _config(
+        fmnist_small, tmp_path, 1, "augment.on_train_device=true", "train.online_knn_bank=0"
+    )
+    result = pretrain(config)
+    steps_per_epoch = (2048 // 2) // 64
+    assert result.metrics["step"] == steps_per_epoch
+    assert result.metrics["loss_last_steps"] < result.metrics["loss_first_steps"]
 
 
 def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
