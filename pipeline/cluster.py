@@ -22,6 +22,9 @@ def init_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
+        # A laptop cluster is never preempted; skipping Train's watcher saves a process
+        # start (about 1 s of the time to the first step on 2 cores).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         cores = os.cpu_count() or 1
         ray.init(
             num_cpus=num_cpus or max(4, 2 * cores),

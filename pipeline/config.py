@@ -43,6 +43,9 @@ class DataConfig:
     image_size: int | None = None  # None: the shards' own (uniform) size
     decode_tasks: int = 2  # parallel decode + augment tasks in the Ray Data stage
     prefetch_batches: int = 2
+    # Train on one fixed batch of random views from memory, no data path at all: the speed
+    # ceiling that benchmarks/training.py compares the real pipeline against.
+    synthetic: bool = False
 
 
 @dataclass

@@ -119,6 +119,14 @@ def read_shard_rows(batch: pa.Table, skip_ids: list[str]) -> pa.Table:
     return table
 
 
+def synthetic_batch(ids: list, spec: ImageSpec, num_views: int) -> dict[str, np.ndarray]:
+    """A fixed batch of random uint8 views: the data path's speed ceiling, for benchmarks."""
+    rng = np.random.default_rng(0)
+    shape = (len(ids), spec.channels, spec.size, spec.size)
+    batch = {f"view_{i}": rng.integers(0, 256, shape, dtype=np.uint8) for i in range(num_views)}
+    return {"id": np.asarray(ids, dtype=object), **batch}
+
+
 def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], list[str]]:
     """The shard files holding the first ``limit`` rows, and the ids past the limit in the
     last of them. Ray's own ``limit`` keeps whichever rows arrive first, which would change

@@ -47,6 +47,7 @@ from pipeline.ingest import (
     image_slots,
     normalize,
     read_decoded,
+    synthetic_batch,
     training_dataset,
     views_on_device,
 )
@@ -187,19 +188,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     slots = image_slots(config.data.train, num_images) if method.uses_image_indices else None
     augment_here = None
-    if config.augment.on_train_device:
-        # Parameters come from a CPU generator, so a seed gives the same views on any device.
-        gen = torch.Generator().manual_seed(config.run.seed * 1009 + rank * 101 + start_epoch)
-        augment_here = (ViewRecipe.simclr(spec.size, **recipe_options(config)), gen)
-    # One stream for all remaining epochs (see training_dataset); an epoch is a step count.
-    batches = iter(
-        ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=local_batch,
-            drop_last=True,
-            prefetch_batches=config.data.prefetch_batches,
-            batch_format="numpy",
+    if config.data.synthetic:
+        ids = list(slots or range(num_images))[:local_batch]
+        batches = itertools.repeat(synthetic_batch(ids, spec, method.num_views))
+    else:
+        # One stream for all remaining epochs (see training_dataset); an epoch is a step count.
+        batches = iter(
+            ray.train.get_dataset_shard("train").iter_batches(
+                batch_size=local_batch,
+                drop_last=True,
+                prefetch_batches=config.data.prefetch_batches,
+                batch_format="numpy",
+            )
         )
-    )
+        if config.augment.on_train_device:
+            # Parameters come from a CPU generator: a seed gives the same views on any device.
+            gen = torch.Generator().manual_seed(config.run.seed * 1009 + rank * 101 + start_epoch)
+            augment_here = (ViewRecipe.simclr(spec.size, **recipe_options(config)), gen)
+    seconds_to_first_step = None
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
@@ -226,6 +232,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += 1
             epoch_steps += 1
             loss = output.loss.item()
+            if seconds_to_first_step is None:
+                seconds_to_first_step = time.time() - loop_config["started_at"]
+                if rank == 0:
+                    print(f"first step done {seconds_to_first_step:.1f} s after start", flush=True)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss} at step {step}; the last good checkpoint is kept. "
@@ -263,6 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "loss_last_steps": sum(last_losses) / max(len(last_losses), 1),
             "images_per_s": epoch_steps * config.train.batch_size / max(seconds, 1e-9),
             "epoch_seconds": seconds,
+            "seconds_to_first_step": seconds_to_first_step,
         }
         if rank != 0:
             ray.train.report(metrics)
@@ -306,6 +317,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     Joins the running Ray instance, or the cluster in ``RAY_ADDRESS``, or starts a local one.
     ``callbacks`` see every report (a sweep forwards rank 0's metrics to Tune with one).
     """
+    started_at = time.time()
     config = with_absolute_paths(config)
     for shard_dir in dict.fromkeys(
         [config.data.train, config.data.eval_train, config.data.eval_test]
@@ -325,18 +337,20 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             "lower train.batch_size or use more images"
         )
     mean, std = channel_stats(read_decoded(config.data.train, spec, limit=2048).pixels)
-    on_device = config.augment.on_train_device
-    dataset = training_dataset(
-        config.data.train,
-        spec,
-        None if on_device else ViewRecipe.simclr(spec.size, **recipe_options(config)),
-        num_views=METHODS[config.method_name].num_views,
-        epochs=max(config.train.epochs - completed_epochs, 1),
-        seed=config.run.seed + completed_epochs,
-        limit=config.data.limit,
-        decode_tasks=config.data.decode_tasks,
-        batch_size=batch // world,
-    )
+    datasets = {}
+    if not config.data.synthetic:
+        on_device = config.augment.on_train_device
+        datasets["train"] = training_dataset(
+            config.data.train,
+            spec,
+            None if on_device else ViewRecipe.simclr(spec.size, **recipe_options(config)),
+            num_views=METHODS[config.method_name].num_views,
+            epochs=max(config.train.epochs - completed_epochs, 1),
+            seed=config.run.seed + completed_epochs,
+            limit=config.data.limit,
+            decode_tasks=config.data.decode_tasks,
+            batch_size=batch // world,
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -347,6 +361,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             "steps_per_epoch": steps_per_epoch,
             "num_images": rows,
             "tensorboard_dir": f"{directory}/tensorboard",
+            "started_at": started_at,
         },
         scaling_config=ScalingConfig(
             num_workers=world,
@@ -365,6 +380,6 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=list(callbacks),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     return trainer.fit()
