@@ -4,7 +4,8 @@ For each backbone and worker count, the same SimCLR run is made twice through th
 trainer (Ray Train, DDP, the demo preset's batch and optimiser):
 
 - pipeline: views streamed from the Fashion-MNIST shards by Ray Data (decode + augment on
-  CPU workers, overlapped with training);
+  CPU workers, overlapped with training), and with ``augment.on_train_device`` (Ray Data
+  decodes, the training worker draws the views on its device);
 - ceiling: ``data.synthetic=true``, one fixed batch of random views from memory, so no data
   work at all; same model, batch, workers and step.
 
@@ -26,6 +27,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,8 @@ from pipeline.cli import DEMO_CONFIG
 from pipeline.cluster import init_ray
 from pipeline.config import load_config
 from pipeline.train import pretrain
+
+VIEWS = {"cpu": "Ray Data (CPU)", "device": "train device"}
 
 
 def _descendants(root: int) -> list[int]:
@@ -101,9 +105,11 @@ class EpochRates(UserCallback):
 
 
 def throughput(
-    backbone: str, width: float, workers: int, synthetic: bool, args: argparse.Namespace
+    backbone: str, width: float, workers: int, views: str, args: argparse.Namespace
 ) -> tuple[float, MemorySampler]:
-    name = f"bench-train-{backbone}-{workers}w-{'ceiling' if synthetic else 'pipeline'}"
+    """Median images/s over epochs 2+ and the memory peaks of one run; ``views`` is
+    "ceiling" (synthetic batch), "cpu" (Ray Data draws them) or "device" (the trainer)."""
+    name = f"bench-train-{backbone}-{workers}w-{views}"
     shutil.rmtree(args.root / name, ignore_errors=True)
     config = load_config(
         DEMO_CONFIG,
@@ -115,7 +121,8 @@ def throughput(
             f"train.num_workers={workers}",
             f"train.epochs={args.epochs}",
             f"data.limit={args.limit}",
-            f"data.synthetic={str(synthetic).lower()}",
+            f"data.synthetic={str(views == 'ceiling').lower()}",
+            f"augment.on_train_device={str(views == 'device').lower()}",
             "train.online_knn_bank=0",
             "train.log_every_steps=1000000",
         ],
@@ -145,7 +152,9 @@ def seconds_to_first_step(root: Path) -> float:
         for line in process.stdout:
             if "first step done" in line:
                 elapsed = time.perf_counter() - started
-                process.kill()
+                # Ctrl-C, so the command shuts its Ray cluster down before the next run.
+                process.send_signal(signal.SIGINT)
+                process.communicate(timeout=120)
                 return elapsed
     raise RuntimeError(f"{' '.join(command)} never reported its first step")
 
@@ -161,6 +170,13 @@ def main() -> None:
         help="BACKBONE:WIDTH pairs",
     )
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument(
+        "--views",
+        nargs="+",
+        choices=sorted(VIEWS),
+        default=["cpu", "device"],
+        help="where the pipeline runs draw views: Ray Data CPU tasks or the training device",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=10000, help="training images per epoch")
     parser.add_argument("--first-step-runs", type=int, default=3)
@@ -169,32 +185,35 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
 
     first_steps = [seconds_to_first_step(args.root) for _ in range(args.first_step_runs)]
-    print("| demo command | median s to first step | runs |")
-    print("|---|---|---|")
-    runs = ", ".join(f"{s:.1f}" for s in first_steps)
-    print(
-        f"| `python -m pipeline pretrain --config {DEMO_CONFIG.name}` "
-        f"| {statistics.median(first_steps):.1f} | {runs} |\n",
-        flush=True,
-    )
+    if first_steps:
+        print("| demo command | median s to first step | runs |")
+        print("|---|---|---|")
+        runs = ", ".join(f"{s:.1f}" for s in first_steps)
+        print(
+            f"| `python -m pipeline pretrain --config {DEMO_CONFIG.name}` "
+            f"| {statistics.median(first_steps):.1f} | {runs} |\n",
+            flush=True,
+        )
 
     init_ray()  # one local cluster for every run below
     print(
-        "| backbone | workers | ceiling img/s | pipeline img/s | pipeline / ceiling "
-        "| peak RSS, all processes | largest process | peak object store |"
+        "| backbone | workers | views drawn by | ceiling img/s | pipeline img/s "
+        "| pipeline / ceiling | peak RSS, all processes | largest process | peak object store |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for pair in args.backbones:
         backbone, width = pair.split(":")
         for workers in args.workers:
-            ceiling, _ = throughput(backbone, float(width), workers, True, args)
-            rate, memory = throughput(backbone, float(width), workers, False, args)
-            print(
-                f"| {backbone} w{width} | {workers} | {ceiling:,.0f} | {rate:,.0f} "
-                f"| {rate / ceiling:.2f} | {memory.total / 2**30:.2f} GiB "
-                f"| {memory.largest / 2**30:.2f} GiB | {memory.object_store / 2**20:.0f} MiB |",
-                flush=True,
-            )
+            ceiling, _ = throughput(backbone, float(width), workers, "ceiling", args)
+            for views in args.views:
+                rate, memory = throughput(backbone, float(width), workers, views, args)
+                print(
+                    f"| {backbone} w{width} | {workers} | {VIEWS[views]} | {ceiling:,.0f} "
+                    f"| {rate:,.0f} | {rate / ceiling:.2f} | {memory.total / 2**30:.2f} GiB "
+                    f"| {memory.largest / 2**30:.2f} GiB "
+                    f"| {memory.object_store / 2**20:.0f} MiB |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
