@@ -19,6 +19,10 @@ Prints one Markdown table per measurement.
 
     .venv/bin/python benchmarks/training.py
     .venv/bin/python benchmarks/training.py --backbones small_cnn:0.5 --workers 2 --epochs 2
+    # GPU node, ResNet-50 at 224 px (Fashion-MNIST upscaled by the decoder), bf16 autocast:
+    .venv/bin/python benchmarks/training.py --backbones resnet50:1 --workers 1 \
+        --first-step-runs 0 --set train.use_gpu=true --set data.image_size=224 \
+        --set model.small_images=false --set train.batch_size=128
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ def throughput(
             f"augment.on_train_device={str(views == 'device').lower()}",
             "train.online_knn_bank=0",
             "train.log_every_steps=1000000",
+            *args.set,
         ],
     )
     rates_file = args.root / f"{name}.rates"
@@ -180,6 +185,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=10000, help="training images per epoch")
     parser.add_argument("--first-step-runs", type=int, default=3)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every throughput run, e.g. on a GPU node: --set "
+        "train.use_gpu=true --set data.image_size=224 --set model.small_images=false",
+    )
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks").absolute())
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def test_each_id_once_per_pass_and_views_change(ray_session, fmnist_small, tmp_p
     assert all(len(views) == passes for views in distinct.values()), "views were not re-drawn"
 
 
-def test_passes_visit_the_shard_files_in_seeded_orders(monkeypatch, fmnist_small):
+def test_passes_visit_the_shard_files_in_seeded_orders(ray_session, monkeypatch, fmnist_small):
     read: list[list[str]] = []
     real_from_items = ray.data.from_items
 
