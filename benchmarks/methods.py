@@ -35,8 +35,10 @@ RECIPES: dict[str, dict[str, dict[str, object]]] = {
 }
 
 
-def run(method: str, epochs: int, limit: int, root: Path) -> dict[str, object]:
-    values = load_config(DEMO_CONFIG).to_dict()
+def run(
+    method: str, epochs: int, limit: int, root: Path, overrides: list[str]
+) -> dict[str, object]:
+    values = load_config(DEMO_CONFIG, overrides).to_dict()
     shutil.rmtree(root / f"bench-{method}", ignore_errors=True)  # measure afresh, never resume
     recipe = RECIPES.get(method, {})
     values["method"] = {"name": method, **recipe.get("method", {})}
@@ -60,6 +62,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of a two-view method")
     parser.add_argument("--limit", type=int, default=20000, help="training images per epoch")
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the demo preset for every method, e.g. on one GPU: "
+        "--set train.use_gpu=true --set train.num_workers=1",
+    )
     args = parser.parse_args()
 
     print(
@@ -68,7 +78,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for method in args.methods:
-        r = run(method, args.epochs, args.limit, args.root)
+        r = run(method, args.epochs, args.limit, args.root, args.set)
         ssl, floor = r["SSL"], r["random-init"]
         collapsed = ssl.spread < COLLAPSE_SPREAD
         top1 = "COLLAPSED" if collapsed else f"{ssl.top1:.4f}"
