@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 from PIL import Image, ImageOps
+from ray.actor import ActorHandle
 
 from pipeline.augment import ViewRecipe, random_views
 from pipeline.shards import ShardManifest, load_manifest, read_labels, shard_files
@@ -47,42 +49,79 @@ class ImageSpec:
 
 
 def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
-    """Decode PNG/JPEG bytes to (channels, size, size) uint8; resize + centre-crop if needed."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        img = img.convert("L" if spec.channels == 1 else "RGB")
+    """Decode image bytes to (channels, size, size) uint8; resize + centre-crop if needed.
+
+    Any mode is accepted (grey, RGBA, CMYK, palette, 16-bit); an image over Pillow's
+    decompression-bomb limit raises instead of being decoded.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("L" if spec.channels == 1 else "RGB", (spec.size, spec.size))
+            img.load()
+            if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits, not a clip
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+            img = img.convert("L" if spec.channels == 1 else "RGB")
     if img.size != (spec.size, spec.size):
         img = ImageOps.fit(img, (spec.size, spec.size), Image.Resampling.BICUBIC)
     array = np.asarray(img, dtype=np.uint8)
     return array[None] if spec.channels == 1 else array.transpose(2, 0, 1)
 
 
-def decode_batch(ids: np.ndarray, images: np.ndarray, spec: ImageSpec) -> tuple[list, np.ndarray]:
-    """Decode a batch; undecodable rows are dropped and logged with their id and reason."""
-    kept_ids, arrays = [], []
-    for image_id, data in zip(ids, images, strict=True):
+@dataclass
+class DecodedBatch:
+    """A decoded batch: kept rows' positions and pixels, and the rejected rows' reasons."""
+
+    kept: list[int]
+    pixels: np.ndarray
+    rejects: dict[int, str]
+
+
+def decode_batch(images: np.ndarray, spec: ImageSpec) -> DecodedBatch:
+    """Decode a batch; an undecodable row is rejected with its reason, not raised."""
+    kept, arrays, rejects = [], [], {}
+    for position, data in enumerate(images):
         try:
             arrays.append(decode_image(data, spec))
-            kept_ids.append(image_id)
+            kept.append(position)
         except Exception as err:  # noqa: BLE001 - any decoder failure rejects just this row
-            log.warning("rejected image %s: %s: %s", image_id, type(err).__name__, err)
+            rejects[position] = f"{type(err).__name__}: {err}"
     shape = (0, spec.channels, spec.size, spec.size)
-    return kept_ids, np.stack(arrays) if arrays else np.zeros(shape, np.uint8)
+    return DecodedBatch(kept, np.stack(arrays) if arrays else np.zeros(shape, np.uint8), rejects)
 
 
-def decoded_batch(batch: dict[str, np.ndarray], spec: ImageSpec) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {id, image bytes} -> {id, image uint8}, for augmentation on
-    the training device."""
-    ids, pixels = decode_batch(batch["id"], batch["image"], spec)
-    return {"id": np.asarray(ids, dtype=object), "image": pixels}
+def decoded_batch(
+    batch: dict[str, np.ndarray], spec: ImageSpec, ledger: ActorHandle | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data batch function: {id, image bytes, epoch} -> {id, image uint8}.
+
+    Rejected rows are logged and, with a ``ledger``, counted per epoch with id and reason.
+    """
+    decoded = decode_batch(batch["image"], spec)
+    ids = batch["id"]
+    for position, reason in decoded.rejects.items():
+        log.warning("rejected image %s: %s", ids[position], reason)
+    if ledger is not None:
+        epochs = batch["epoch"]
+        for epoch in np.unique(epochs).tolist():
+            ledger.record.remote(
+                epoch,
+                int((epochs[decoded.kept] == epoch).sum()),
+                [(str(ids[p]), r) for p, r in decoded.rejects.items() if epochs[p] == epoch],
+            )
+    return {"id": np.asarray(ids[decoded.kept], dtype=object), "image": decoded.pixels}
 
 
 def augment_batch(
-    batch: dict[str, np.ndarray], spec: ImageSpec, recipe: ViewRecipe, num_views: int
+    batch: dict[str, np.ndarray],
+    spec: ImageSpec,
+    recipe: ViewRecipe,
+    num_views: int,
+    ledger: ActorHandle | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {id, image bytes} -> {id, view_0, view_1, ...} uint8."""
+    """Ray Data batch function: {id, image bytes, epoch} -> {id, view_0, view_1, ...} uint8."""
     torch.set_num_threads(1)
-    decoded = decoded_batch(batch, spec)
+    decoded = decoded_batch(batch, spec, ledger)
     # Fresh OS entropy per batch: views differ across workers and epochs by construction.
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     pixels = torch.from_numpy(decoded.pop("image"))
@@ -110,10 +149,12 @@ def views_on_device(
 
 
 def read_shard_rows(batch: pa.Table, skip_ids: list[str]) -> pa.Table:
-    """Ray Data batch function: {path} -> the {id, image} rows of those shard files."""
-    table = pa.concat_tables(
-        pq.read_table(path, columns=["id", "image"]) for path in batch.column("path").to_pylist()
-    )
+    """Ray Data batch function: {path, epoch} -> the {id, image, epoch} rows of those files."""
+    tables = []
+    for path, epoch in zip(batch["path"].to_pylist(), batch["epoch"].to_pylist(), strict=True):
+        table = pq.read_table(path, columns=["id", "image"])
+        tables.append(table.append_column("epoch", pa.array([epoch] * len(table), pa.int32())))
+    table = pa.concat_tables(tables)
     if skip_ids:
         table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(skip_ids))))
     return table
@@ -150,38 +191,43 @@ def training_dataset(
     *,
     num_views: int = 2,
     epochs: int = 1,
+    first_epoch: int = 0,
     seed: int = 0,
     limit: int | None = None,
     decode_tasks: int = 2,
     batch_size: int = 256,
+    ledger: ActorHandle | None = None,
 ) -> ray.data.Dataset:
     """Lazy Ray dataset of augmented views for ``epochs`` passes (labels are never read).
 
     All passes are one stream, each over the shard files in its own seeded order, so the
     next epoch's decoding overlaps the end of the current one instead of restarting the
-    execution (and its worker processes) at every epoch. With ``recipe=None`` the stage only
-    decodes and the views are drawn on the training device (``views_on_device``).
+    execution (and its worker processes) at every epoch. Passes are numbered from
+    ``first_epoch`` + 1 (a resumed run continues the numbering and the orders); a ``ledger``
+    (pipeline.ledger) counts each one's delivered and rejected rows. With ``recipe=None``
+    the stage only decodes and the views are drawn on the training device
+    (``views_on_device``).
     """
     files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
     passes = []
-    for epoch in range(epochs):
+    for epoch in range(first_epoch + 1, first_epoch + epochs + 1):
         order = list(files)
         random.Random(seed * 100_003 + epoch).shuffle(order)
-        passes += order
+        passes += [{"path": path, "epoch": epoch} for path in order]
     # One read task per file and pass, in this order (read_parquet would drop the repeats);
     # the first views stream out after one file, not the whole set.
-    ds = ray.data.from_items(
-        [{"path": path} for path in passes], override_num_blocks=len(passes)
-    ).map_batches(
+    ds = ray.data.from_items(passes, override_num_blocks=len(passes)).map_batches(
         read_shard_rows,
         fn_kwargs={"skip_ids": beyond_limit},
         batch_size=1,
         batch_format="pyarrow",
     )
+    fn_kwargs: dict[str, object] = {"spec": spec, "ledger": ledger}
     if recipe is None:
-        fn, fn_kwargs = decoded_batch, {"spec": spec}
+        fn = decoded_batch
     else:
-        fn, fn_kwargs = augment_batch, {"spec": spec, "recipe": recipe, "num_views": num_views}
+        fn = augment_batch
+        fn_kwargs |= {"recipe": recipe, "num_views": num_views}
     return ds.map_batches(
         fn,
         fn_kwargs=fn_kwargs,
@@ -236,15 +282,13 @@ def read_decoded(shard_dir: str | Path, spec: ImageSpec, limit: int | None = Non
         if limit is not None:
             table = table.slice(0, limit - len(ids))
         row_ids = table.column("id").to_pylist()
-        label_of = dict(zip(row_ids, table.column("label").fill_null(-1).to_pylist(), strict=True))
-        kept, batch_pixels = decode_batch(
-            np.asarray(row_ids, dtype=object),
-            np.asarray(table.column("image").to_pylist(), dtype=object),
-            spec,
-        )
-        ids.extend(kept)
-        pixels.append(batch_pixels)
-        labels.append(np.asarray([label_of[i] for i in kept], dtype=np.int64))
+        row_labels = table.column("label").fill_null(-1).to_numpy()
+        decoded = decode_batch(np.asarray(table.column("image").to_pylist(), dtype=object), spec)
+        for position, reason in decoded.rejects.items():
+            log.warning("rejected image %s: %s", row_ids[position], reason)
+        ids.extend(row_ids[p] for p in decoded.kept)
+        pixels.append(decoded.pixels)
+        labels.append(row_labels[decoded.kept].astype(np.int64))
         if limit is not None and len(ids) >= limit:
             break
     return DecodedImages(ids, np.concatenate(pixels), np.concatenate(labels))

@@ -51,6 +51,7 @@ from pipeline.ingest import (
     training_dataset,
     views_on_device,
 )
+from pipeline.ledger import IngestLedger, summary_line, write_report
 from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
 from ssl_models.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -279,6 +280,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             continue
+        ledger = loop_config["ledger"]
+        if ledger is not None:
+            data_report = ray.get(ledger.report.remote())
+            if epoch + 1 in data_report:
+                print(summary_line(epoch + 1, data_report[epoch + 1]), flush=True)
+            write_report(loop_config["run_dir"], data_report)
         if config.train.online_knn_bank:
             # Built at the first epoch's end, not before the first step: decoding its
             # images would only delay the start.
@@ -341,19 +348,22 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             "lower train.batch_size or use more images"
         )
     mean, std = channel_stats(read_decoded(config.data.train, spec, limit=2048).pixels)
-    datasets = {}
+    datasets, ledger = {}, None
     if not config.data.synthetic:
         on_device = config.augment.on_train_device
+        ledger = IngestLedger.remote(rows)
         datasets["train"] = training_dataset(
             config.data.train,
             spec,
             None if on_device else ViewRecipe.simclr(spec.size, **recipe_options(config)),
             num_views=METHODS[config.method_name].num_views,
             epochs=max(config.train.epochs - completed_epochs, 1),
-            seed=config.run.seed + completed_epochs,
+            first_epoch=completed_epochs,
+            seed=config.run.seed,
             limit=config.data.limit,
             decode_tasks=config.data.decode_tasks,
             batch_size=batch // world,
+            ledger=ledger,
         )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -366,6 +376,8 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             "num_images": rows,
             "tensorboard_dir": f"{directory}/tensorboard",
             "started_at": started_at,
+            "run_dir": directory,
+            "ledger": ledger,
         },
         scaling_config=ScalingConfig(
             num_workers=world,
@@ -386,4 +398,9 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if ledger is not None:  # the final tally, including a last pass cut short
+            write_report(directory, ray.get(ledger.report.remote()))
+            ray.kill(ledger)

@@ -1,5 +1,7 @@
 """End to end on real Fashion-MNIST: pretrain 1 epoch with 2 workers, resume, evaluate."""
 
+import json
+
 import pytest
 
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint
@@ -37,6 +39,9 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     state = load_checkpoint(first.checkpoint.path)
     assert state["epoch"] == 1 and state["step"] == steps_per_epoch
     assert 0.0 <= first.metrics["knn_top1"] <= 1.0
+    report = json.loads((tmp_path / "runs" / "e2e" / "ingest_report.json").read_text())
+    assert report["1"]["rows"] == report["1"]["delivered"] == 2048
+    assert report["1"]["rejected"] == 0
 
     second = pretrain(_config(fmnist_small, tmp_path, epochs=2))
     assert second.metrics["resumed_from_epoch"] == 1, "the rerun started over"

@@ -1,0 +1,68 @@
+"""Accounting for every training row: each epoch's rows are delivered or rejected, by id.
+
+The Ray Data stage records, per epoch (one pass over the shards), how many rows it decoded
+and which it rejected and why; rank 0 reports the tally after each epoch and writes it to
+``ingest_report.json`` in the run directory. A pass is accounted for when
+delivered + rejected == rows; rows not yet decoded (the stream runs ahead of training and
+stops with it) are reported as such, never silently lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import pyarrow.fs
+import ray
+
+REPORT_FILE = "ingest_report.json"
+
+
+@ray.remote(num_cpus=0)
+class IngestLedger:
+    """Collects the data stage's per-epoch counts; one per pretraining run."""
+
+    def __init__(self, rows_per_epoch: int) -> None:
+        self.rows_per_epoch = rows_per_epoch
+        self.delivered: dict[int, int] = defaultdict(int)
+        self.rejected: dict[int, list[tuple[str, str]]] = defaultdict(list)
+
+    def record(self, epoch: int, delivered: int, rejected: list[tuple[str, str]]) -> None:
+        self.delivered[epoch] += delivered
+        self.rejected[epoch].extend(rejected)
+
+    def report(self) -> dict[int, dict[str, Any]]:
+        """Per epoch (1-based): rows, delivered, rejected, not yet decoded, and the rejects."""
+        report = {}
+        for epoch in sorted(set(self.delivered) | set(self.rejected)):
+            delivered, rejected = self.delivered[epoch], self.rejected[epoch]
+            report[epoch] = {
+                "rows": self.rows_per_epoch,
+                "delivered": delivered,
+                "rejected": len(rejected),
+                "not_decoded": self.rows_per_epoch - delivered - len(rejected),
+                "rejects": [{"id": image_id, "reason": reason} for image_id, reason in rejected],
+            }
+        return report
+
+
+def summary_line(epoch: int, counts: dict[str, Any]) -> str:
+    line = (
+        f"data, epoch {epoch}: {counts['rows']} rows = {counts['delivered']} delivered + "
+        f"{counts['rejected']} rejected"
+    )
+    if counts["not_decoded"]:
+        line += f" + {counts['not_decoded']} not decoded yet"
+    if counts["rejects"]:
+        shown = ", ".join(f"{r['id']} ({r['reason']})" for r in counts["rejects"][:3])
+        line += f"; rejected: {shown}" + (", ..." if counts["rejected"] > 3 else "")
+    return line
+
+
+def write_report(run_dir: str, report: dict[int, dict[str, Any]]) -> None:
+    """Write the report as JSON into the run directory (a local path or a storage URI)."""
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+    filesystem.create_dir(path, recursive=True)
+    with filesystem.open_output_stream(f"{path}/{REPORT_FILE}") as out:
+        out.write(json.dumps({str(k): v for k, v in report.items()}, indent=1).encode())
