@@ -9,6 +9,7 @@ its own knobs; it is checked against the method's constructor through the regist
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -122,6 +123,14 @@ class Config:
         return {k: v for k, v in self.method.items() if k != "name"}
 
 
+SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def is_safe_name(name: str) -> bool:
+    """A run or sweep name that stays one directory under its root (no '/', no '..')."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None
+
+
 def _positive(x: float) -> bool:
     return x > 0
 
@@ -132,7 +141,7 @@ def _probability(x: float) -> bool:
 
 # (predicate, human description of the allowed range) per dotted key.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "run.name": (lambda s: bool(s) and "/" not in s, "a non-empty name without '/'"),
+    "run.name": (lambda s: is_safe_name(s), SAFE_NAME_RULE),
     "data.limit": (lambda x: x is None or x > 0, "null or a positive integer"),
     "data.image_size": (lambda x: x is None or x >= 8, "null or an integer >= 8"),
     "data.decode_tasks": (_positive, "an integer >= 1"),

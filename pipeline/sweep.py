@@ -28,7 +28,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.cluster import init_ray
-from pipeline.config import Config, from_dict, set_value, to_yaml, with_absolute_paths
+from pipeline.config import (
+    SAFE_NAME_RULE,
+    Config,
+    from_dict,
+    is_safe_name,
+    set_value,
+    to_yaml,
+    with_absolute_paths,
+)
 from pipeline.shards import validate_shards
 from tune_spaces import Space, SpaceError, check_space, to_tune
 
@@ -99,6 +107,8 @@ def sweep(
         raise SpaceError(f"search must be one of {SEARCHERS}, got '{settings.search}'")
     if settings.samples < 1 or settings.grace_epochs < 1 or settings.retries < 0:
         raise SpaceError("samples and grace epochs must be >= 1 and retries >= 0")
+    if settings.name is not None and not is_safe_name(settings.name):
+        raise SpaceError(f"sweep name {settings.name!r} must be {SAFE_NAME_RULE}")
     if config.train.online_knn_bank == 0:
         raise SpaceError("train.online_knn_bank is 0: a sweep needs the online kNN metric")
     check_space(space, base)

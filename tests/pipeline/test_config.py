@@ -46,6 +46,10 @@ def test_integer_given_for_float_key_becomes_float():
         ("train.optimizer=adam9", "train.optimizer"),
         ("method.name=nosuch", "method.name"),
         ("train.epochs", "train.epochs"),
+        ("run.name=..", "run.name"),  # would put the run beside run.root, not in it
+        ("run.name=../elsewhere", "run.name"),
+        ("run.name=a/b", "run.name"),
+        ("run.name=.hidden", "run.name"),
     ],
 )
 def test_bad_values_name_the_key(override, names):
@@ -63,3 +67,7 @@ def test_unknown_key_in_yaml_names_it(tmp_path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_safe_run_names_are_accepted():
+    assert load_config(None, ["run.name=fmnist_simclr-2.v1"]).run.name == "fmnist_simclr-2.v1"

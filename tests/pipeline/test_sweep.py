@@ -68,6 +68,8 @@ def test_bad_sweeps_stop_before_ray_starts(fmnist_small, tmp_path, monkeypatch):
         sweep(config, SPACE, SweepSettings(search="grid"))
     with pytest.raises(SpaceError, match="online_knn_bank is 0"):
         sweep(_config(fmnist_small, tmp_path, "train.online_knn_bank=0"), SPACE, SweepSettings())
+    with pytest.raises(SpaceError, match="sweep name '../up'"):
+        sweep(config, SPACE, SweepSettings(name="../up"))
     with pytest.raises(FileNotFoundError, match="no sweep to resume"):
         sweep(config, SPACE, SweepSettings(), resume=True)
 
