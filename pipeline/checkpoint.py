@@ -9,7 +9,9 @@ so a crash mid-save never leaves a file that looks complete.
 
 from __future__ import annotations
 
+import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from pipeline.config import Config, from_dict
 from ssl_models import SSLMethod, build_method
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -40,12 +44,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest ``checkpoint_*`` directory of a run (Ray Train's naming sorts by time)."""
+    """The newest complete ``checkpoint_*`` directory of a run (Ray Train's names sort by
+    time). A file cut short by a crash while it was copied into the run directory has no
+    zip central directory and is passed over for the one before it."""
     run_dir = Path(run_dir)
-    candidates = sorted(p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_FILE).is_file())
-    if not candidates:
-        raise FileNotFoundError(f"run directory {run_dir} holds no checkpoint yet")
-    return candidates[-1]
+    candidates = sorted(run_dir.glob("checkpoint_*"), reverse=True)
+    for candidate in candidates:
+        path = candidate / CHECKPOINT_FILE
+        if path.is_file() and zipfile.is_zipfile(path):
+            return candidate
+        if path.exists():
+            log.warning("skipping incomplete checkpoint %s", candidate)
+    raise FileNotFoundError(f"no checkpoint in {run_dir} yet (none is complete)")
 
 
 def method_from_checkpoint(path: str | Path) -> tuple[SSLMethod, Config, dict[str, Any]]:

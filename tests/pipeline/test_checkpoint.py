@@ -4,7 +4,12 @@ and load with torch.load(weights_only=True)."""
 import pytest
 import torch
 
-from pipeline.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.config import Config, from_dict
 from ssl_models import METHODS, build_method
 
@@ -55,3 +60,18 @@ def test_a_run_resumes_only_with_the_setup_that_wrote_it(tmp_path):
         check_resumable(tmp_path, _with(config, "train", optimizer="sgd"))
     with pytest.raises(ValueError, match=r"method: .*'simclr'.*'byol'"):
         check_resumable(tmp_path, _with(config, "method", name="byol"))
+
+
+def test_a_checkpoint_cut_short_is_passed_over_for_the_one_before(tmp_path):
+    older, newer = (tmp_path / f"checkpoint_2026-01-0{day}_00-00-00.000000" for day in (1, 2))
+    for directory, epoch in ((older, 1), (newer, 2)):
+        directory.mkdir()
+        save_checkpoint(directory, {"epoch": epoch, "weights": torch.arange(1000.0)})
+    assert latest_checkpoint(tmp_path) == newer
+    whole = (newer / "checkpoint.pt").read_bytes()
+    (newer / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # a crash mid-copy
+    assert latest_checkpoint(tmp_path) == older
+    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 1
+    (older / "checkpoint.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .* \(none is complete\)"):
+        latest_checkpoint(tmp_path)
