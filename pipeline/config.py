@@ -89,6 +89,7 @@ class TrainConfig:
     lars_eta: float = 0.02
     warmup_epochs: float = 1.0
     log_every_steps: int = 25
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
     online_knn_bank: int = 5000  # per-epoch kNN monitor: train images in the bank (0 = off)
     online_knn_queries: int = 1000  # ... and further train images queried against it
     online_knn_k: int = 20  # a 5k bank is too small for the final protocol's k=200
@@ -166,6 +167,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.lars_eta": (_positive, "a number > 0"),
     "train.warmup_epochs": (lambda x: x >= 0, "a number >= 0"),
     "train.log_every_steps": (_positive, "an integer >= 1"),
+    "train.max_failures": (lambda x: x >= 0, "an integer >= 0"),
     "train.online_knn_bank": (lambda x: x >= 0, "an integer >= 0 (0 turns the monitor off)"),
     "train.online_knn_queries": (_positive, "an integer >= 1"),
     "train.online_knn_k": (_positive, "an integer >= 1"),

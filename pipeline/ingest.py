@@ -148,12 +148,24 @@ def views_on_device(
     return [random_views(images, recipe, gen) for _ in range(num_views)]
 
 
-def read_shard_rows(batch: pa.Table, skip_ids: list[str]) -> pa.Table:
-    """Ray Data batch function: {path, epoch} -> the {id, image, epoch} rows of those files."""
-    tables = []
+_ROWS_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("epoch", pa.int32())])
+
+
+def read_shard_rows(
+    batch: pa.Table, skip_ids: list[str], ledger: ActorHandle | None = None
+) -> pa.Table:
+    """Ray Data batch function: {path, epoch} -> the {id, image, epoch} rows of those files.
+
+    Passes that training has already completed (per the ``ledger``) are not read.
+    """
+    epochs_done = ray.get(ledger.completed.remote()) if ledger is not None else 0
+    tables = [_ROWS_SCHEMA.empty_table()]
     for path, epoch in zip(batch["path"].to_pylist(), batch["epoch"].to_pylist(), strict=True):
+        if epoch <= epochs_done:
+            continue
         table = pq.read_table(path, columns=["id", "image"])
-        tables.append(table.append_column("epoch", pa.array([epoch] * len(table), pa.int32())))
+        epochs = pa.array([epoch] * len(table), pa.int32())
+        tables.append(table.append_column("epoch", epochs).cast(_ROWS_SCHEMA))
     table = pa.concat_tables(tables)
     if skip_ids:
         table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(skip_ids))))
@@ -218,7 +230,7 @@ def training_dataset(
     # the first views stream out after one file, not the whole set.
     ds = ray.data.from_items(passes, override_num_blocks=len(passes)).map_batches(
         read_shard_rows,
-        fn_kwargs={"skip_ids": beyond_limit},
+        fn_kwargs={"skip_ids": beyond_limit, "ledger": ledger},
         batch_size=1,
         batch_format="pyarrow",
     )

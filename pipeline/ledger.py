@@ -2,7 +2,9 @@
 
 The Ray Data stage records, per epoch (one pass over the shards), how many rows it decoded
 and which it rejected and why; rank 0 reports the tally after each epoch and writes it to
-``ingest_report.json`` in the run directory. A pass is accounted for when
+``ingest_report.json`` in the run directory. The ledger also tells the stage where training
+stands: when Ray Train restarts failed workers from a checkpoint, the stream starts over,
+and the passes already trained are skipped without being decoded. A pass is accounted for when
 delivered + rejected == rows; rows not yet decoded (the stream runs ahead of training and
 stops with it) are reported as such, never silently lost.
 """
@@ -27,6 +29,18 @@ class IngestLedger:
         self.rows_per_epoch = rows_per_epoch
         self.delivered: dict[int, int] = defaultdict(int)
         self.rejected: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        self.epochs_done = 0
+
+    def resume_from(self, epochs_done: int) -> None:
+        """Training (re)starts after ``epochs_done`` epochs: passes up to there are skipped
+        unread, and counts of later passes, cut short by a failure, start over."""
+        self.epochs_done = epochs_done
+        for counts in (self.delivered, self.rejected):
+            for epoch in [e for e in counts if e > epochs_done]:
+                del counts[epoch]
+
+    def completed(self) -> int:
+        return self.epochs_done
 
     def record(self, epoch: int, delivered: int, rejected: list[tuple[str, str]]) -> None:
         self.delivered[epoch] += delivered

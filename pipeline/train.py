@@ -170,6 +170,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     std = torch.tensor(loop_config["std"], device=device)
 
     start_epoch, step = _restore(method, optimizer, rank)
+    ledger = loop_config["ledger"]
+    if ledger is not None:  # before this rank's first read: a restarted stream skips ahead
+        ray.get(ledger.resume_from.remote(start_epoch))
     if rank == 0 and start_epoch >= config.train.epochs:
         print(
             f"{config.run.name} already has {start_epoch} epochs; raise train.epochs to go on",
@@ -280,7 +283,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics)
             continue
-        ledger = loop_config["ledger"]
         if ledger is not None:
             data_report = ray.get(ledger.report.remote())
             if epoch + 1 in data_report:
@@ -389,7 +391,8 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             name=config.run.name,
             storage_path=directory.rsplit("/", 1)[0],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            # A failed worker (or its node) restarts the group from the latest checkpoint.
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
             # Our rank-0 progress lines replace Train's per-report logs; Train's print patch
             # would echo each of them twice.
             logging_config=LoggingConfig(log_level="WARNING"),

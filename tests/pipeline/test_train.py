@@ -1,6 +1,11 @@
 """End to end on real Fashion-MNIST: pretrain 1 epoch with 2 workers, resume, evaluate."""
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +71,54 @@ def test_views_drawn_on_the_device_and_the_synthetic_ceiling_train(
     assert result.metrics["step"] == steps_per_epoch
     assert result.metrics["loss_last_steps"] < result.metrics["loss_first_steps"]
     assert result.metrics["seconds_to_first_step"] > 0
+
+
+def _kill_a_train_worker_after_first_checkpoint(run: Path, killed: list[int]) -> None:
+    """Wait until Ray Train has registered epoch 1's checkpoint, then SIGKILL one Train
+    worker process."""
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint_manager_snapshot.json").exists():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and cmdline.startswith(b"ray::RayTrainWorker"):
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed.append(int(proc.name))
+            return
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
+    ray_session, fmnist_small, tmp_path
+):
+    config = _config(
+        fmnist_small,
+        tmp_path,
+        3,
+        "train.max_failures=1",
+        "train.online_knn_bank=0",
+        "model.backbone=resnet18",  # slow enough (about 6 s an epoch) to be killed mid-run
+    )
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_a_train_worker_after_first_checkpoint,
+        args=(Path(run_dir(config)), killed),
+    )
+    killer.start()
+    result = pretrain(config)
+    killer.join()
+    assert killed, "no worker was killed"
+    assert result.metrics["epoch"] == 3 and result.metrics["resumed_from_epoch"] >= 1
+    state = load_checkpoint(latest_checkpoint(run_dir(config)))
+    assert state["step"] == 3 * (2048 // 2) // 64
+    # The restarted stream skipped the trained passes and counted each epoch once.
+    report = json.loads((Path(run_dir(config)) / "ingest_report.json").read_text())
+    assert {report[e]["delivered"] for e in ("1", "2", "3")} == {2048}
 
 
 def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
