@@ -214,8 +214,10 @@ def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, eval
     result = pretrain(config)
     print(f"run directory: {run_dir(config)}")
     if evaluate and result.checkpoint is not None:
-        table = _evaluate(Path(result.checkpoint.path), floors, None, None)
-        print(table)
+        # as_directory fetches a checkpoint kept in object storage into a local temp dir.
+        with result.checkpoint.as_directory() as local:
+            table = _evaluate(Path(local), floors, None, None)
+        print(table.replace(local, result.checkpoint.path))
         if "://" not in config.run.root:
             (Path(run_dir(config)) / "knn.txt").write_text(table + "\n")
 
