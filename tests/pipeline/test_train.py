@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.config import load_config
@@ -119,6 +120,27 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     # The restarted stream skipped the trained passes and counted each epoch once.
     report = json.loads((Path(run_dir(config)) / "ingest_report.json").read_text())
     assert {report[e]["delivered"] for e in ("1", "2", "3")} == {2048}
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    ray_session, fmnist_small, tmp_path
+):
+    pretrain(_config(fmnist_small, tmp_path, 1, "train.online_knn_bank=0"))
+    exploding = _config(
+        fmnist_small,
+        tmp_path,
+        2,
+        "train.online_knn_bank=0",
+        "train.max_failures=0",
+        "train.base_lr=1e30",
+        "train.warmup_epochs=0",
+    )
+    with pytest.raises(Exception, match=r"loss became (nan|inf).*last good checkpoint is kept"):
+        pretrain(exploding)
+    state = load_checkpoint(latest_checkpoint(run_dir(exploding)))
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
