@@ -1,8 +1,11 @@
-"""A real two-node Ray cluster on loopback: `ray job submit` runs pretraining on it."""
+"""A real multi-node Ray cluster on loopback: a job submitted with `ray job submit` pretrains
+on it and survives the loss of the node its Train workers run on."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,65 +34,148 @@ def _wait_for(check, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_pretrains_on_a_two_node_cluster(fmnist_small, tmp_path):
-    # Its own temp dir: the cluster is invisible to this session's ray.init() and to others.
-    temp_dir = Path("/tmp") / f"rayjob-{os.getpid()}"
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    env = os.environ | {
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=3", "--disable-usage-stats"]
-    head = subprocess.Popen(
-        [BIN / "ray", "start", "--head", f"--port={gcs_port}", f"--temp-dir={temp_dir}"]
-        + [f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", *common],
-        env=env,
-    )
-    nodes = [head]
-    try:
-        address = f"http://127.0.0.1:{dashboard_port}"
+def _kill_tree(root: int) -> None:
+    """SIGKILL a process and all its descendants (a node: raylet, agents, workers)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    stack, doomed = [root], []
+    while stack:
+        pid = stack.pop()
+        doomed.append(pid)
+        stack += children.get(pid, [])
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class LoopbackCluster:
+    """A Ray cluster of `ray start --block` processes on 127.0.0.1, in its own temp dir so
+    this session's ray.init() and other tests never see it."""
+
+    def __init__(self, head_cpus: int) -> None:
+        self.temp_dir = Path("/tmp") / f"rayjob-{os.getpid()}"
+        self.gcs_port, dashboard_port = _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{dashboard_port}"
+        self.env = os.environ | {
+            "RAY_AUTH_MODE": "disabled",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+        self.nodes = [
+            self._start(
+                "--head",
+                f"--port={self.gcs_port}",
+                f"--temp-dir={self.temp_dir}",
+                f"--dashboard-port={dashboard_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--num-cpus={head_cpus}",
+            )
+        ]
         _wait_for(
-            lambda: (
-                subprocess.run(
-                    [BIN / "ray", "job", "list", "--address", address], env=env, capture_output=True
-                ).returncode
-                == 0
-            ),
+            lambda: self.ray("job", "list", "--address", self.address).returncode == 0,
             90,
             "the head's job API did not answer",
         )
-        nodes.append(
-            subprocess.Popen(
-                [BIN / "ray", "start", f"--address=127.0.0.1:{gcs_port}", *common], env=env
-            )
-        )
-        runs = tmp_path / "runs"
-        submitted = subprocess.run(
-            [BIN / "ray", "job", "submit", "--address", address, "--working-dir", ROOT]
-            + ["--", "python", "-m", "pipeline", "pretrain", "--set", f"run.root={runs}"]
-            + ["--set", "run.name=job", "--set", f"data.train={fmnist_small['train']}"]
-            + ["--set", f"data.eval_train={fmnist_small['train']}"]
-            + ["--set", f"data.eval_test={fmnist_small['test']}"]
-            + ["--set", "model.backbone=small_cnn", "--set", "train.epochs=1"]
-            + ["--set", "train.batch_size=128", "--set", "data.limit=1024"]
-            + ["--set", "train.online_knn_bank=256", "--set", "train.online_knn_queries=128"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        assert "first step done" in submitted.stdout and "epoch 1 done" in submitted.stdout
 
+    def _start(self, *args: str) -> subprocess.Popen:
+        common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        return subprocess.Popen([BIN / "ray", "start", *args, *common], env=self.env)
+
+    def add_node(self, cpus: int) -> subprocess.Popen:
+        node = self._start(f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={cpus}")
+        self.nodes.append(node)
+        return node
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [BIN / "ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                node.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+        for node in self.nodes:
+            node.wait(timeout=60)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _pretrain_command(fmnist_small, runs: Path, *overrides: str) -> list[str]:
+    command = ["python", "-m", "pipeline", "pretrain"]
+    for override in (
+        f"run.root={runs}",
+        "run.name=job",
+        f"data.train={fmnist_small['train']}",
+        f"data.eval_train={fmnist_small['train']}",
+        f"data.eval_test={fmnist_small['test']}",
+        "model.backbone=small_cnn",
+        "train.batch_size=128",
+        "data.limit=1024",
+        "train.online_knn_bank=256",
+        "train.online_knn_queries=128",
+        *overrides,
+    ):
+        command += ["--set", override]
+    return command
+
+
+@pytest.mark.slow
+def test_a_submitted_job_survives_losing_its_training_node(fmnist_small, tmp_path):
+    """`ray job submit` runs pretraining on a two-node cluster. The head has 1 CPU, so both
+    Train workers (1 CPU each) land on the second node. That node is killed after epoch 1's
+    checkpoint; a replacement node joins (as an autoscaler would add one), and the run
+    resumes there from the checkpoint and finishes with the right epoch count."""
+    cluster = LoopbackCluster(head_cpus=1)
+    try:
+        doomed = cluster.add_node(cpus=4)
+        runs = tmp_path / "runs"
+        submitted = cluster.ray(
+            "job",
+            "submit",
+            "--no-wait",
+            "--submission-id=node-loss",
+            "--address",
+            cluster.address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            *_pretrain_command(
+                fmnist_small,
+                runs,
+                "train.epochs=3",
+                "model.backbone=resnet18",
+                "train.max_failures=2",
+            ),
+        )
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        _wait_for(
+            lambda: (runs / "job" / "checkpoint_manager_snapshot.json").exists(),
+            300,
+            "epoch 1 never finished",
+        )
+        _kill_tree(doomed.pid)  # the node and every process on it die with no goodbye
+        cluster.add_node(cpus=4)
+
+        def finished() -> bool:
+            status = cluster.ray("job", "status", "--address", cluster.address, "node-loss")
+            said = (status.stdout + status.stderr).lower()  # the CLI logs to stderr
+            return any(end in said for end in ("succeeded", "failed", "stopped"))
+
+        _wait_for(finished, 600, "the job did not end")
+        status = cluster.ray("job", "status", "--address", cluster.address, "node-loss")
+        logs = cluster.ray("job", "logs", "--address", cluster.address, "node-loss").stdout
+        assert "succeeded" in (status.stdout + status.stderr).lower(), logs[-3000:]
+        assert "first step done" in logs and "resuming job from epoch 2" in logs, logs[-3000:]
         state = load_checkpoint(latest_checkpoint(runs / "job"))
-        assert state["epoch"] == 1 and state["step"] == (1024 // 2) // 64
+        assert state["epoch"] == 3 and state["step"] == 3 * (1024 // 2) // 64
+        assert state["metrics"]["resumed_from_epoch"] == 1
         assert 0.0 <= state["metrics"]["knn_top1"] <= 1.0
         report = json.loads((runs / "job" / "ingest_report.json").read_text())
-        assert report["1"]["delivered"] == 1024 and report["1"]["rejected"] == 0
+        assert [report[e]["delivered"] for e in ("1", "2", "3")] == [1024] * 3
     finally:
-        for node in reversed(nodes):
-            node.terminate()  # `ray start --block` stops its node's processes on SIGTERM
-        for node in nodes:
-            node.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.close()
