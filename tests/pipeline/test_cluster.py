@@ -134,7 +134,7 @@ def test_a_submitted_job_survives_losing_its_training_node(fmnist_small, tmp_pat
     try:
         doomed = cluster.add_node(cpus=4)
         runs = tmp_path / "runs"
-        submitted = cluster.ray(
+        submit = [
             "job",
             "submit",
             "--no-wait",
@@ -151,7 +151,14 @@ def test_a_submitted_job_survives_losing_its_training_node(fmnist_small, tmp_pat
                 "model.backbone=resnet18",
                 "train.max_failures=2",
             ),
-        )
+        ]
+        submitted = cluster.ray(*submit)
+        # The job API answers before its agent is up; Ray says to try again later.
+        for _ in range(30):
+            if submitted.returncode == 0 or "try again later" not in submitted.stderr:
+                break
+            time.sleep(2)
+            submitted = cluster.ray(*submit)
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         _wait_for(
             lambda: (runs / "job" / "checkpoint_manager_snapshot.json").exists(),
