@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -29,6 +30,7 @@ from ray.train import (
     UserCallback,
 )
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.augment import ViewRecipe
 from pipeline.checkpoint import (
@@ -353,7 +355,9 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     datasets, ledger = {}, None
     if not config.data.synthetic:
         on_device = config.augment.on_train_device
-        ledger = IngestLedger.remote(rows)
+        # On the driver's node: losing a worker node must not take the accounting with it.
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
+        ledger = IngestLedger.options(scheduling_strategy=driver_node).remote(rows)
         datasets["train"] = training_dataset(
             config.data.train,
             spec,

@@ -84,6 +84,14 @@ class LoopbackCluster:
 
     def _start(self, *args: str) -> subprocess.Popen:
         common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        # Free ports for each node's agents: the defaults clash with any other Ray instance
+        # on the machine (the test session's own), and the job API then has no agent.
+        common += [
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+        ]
         return subprocess.Popen([BIN / "ray", "start", *args, *common], env=self.env)
 
     def add_node(self, cpus: int) -> subprocess.Popen:
