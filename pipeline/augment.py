@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.color import JitterParams, apply_jitter, grayscale, sample_jitter
+from pipeline.color import JitterParams, apply_jitter, grayscale, sample_jitter, uniform
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,6 @@ class ViewRecipe:
         )
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> Tensor:
-    return torch.rand(n, generator=gen) * (high - low) + low
-
-
 def sample_crop_boxes(
     n: int, height: int, width: int, recipe: ViewRecipe, gen: torch.Generator, tries: int = 10
 ) -> Tensor:
@@ -84,9 +80,9 @@ def sample_crop_boxes(
     aspect ratio lies in the allowed range.
     """
     area = height * width
-    scale = _uniform(n * tries, *recipe.crop_scale, gen).view(n, tries) * area
+    scale = uniform(n * tries, *recipe.crop_scale, gen).view(n, tries) * area
     log_lo, log_hi = math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1])
-    ratio = torch.exp(_uniform(n * tries, log_lo, log_hi, gen)).view(n, tries)
+    ratio = torch.exp(uniform(n * tries, log_lo, log_hi, gen)).view(n, tries)
     w = torch.sqrt(scale * ratio).round()
     h = torch.sqrt(scale / ratio).round()
     fits = (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
@@ -168,7 +164,7 @@ def sample_view_params(
     jitter = sample_jitter(n, channels, recipe, gen)
     gray = (torch.rand(n, generator=gen) < recipe.grayscale_prob) & (channels == 3)
     blur = torch.rand(n, generator=gen) < recipe.blur_prob
-    sigma = torch.where(blur, _uniform(n, *recipe.blur_sigma, gen), 0.0)
+    sigma = torch.where(blur, uniform(n, *recipe.blur_sigma, gen), 0.0)
     return ViewParams(boxes, flip, jitter, gray, sigma)
 
 

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 _LUMA = (0.2989, 0.587, 0.114)
 
 
+def uniform(n: int, low: float, high: float, gen: torch.Generator) -> Tensor:
+    """``n`` draws from U(low, high) on ``gen``'s device."""
+    return torch.rand(n, generator=gen) * (high - low) + low
+
+
 def grayscale(images: Tensor) -> Tensor:
     """Luma of (N, C, H, W) float images as (N, 1, H, W); single-channel images unchanged."""
     if images.shape[1] == 1:
@@ -78,7 +83,7 @@ def sample_jitter(n: int, channels: int, recipe: ViewRecipe, gen: torch.Generato
     for name in ops:
         spread = getattr(recipe, name)
         low, high = (-spread, spread) if name == "hue" else (max(0.0, 1 - spread), 1 + spread)
-        columns.append(torch.rand(n, generator=gen) * (high - low) + low)
+        columns.append(uniform(n, low, high, gen))
         identity.append(0.0 if name == "hue" else 1.0)
     factors = torch.where(apply.view(-1, 1), torch.stack(columns, 1), torch.tensor(identity))
     order = torch.argsort(torch.rand(n, len(ops), generator=gen), dim=1)

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,13 @@ from PIL import Image, ImageOps
 from ray.actor import ActorHandle
 
 from pipeline.augment import ViewRecipe, random_views
-from pipeline.shards import ShardManifest, load_manifest, read_labels, shard_files
+from pipeline.shards import (
+    SHARD_SCHEMA,
+    ShardManifest,
+    load_manifest,
+    read_labels,
+    shard_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +84,8 @@ class DecodedBatch:
     rejects: dict[int, str]
 
 
-def decode_batch(images: np.ndarray, spec: ImageSpec) -> DecodedBatch:
-    """Decode a batch; an undecodable row is rejected with its reason, not raised."""
+def decode_batch(ids: Sequence[object], images: np.ndarray, spec: ImageSpec) -> DecodedBatch:
+    """Decode a batch; an undecodable row is rejected with its reason (logged), not raised."""
     kept, arrays, rejects = [], [], {}
     for position, data in enumerate(images):
         try:
@@ -86,6 +93,7 @@ def decode_batch(images: np.ndarray, spec: ImageSpec) -> DecodedBatch:
             kept.append(position)
         except Exception as err:  # noqa: BLE001 - any decoder failure rejects just this row
             rejects[position] = f"{type(err).__name__}: {err}"
+            log.warning("rejected image %s: %s", ids[position], rejects[position])
     shape = (0, spec.channels, spec.size, spec.size)
     return DecodedBatch(kept, np.stack(arrays) if arrays else np.zeros(shape, np.uint8), rejects)
 
@@ -97,10 +105,8 @@ def decoded_batch(
 
     Rejected rows are logged and, with a ``ledger``, counted per epoch with id and reason.
     """
-    decoded = decode_batch(batch["image"], spec)
     ids = batch["id"]
-    for position, reason in decoded.rejects.items():
-        log.warning("rejected image %s: %s", ids[position], reason)
+    decoded = decode_batch(ids, batch["image"], spec)
     if ledger is not None:
         epochs = batch["epoch"]
         for epoch in np.unique(epochs).tolist():
@@ -148,7 +154,9 @@ def views_on_device(
     return [random_views(images, recipe, gen) for _ in range(num_views)]
 
 
-_ROWS_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("epoch", pa.int32())])
+_ROWS_SCHEMA = pa.schema(
+    [SHARD_SCHEMA.field("id"), SHARD_SCHEMA.field("image"), pa.field("epoch", pa.int32())]
+)
 
 
 def read_shard_rows(
@@ -295,9 +303,8 @@ def read_decoded(shard_dir: str | Path, spec: ImageSpec, limit: int | None = Non
             table = table.slice(0, limit - len(ids))
         row_ids = table.column("id").to_pylist()
         row_labels = table.column("label").fill_null(-1).to_numpy()
-        decoded = decode_batch(np.asarray(table.column("image").to_pylist(), dtype=object), spec)
-        for position, reason in decoded.rejects.items():
-            log.warning("rejected image %s: %s", row_ids[position], reason)
+        images = np.asarray(table.column("image").to_pylist(), dtype=object)
+        decoded = decode_batch(row_ids, images, spec)
         ids.extend(row_ids[p] for p in decoded.kept)
         pixels.append(decoded.pixels)
         labels.append(row_labels[decoded.kept].astype(np.int64))

@@ -66,11 +66,11 @@ def run_dir(config: Config) -> str:
     return f"{with_absolute_paths(config).run.root.rstrip('/')}/{config.run.name}"
 
 
-def recipe_options(config: Config) -> dict[str, Any]:
-    """The augment section without its placement: ``ViewRecipe.simclr``'s keywords."""
+def view_recipe(config: Config, size: int) -> ViewRecipe:
+    """The augment section's SimCLR recipe at ``size`` px (wherever the views are drawn)."""
     options = asdict(config.augment)
     del options["on_train_device"]
-    return options
+    return ViewRecipe.simclr(size, **options)
 
 
 class ProgressLog:
@@ -191,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(loop_config["tensorboard_dir"])
+        writer = SummaryWriter(f"{loop_config['run_dir']}/tensorboard")
 
     slots = image_slots(config.data.train, num_images) if method.uses_image_indices else None
     augment_here = None
@@ -211,7 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if config.augment.on_train_device:
             # Parameters come from a CPU generator: a seed gives the same views on any device.
             gen = torch.Generator().manual_seed(config.run.seed * 1009 + rank * 101 + start_epoch)
-            augment_here = (ViewRecipe.simclr(spec.size, **recipe_options(config)), gen)
+            augment_here = (view_recipe(config, spec.size), gen)
     seconds_to_first_step = None
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
@@ -361,7 +361,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
         datasets["train"] = training_dataset(
             config.data.train,
             spec,
-            None if on_device else ViewRecipe.simclr(spec.size, **recipe_options(config)),
+            None if on_device else view_recipe(config, spec.size),
             num_views=METHODS[config.method_name].num_views,
             epochs=max(config.train.epochs - completed_epochs, 1),
             first_epoch=completed_epochs,
@@ -380,7 +380,6 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             "std": std,
             "steps_per_epoch": steps_per_epoch,
             "num_images": rows,
-            "tensorboard_dir": f"{directory}/tensorboard",
             "started_at": started_at,
             "run_dir": directory,
             "ledger": ledger,

@@ -46,10 +46,13 @@ USABLE = ["rgb", "grey", "rgba", "cmyk", "palette", "sixteen_bit", "tiny", "huge
 UNUSABLE = ["truncated", "zero_bytes", "not_an_image"]
 
 
-def test_odd_modes_decode_and_broken_bytes_are_rejected_with_reasons():
+def test_odd_modes_decode_and_broken_bytes_are_rejected_with_reasons(caplog):
     rows = _rows()
-    decoded = decode_batch(np.asarray(list(rows.values()), dtype=object), ImageSpec(12, 3))
-    names = list(rows)
+    names, images = list(rows), np.asarray(list(rows.values()), dtype=object)
+    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+        decoded = decode_batch(names, images, ImageSpec(12, 3))
+    logged = [r.getMessage().split()[2].rstrip(":") for r in caplog.records]
+    assert logged == UNUSABLE  # each rejected row is logged once, by its id
     assert [names[p] for p in decoded.kept] == USABLE
     assert decoded.pixels.shape == (len(USABLE), 3, 12, 12)
     reasons = {names[p]: reason for p, reason in decoded.rejects.items()}
@@ -65,7 +68,7 @@ def test_odd_modes_decode_and_broken_bytes_are_rejected_with_reasons():
 def test_decompression_bombs_are_refused(monkeypatch, pixels):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     bomb = _encode(Image.new("L", (pixels // 100, 100)))
-    decoded = decode_batch(np.asarray([bomb], dtype=object), ImageSpec(12, 1))
+    decoded = decode_batch(["bomb"], np.asarray([bomb], dtype=object), ImageSpec(12, 1))
     assert decoded.kept == [] and "DecompressionBomb" in decoded.rejects[0]
 
 
