@@ -28,6 +28,7 @@ Prints one Markdown table per measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 from ray._private.internal_api import memory_summary
 from ray.train import UserCallback
 
@@ -50,32 +52,14 @@ from pipeline.train import pretrain
 VIEWS = {"cpu": "Ray Data (CPU)", "device": "train device"}
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        found.append(pid)
-        stack += children.get(pid, [])
-    return found
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def _resident_sizes() -> list[int]:
+    """RSS in bytes of this process and every process it started (raylet, workers, tasks)."""
+    sizes = []
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # it may exit while we look
+            sizes.append(proc.memory_info().rss)
+    return sizes
 
 
 class MemorySampler(threading.Thread):
@@ -88,7 +72,7 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
-            sizes = [_rss_bytes(pid) for pid in _descendants(os.getpid())]
+            sizes = _resident_sizes()
             self.total = max(self.total, sum(sizes))
             self.largest = max(self.largest, max(sizes))
             used = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))

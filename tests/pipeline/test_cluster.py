@@ -5,13 +5,13 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint
@@ -36,22 +36,10 @@ def _wait_for(check, timeout: float, what: str) -> None:
 
 def _kill_tree(root: int) -> None:
     """SIGKILL a process and all its descendants (a node: raylet, agents, workers)."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(parent, []).append(int(proc.name))
-    stack, doomed = [root], []
-    while stack:
-        pid = stack.pop()
-        doomed.append(pid)
-        stack += children.get(pid, [])
-    for pid in doomed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    node = psutil.Process(root)
+    for proc in [node, *node.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 class LoopbackCluster:

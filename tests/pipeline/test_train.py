@@ -1,5 +1,6 @@
 """End to end on real Fashion-MNIST: pretrain 1 epoch with 2 workers, resume, evaluate."""
 
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -74,23 +76,32 @@ def test_views_drawn_on_the_device_and_the_synthetic_ceiling_train(
     assert result.metrics["seconds_to_first_step"] > 0
 
 
-def _kill_a_train_worker_after_first_checkpoint(run: Path, killed: list[int]) -> None:
-    """Wait until Ray Train has registered epoch 1's checkpoint, then SIGKILL one Train
-    worker process."""
+def _train_workers() -> set[int]:
+    """This session's Ray Train worker processes (the local raylet is our child), never
+    those of another Ray instance on the machine."""
+    workers = set()
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.cmdline()[:1] == ["ray::RayTrainWorker"]:
+                workers.add(proc.pid)
+    return workers
+
+
+def _kill_a_train_worker_after_first_checkpoint(
+    run: Path, earlier: set[int], killed: list[int]
+) -> None:
+    """Wait until Ray Train has registered epoch 1's checkpoint, then SIGKILL one of this
+    run's Train workers (not one left over from an earlier test)."""
     deadline = time.monotonic() + 300
-    while not (run / "checkpoint_manager_snapshot.json").exists():
-        if time.monotonic() > deadline:
+    while time.monotonic() < deadline:
+        ready = (run / "checkpoint_manager_snapshot.json").exists()
+        ours = _train_workers() - earlier if ready else set()
+        if ours:
+            victim = min(ours)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
             return
         time.sleep(0.2)
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if proc.name.isdigit() and cmdline.startswith(b"ray::RayTrainWorker"):
-            os.kill(int(proc.name), signal.SIGKILL)
-            killed.append(int(proc.name))
-            return
 
 
 @pytest.mark.slow
@@ -108,7 +119,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_a_train_worker_after_first_checkpoint,
-        args=(Path(run_dir(config)), killed),
+        args=(Path(run_dir(config)), _train_workers(), killed),
     )
     killer.start()
     result = pretrain(config)
