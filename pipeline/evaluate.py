@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.checkpoint import build_method_for, method_from_checkpoint
+from pipeline.config import Config
 from pipeline.ingest import DecodedImages, ImageSpec, normalize, read_decoded
+from ssl_models.method import SSLMethod
 
 
 def load_labelled(
@@ -133,53 +136,100 @@ class KNNReport:
         return "\n".join(lines)
 
 
+@dataclass
+class EvalContext:
+    """A checkpoint's frozen method and the labelled splits it is judged on, loaded once.
+
+    ``train`` is the kNN bank / probe training split and ``test`` the queries: by default the
+    run's data.eval_train and data.eval_test; other shard directories give transfer to
+    another dataset, decoded to the checkpoint's image size and channels.
+    """
+
+    method: SSLMethod
+    config: Config
+    state: dict[str, Any]
+    train: DecodedImages
+    test: DecodedImages
+    test_name: str
+
+    @property
+    def spec(self) -> ImageSpec:
+        return ImageSpec(size=self.state["image_size"], channels=self.state["channels"])
+
+    @property
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        return torch.tensor(self.state["mean"]), torch.tensor(self.state["std"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train.labels.max(), self.test.labels.max())) + 1
+
+    def features(self, encoder: Callable[[Tensor], Tensor], images: DecodedImages) -> Tensor:
+        mean, std = self.mean_std
+        return extract_features(encoder, images.pixels, mean, std, self.config.eval.batch_size)
+
+    def untrained(self) -> SSLMethod:
+        """The same architecture with the run's seed and random weights: the floor."""
+        torch.manual_seed(self.config.run.seed)
+        return build_method_for(self.config, self.spec.channels, self.state.get("num_images"))
+
+    def label(self) -> str:
+        model = self.config.model
+        return f"{self.config.method_name} {model.backbone} w{model.width:g}"
+
+
+def load_eval_context(
+    path: str | Path, train_dir: str | Path | None = None, test_dir: str | Path | None = None
+) -> EvalContext:
+    """Load a checkpoint and decode its labelled evaluation splits (or the given ones)."""
+    method, config, state = method_from_checkpoint(path)
+    spec = ImageSpec(size=state["image_size"], channels=state["channels"])
+    test_dir = test_dir or config.data.eval_test
+    train = load_labelled(train_dir or config.data.eval_train, spec)
+    return EvalContext(method, config, state, train, load_labelled(test_dir, spec), str(test_dir))
+
+
 def evaluate_checkpoint(
-    path: str | Path,
+    path: str | Path | EvalContext,
     *,
     floors: bool = False,
     k: int | None = None,
     temperature: float | None = None,
-) -> list[KNNRow]:
+) -> KNNReport:
     """kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
 
     With ``floors``, also the raw-pixel floor and the random-init floor (same architecture,
     untrained weights, same normalisation), which a useful encoder must beat.
     """
-    method, config, state = method_from_checkpoint(path)
-    spec = ImageSpec(size=state["image_size"], channels=state["channels"])
-    mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
-    k = k or config.eval.knn_k
-    temperature = temperature or config.eval.knn_temperature
-    bank = load_labelled(config.data.eval_train, spec)
-    queries = load_labelled(config.data.eval_test, spec)
-    bank_labels, query_labels = torch.from_numpy(bank.labels), torch.from_numpy(queries.labels)
+    context = path if isinstance(path, EvalContext) else load_eval_context(path)
+    k = k or context.config.eval.knn_k
+    temperature = temperature or context.config.eval.knn_temperature
+    bank_labels = torch.from_numpy(context.train.labels)
+    query_labels = torch.from_numpy(context.test.labels)
 
     def score(name: str, bank_features: Tensor, query_features: Tensor) -> KNNRow:
         acc = knn_accuracy(bank_features, bank_labels, query_features, query_labels, k, temperature)
         return KNNRow(name, acc["top1"], acc["top5"], feature_spread(query_features))
 
     def encoder_row(name: str, encoder: Callable[[Tensor], Tensor]) -> KNNRow:
-        size = config.eval.batch_size
         return score(
-            name,
-            extract_features(encoder, bank.pixels, mean, std, size),
-            extract_features(encoder, queries.pixels, mean, std, size),
+            name, context.features(encoder, context.train), context.features(encoder, context.test)
         )
 
-    label = f"{config.method_name} {config.model.backbone} w{config.model.width:g}"
-    rows = [encoder_row(f"SSL {label}, epoch {state['epoch']}", method.features)]
+    model = context.config.model
+    rows = [
+        encoder_row(
+            f"SSL {context.label()}, epoch {context.state['epoch']}", context.method.features
+        )
+    ]
     if floors:
+        raw = raw_pixel_features
+        rows.append(score("raw pixels", raw(context.train.pixels), raw(context.test.pixels)))
+        untrained = context.untrained().eval()
         rows.append(
-            score("raw pixels", raw_pixel_features(bank.pixels), raw_pixel_features(queries.pixels))
+            encoder_row(f"random-init {model.backbone} w{model.width:g}", untrained.features)
         )
-        torch.manual_seed(config.run.seed)
-        untrained = build_method_for(config, spec.channels, state.get("num_images")).eval()
-        rows.append(
-            encoder_row(
-                f"random-init {config.model.backbone} w{config.model.width:g}", untrained.features
-            )
-        )
-    return KNNReport(rows, k, temperature, config.data.eval_test)
+    return KNNReport(rows, k, temperature, context.test_name)
 
 
 def feature_spread(features: Tensor) -> float:
