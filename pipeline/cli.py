@@ -1,5 +1,5 @@
-"""Command line: ``python -m pipeline {prepare,pretrain,evaluate,tune,demo}`` (also
-``ray-ssl``)."""
+"""Command line: ``python -m pipeline {prepare,pretrain,evaluate,embed,retrieval,preview,report,
+tune,demo}`` (also ``ray-ssl``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ Self-supervised pretraining of image encoders on Ray.
 Typical session:
   python -m pipeline prepare fashion-mnist            # IDX files -> Parquet shards (once)
   python -m pipeline pretrain --config configs/fmnist_simclr.yaml
-  python -m pipeline evaluate --checkpoint runs/fmnist-simclr --floors
+  python -m pipeline evaluate --checkpoint runs/fmnist-simclr --protocol knn linear
+  python -m pipeline retrieval --checkpoint runs/fmnist-simclr --out retrieval.png
+  python -m pipeline report runs/fmnist-simclr runs/fmnist-byol --out runs/report
   python -m pipeline tune --config configs/fmnist_simclr.yaml --space simclr --samples 16
   python -m pipeline demo                              # all of the above, small and quick
 
@@ -102,16 +104,28 @@ Examples:
 
     ev = commands.add_parser(
         "evaluate",
-        help="kNN evaluation of a checkpoint's frozen features",
+        help="judge a checkpoint: kNN, linear probe, few-label fine-tuning, transfer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
-Weighted kNN on frozen backbone features: the train split (data.eval_train) is the memory
-bank, the test split (data.eval_test) the queries; cosine similarity, votes weighted by
-exp(sim / T). --floors adds raw pixels and a random-init encoder for comparison.
+The field's protocols on a checkpoint's frozen (or fine-tuned) backbone, each next to the
+same architecture with random weights:
+  knn       weighted kNN: the train split is the memory bank, the test split the queries;
+            cosine similarity, votes weighted by exp(sim / T) (k=200, T=0.1 by default);
+            also scores raw pixels
+  linear    a linear classifier on the frozen features of the train split, scored on the
+            test split (features standardised, SGD Nesterov 0.9, cosine, 100 epochs)
+  finetune  backbone + new linear head trained end to end on class-balanced label subsets
+            of the train split (1% and 10% by default, seeded by run.seed), crop + flip
+The splits are the run's data.eval_train and data.eval_test; --train-data/--test-data
+score another labelled dataset instead (transfer), decoded to the checkpoint's image size
+and channels (prepare it first, e.g. `prepare mnist --root DIR`).
+Results are merged into RUN_DIR/eval.json, which `report` compares across runs.
 
 Examples:
-  python -m pipeline evaluate --checkpoint runs/fmnist-simclr --floors
-  python -m pipeline evaluate --checkpoint runs/fmnist-simclr/checkpoint_2026-... --k 20
+  python -m pipeline evaluate --checkpoint runs/fmnist-simclr
+  python -m pipeline evaluate --checkpoint runs/fmnist-simclr --protocol knn linear finetune
+  python -m pipeline evaluate --checkpoint runs/fmnist-simclr --protocol linear \\
+      --train-data data/shards/mnist/train --test-data data/shards/mnist/test
 """,
     )
     ev.add_argument(
@@ -120,11 +134,109 @@ Examples:
         required=True,
         help="a run directory (its latest checkpoint is used) or one checkpoint directory",
     )
-    ev.add_argument("--floors", action="store_true", help="also score raw pixels and random init")
-    ev.add_argument("--k", type=int, help="neighbours (default: the run's eval.knn_k)")
     ev.add_argument(
-        "--temperature", type=float, help="vote temperature (default eval.knn_temperature)"
+        "--protocol",
+        nargs="+",
+        default=["knn"],
+        choices=["knn", "linear", "finetune"],
+        help="protocols to run (default: knn)",
     )
+    ev.add_argument("--k", type=int, help="kNN neighbours (default: the run's eval.knn_k)")
+    ev.add_argument(
+        "--temperature", type=float, help="kNN vote temperature (default eval.knn_temperature)"
+    )
+    ev.add_argument("--train-data", type=Path, help="labelled shards to train/bank on (transfer)")
+    ev.add_argument("--test-data", type=Path, help="labelled shards to score on (transfer)")
+    ev.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs")
+    ev.add_argument(
+        "--fractions",
+        nargs="+",
+        type=float,
+        default=[0.01, 0.1],
+        help="label fractions for finetune (default: 0.01 0.1)",
+    )
+    ev.add_argument("--finetune-epochs", type=int, default=30, help="fine-tuning epochs")
+
+    emb = commands.add_parser(
+        "embed",
+        help="write a checkpoint's embeddings of a shard directory as Parquet (Ray Data)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Batch inference with Ray Data: the shards are read and decoded by Ray Data tasks and embedded
+by a pool of actors that each hold the frozen encoder (on a GPU each when the cluster has
+them), so a million images use the cluster like training does. Writes Parquet shards with
+id, embedding (L2-normalised backbone features) and label (-1 when unknown); undecodable
+images are logged and counted, not written.
+
+Examples:
+  python -m pipeline embed --checkpoint runs/fmnist-simclr \\
+      --data data/shards/fashion-mnist/test --out runs/fmnist-simclr/embeddings/test
+""",
+    )
+    emb.add_argument("--checkpoint", type=Path, required=True, help="run or checkpoint directory")
+    emb.add_argument("--data", type=Path, required=True, help="shard directory to embed")
+    emb.add_argument("--out", type=Path, required=True, help="output directory (must be empty)")
+    emb.add_argument("--actors", type=int, default=1, help="encoder actors (default 1)")
+    emb.add_argument("--batch-size", type=int, default=512, help="images per inference batch")
+    emb.add_argument("--overwrite", action="store_true", help="replace Parquet files in --out")
+
+    pics = commands.add_parser(
+        "retrieval",
+        help="PNG of test images and their nearest neighbours in feature space",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+The classic "what did it learn" picture: for the first --queries test images, their --k
+nearest train images by cosine similarity of frozen features; green frames share the
+query's label, red ones do not. --projector N also writes TensorBoard's embedding projector
+(features, labels and image sprites of the first N test images) under RUN_DIR/tensorboard.
+
+Examples:
+  python -m pipeline retrieval --checkpoint runs/fmnist-simclr --out retrieval.png
+  python -m pipeline retrieval --checkpoint runs/fmnist-simclr --out r.png --projector 1000
+""",
+    )
+    pics.add_argument("--checkpoint", type=Path, required=True, help="run or checkpoint directory")
+    pics.add_argument("--out", type=Path, required=True, help="PNG to write")
+    pics.add_argument("--queries", type=int, default=8, help="query images (rows)")
+    pics.add_argument("--k", type=int, default=8, help="neighbours per query (columns)")
+    pics.add_argument("--projector", type=int, default=0, metavar="N", help="projector sample")
+
+    prev = commands.add_parser(
+        "preview",
+        help="PNG of training images and the random views the augment section draws",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+See what an augmentation setting does before training with it: one row per image of
+data.train, the original and then --views random views drawn exactly as the data stage
+draws them (same recipe, same code).
+
+Examples:
+  python -m pipeline preview --config configs/fmnist_simclr.yaml --out preview.png
+  python -m pipeline preview --set augment.strength=1.0 --set augment.crop_scale_min=0.08 \\
+      --out strong.png
+""",
+    )
+    _add_config_args(prev, CONFIGS / "fmnist_simclr.yaml")
+    prev.add_argument("--out", type=Path, required=True, help="PNG to write")
+    prev.add_argument("--images", type=int, default=8, help="images (rows)")
+    prev.add_argument("--views", type=int, default=6, help="views per image (columns)")
+    prev.add_argument("--seed", type=int, default=0, help="seed of the drawn views")
+
+    rep = commands.add_parser(
+        "report",
+        help="compare runs by every protocol: Markdown table + PNG bar chart",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Reads RUN_DIR/eval.json of each run (written by `evaluate` and at the end of `pretrain`)
+and writes OUT/report.md (one row per run, one column per protocol, best in bold) and
+OUT/report.png (top-1 by protocol, one bar per run).
+
+Examples:
+  python -m pipeline report runs/fmnist-simclr runs/fmnist-byol --out runs/report
+""",
+    )
+    rep.add_argument("runs", nargs="+", type=Path, help="run directories")
+    rep.add_argument("--out", type=Path, default=Path("runs/report"), help="output directory")
 
     sweep = commands.add_parser(
         "tune",
@@ -198,12 +310,131 @@ def _resolve_checkpoint(path: Path) -> Path:
     return path if (path / CHECKPOINT_FILE).is_file() or path.is_file() else latest_checkpoint(path)
 
 
-def _evaluate(checkpoint: Path, floors: bool, k: int | None, temperature: float | None) -> str:
-    from pipeline.evaluate import evaluate_checkpoint
+def _save_results(checkpoint: Path, context, results: dict) -> None:
+    """Merge protocol results into the run's eval.json (the checkpoint's parent)."""
+    from pipeline.report import write_eval
+
+    write_eval(
+        checkpoint.parent,
+        {
+            "protocols": results,
+            "method": context.config.method_name,
+            "backbone": f"{context.config.model.backbone} w{context.config.model.width:g}",
+            "epochs": int(context.state["epoch"]),
+        },
+    )
+
+
+def _evaluate(checkpoint: Path, floors: bool, save: bool) -> str:
+    """The kNN table that ends ``pretrain`` and ``demo``; with ``save``, also recorded in the
+    run's eval.json."""
+    from pipeline.evaluate import evaluate_checkpoint, load_eval_context
+    from pipeline.protocols import knn_results
 
     checkpoint = _resolve_checkpoint(checkpoint)
-    report = evaluate_checkpoint(checkpoint, floors=floors, k=k, temperature=temperature)
+    context = load_eval_context(checkpoint)
+    report = evaluate_checkpoint(context, floors=floors)
+    if save:
+        _save_results(checkpoint, context, knn_results(report))
     return f"checkpoint: {checkpoint}\n{report.table()}"
+
+
+def _evaluate_protocols(args: argparse.Namespace) -> str:
+    from pipeline.evaluate import load_eval_context
+    from pipeline.protocols import ProtocolSettings, results_table, run_protocols
+
+    checkpoint = _resolve_checkpoint(args.checkpoint)
+    context = load_eval_context(checkpoint, args.train_data, args.test_data)
+    settings = ProtocolSettings(
+        k=args.k,
+        temperature=args.temperature,
+        probe_epochs=args.probe_epochs,
+        fractions=tuple(args.fractions),
+        finetune_epochs=args.finetune_epochs,
+    )
+    transfer = args.test_data or args.train_data
+    suffix = f"@{Path(transfer).resolve().parent.name}" if transfer else ""
+    results = run_protocols(context, args.protocol, settings, suffix)
+    _save_results(checkpoint, context, results)
+    return f"checkpoint: {checkpoint}\ntest split: {context.test_name}\n{results_table(results)}"
+
+
+def _embed(args: argparse.Namespace) -> str:
+    from pipeline.cluster import init_ray
+    from pipeline.embed import export_embeddings
+
+    init_ray()
+    checkpoint = _resolve_checkpoint(args.checkpoint)
+    summary = export_embeddings(
+        checkpoint,
+        args.data,
+        args.out,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        overwrite=args.overwrite,
+    )
+    rejected = "".join(f"\n  rejected {id_}: {reason}" for id_, reason in summary.rejects[:10])
+    return (
+        f"{args.out}: {summary.rows_written} embeddings of dimension {summary.dim} "
+        f"({summary.rows_read} rows read, {summary.rejected} rejected){rejected}"
+    )
+
+
+def _retrieval(args: argparse.Namespace) -> str:
+    from pipeline.evaluate import load_eval_context
+    from pipeline.pictures import add_projector, nearest_neighbours, retrieval_grid
+
+    checkpoint = _resolve_checkpoint(args.checkpoint)
+    context = load_eval_context(checkpoint)
+    encoder = context.method.eval().features
+    test = context.features(encoder, context.test)
+    neighbours = nearest_neighbours(
+        test[: args.queries], context.features(encoder, context.train), args.k, exclude_self=False
+    ).numpy()
+    queries = slice(0, args.queries)
+    path = retrieval_grid(
+        context.test.pixels[queries],
+        context.train.pixels[neighbours],
+        args.out,
+        query_labels=context.test.labels[queries],
+        neighbour_labels=context.train.labels[neighbours],
+    )
+    if args.projector:
+        from tensorboardX import SummaryWriter
+
+        sample = slice(0, args.projector)
+        with SummaryWriter(str(checkpoint.parent / "tensorboard")) as writer:
+            add_projector(
+                writer,
+                test[sample],
+                context.test.labels[sample].tolist(),
+                context.test.pixels[sample],
+                tag="test",
+                step=int(context.state["epoch"]),
+            )
+    return f"wrote {path}"
+
+
+def _preview(args: argparse.Namespace) -> str:
+    from pipeline.config import load_config
+    from pipeline.ingest import ImageSpec, read_decoded
+    from pipeline.pictures import augmentation_preview
+    from pipeline.shards import load_manifest
+    from pipeline.train import view_recipe
+
+    config = load_config(args.config, args.overrides)
+    spec = ImageSpec.from_manifest(load_manifest(config.data.train), config.data.image_size)
+    images = read_decoded(config.data.train, spec, args.images)
+    recipe = view_recipe(config, spec.size)
+    path = augmentation_preview(images.pixels, recipe, args.views, args.out, seed=args.seed)
+    return f"wrote {path}"
+
+
+def _report(args: argparse.Namespace) -> str:
+    from pipeline.report import build_report
+
+    table, chart = build_report(args.runs, args.out)
+    return f"{table}\n\nwrote {args.out / 'report.md'} and {chart}"
 
 
 def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, evaluate: bool) -> None:
@@ -216,7 +447,7 @@ def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, eval
     if evaluate and result.checkpoint is not None:
         # as_directory fetches a checkpoint kept in object storage into a local temp dir.
         with result.checkpoint.as_directory() as local:
-            table = _evaluate(Path(local), floors, None, None)
+            table = _evaluate(Path(local), floors, save="://" not in config.run.root)
         print(table.replace(local, result.checkpoint.path))
         if "://" not in config.run.root:
             (Path(run_dir(config)) / "knn.txt").write_text(table + "\n")
@@ -242,11 +473,6 @@ def _tune(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pipeline.config import ConfigError
-    from pipeline.shards import ShardError
-    from pipeline.sources import SourceError
-    from tune_spaces import SpaceError
-
     try:
         if args.command == "prepare":
             from pipeline.prepare import prepare
@@ -266,7 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pretrain":
             _pretrain(args.config, args.overrides, floors=False, evaluate=not args.no_eval)
         elif args.command == "evaluate":
-            print(_evaluate(args.checkpoint, args.floors, args.k, args.temperature))
+            print(_evaluate_protocols(args))
+        elif args.command in ("embed", "retrieval", "preview", "report"):
+            print(
+                {"embed": _embed, "retrieval": _retrieval, "preview": _preview, "report": _report}[
+                    args.command
+                ](args)
+            )
         elif args.command == "tune":
             _tune(args)
         elif args.command == "demo":
@@ -274,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
 
             prepare("fashion-mnist")
             _pretrain(args.config, args.overrides, floors=True, evaluate=True)
-    except (ConfigError, SourceError, ShardError, SpaceError, FileNotFoundError) as err:
+    # Bad input (ConfigError, ShardError, SourceError, SpaceError, ... are ValueErrors) gets
+    # one clear line, not a traceback.
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

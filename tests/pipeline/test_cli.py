@@ -5,17 +5,20 @@ from PIL import Image
 
 from pipeline.cli import main
 
+COMMANDS = ["prepare", "pretrain", "evaluate", "embed", "retrieval", "preview", "report", "tune"]
+COMMANDS += ["demo"]
+
 
 def test_top_level_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("prepare", "pretrain", "evaluate", "demo"):
+    for command in COMMANDS:
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["prepare", "pretrain", "evaluate", "demo"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_help_teaches(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])

@@ -1,0 +1,120 @@
+"""The evaluation protocols on one checkpoint, each next to its random-init baseline.
+
+- ``knn``: weighted kNN on frozen features (pipeline.evaluate), with the raw-pixel floor.
+- ``linear``: a linear classifier on frozen features (pipeline.linear_probe).
+- ``finetune``: the backbone fine-tuned end to end on class-balanced 1% and 10% label
+  subsets of the train split (pipeline.finetune; SimCLR's semi-supervised protocol).
+
+Every protocol also runs on the same architecture with random weights (the run's seed), so a
+table shows what pretraining added. Results are keyed like eval.json's ``protocols``
+(pipeline.report): ``knn``, ``linear``, ``finetune_1pct``, ... and ``<name>_random_init``;
+with another dataset's splits (transfer) every key gets ``@<dataset>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.evaluate import EvalContext, KNNReport, evaluate_checkpoint
+from pipeline.finetune import balanced_subset, finetune_accuracy
+from pipeline.linear_probe import linear_probe_accuracy
+from ssl_models.method import SSLMethod
+
+PROTOCOLS = ("knn", "linear", "finetune")
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """Each protocol's knobs; ``None`` for k/temperature means the run's eval section."""
+
+    k: int | None = None
+    temperature: float | None = None
+    probe_epochs: int = 100
+    probe_lr: float = 0.1
+    fractions: tuple[float, ...] = (0.01, 0.1)
+    finetune_epochs: int = 30
+    finetune_lr: float = 0.05
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fraction_name(fraction: float) -> str:
+    """0.01 -> 'finetune_1pct', 0.1 -> 'finetune_10pct'."""
+    return f"finetune_{fraction * 100:g}pct"
+
+
+def knn_results(report: KNNReport) -> dict[str, dict[str, float]]:
+    """A kNN report's rows keyed as in eval.json (the floors when the report has them)."""
+    keys = ("knn", "knn_raw_pixels", "knn_random_init")
+    return {
+        key: {"top1": row.top1, "top5": row.top5}
+        for key, row in zip(keys, report.rows, strict=False)
+    }
+
+
+def run_protocols(
+    context: EvalContext, protocols: list[str], settings: ProtocolSettings, suffix: str = ""
+) -> dict[str, dict[str, float]]:
+    """Run ``protocols`` on the context's splits; returns {key: {"top1", "top5", ...}}."""
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
+    seed = context.config.run.seed
+    encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained()}
+    results: dict[str, dict[str, float]] = {}
+    if "knn" in protocols:
+        report = evaluate_checkpoint(
+            context, floors=True, k=settings.k, temperature=settings.temperature
+        )
+        results.update(knn_results(report))
+    train_labels = torch.from_numpy(context.train.labels)
+    test_labels = torch.from_numpy(context.test.labels)
+    for tag, method in encoders.items():
+        method.eval()
+        if "linear" in protocols:
+            results[f"linear{tag}"] = linear_probe_accuracy(
+                context.features(method.features, context.train),
+                train_labels,
+                context.features(method.features, context.test),
+                test_labels,
+                epochs=settings.probe_epochs,
+                lr=settings.probe_lr,
+                seed=seed,
+                device=settings.device,
+            )
+        if "finetune" in protocols:
+            for fraction in settings.fractions:
+                rows = balanced_subset(context.train.labels, fraction, seed)
+                results[f"{fraction_name(fraction)}{tag}"] = finetune_accuracy(
+                    method.backbone,
+                    method.feature_dim,
+                    context.train.pixels[rows],
+                    context.train.labels[rows],
+                    context.test.pixels,
+                    context.test.labels,
+                    *context.mean_std,
+                    epochs=settings.finetune_epochs,
+                    lr=settings.finetune_lr,
+                    seed=seed,
+                    device=settings.device,
+                )
+    return {f"{key}{suffix}": value for key, value in results.items()}
+
+
+def results_table(results: dict[str, dict[str, float]]) -> str:
+    """One line per protocol: pretrained top-1/top-5 next to the random-init top-1."""
+    width = max(len(key) for key in results)
+    lines = [f"{'protocol':<{width}}  top-1   top-5   random-init top-1", "-" * (width + 36)]
+    for key, value in results.items():
+        if "_random_init" in key:
+            continue
+        base, _, suffix = key.partition("@")
+        floor = results.get(f"{base}_random_init{'@' + suffix if suffix else ''}")
+        top5 = f"{value['top5']:.4f}" if "top5" in value else "  -   "
+        lines.append(
+            f"{key:<{width}}  {value['top1']:.4f}  {top5}  {floor['top1']:.4f}"
+            if floor
+            else f"{key:<{width}}  {value['top1']:.4f}  {top5}  -"
+        )
+    return "\n".join(lines)

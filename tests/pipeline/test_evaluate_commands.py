@@ -1,0 +1,117 @@
+"""The evaluation commands end to end on a small checkpoint: protocols, transfer, pictures,
+report. The checkpoint is written directly (untrained weights), so no Ray is needed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.checkpoint import build_method_for, save_checkpoint
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.ingest import ImageSpec, channel_stats, read_decoded
+
+
+def _write_run(fmnist_small: dict[str, Path], run: Path, method: str = "simclr") -> Path:
+    config = load_config(
+        None,
+        [
+            f"run.root={run.parent}",
+            f"run.name={run.name}",
+            f"data.train={fmnist_small['train']}",
+            f"data.eval_train={fmnist_small['train']}",
+            f"data.eval_test={fmnist_small['test']}",
+            "model.backbone=small_cnn",
+            "model.width=0.25",
+            f"method.name={method}",
+        ],
+    )
+    torch.manual_seed(1)
+    method_module = build_method_for(config, channels=1, num_images=2048)
+    mean, std = channel_stats(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 256).pixels)
+    state = {
+        "model": method_module.state_dict(),
+        "epoch": 3,
+        "config": config.to_dict(),
+        "channels": 1,
+        "image_size": 28,
+        "num_images": 2048,
+        "mean": mean,
+        "std": std,
+    }
+    checkpoint = run / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    save_checkpoint(checkpoint, state)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(fmnist_small, tmp_path_factory) -> Path:
+    return _write_run(fmnist_small, tmp_path_factory.mktemp("runs") / "simclr-run")
+
+
+def test_protocols_print_a_table_and_merge_into_eval_json(run, capsys):
+    args = ["evaluate", "--checkpoint", str(run), "--protocol", "knn", "linear", "finetune"]
+    args += ["--probe-epochs", "5", "--finetune-epochs", "15", "--fractions", "0.25"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for key in ("knn", "knn_raw_pixels", "linear", "finetune_25pct"):
+        assert f"\n{key} " in out
+    saved = json.loads((run / "eval.json").read_text())
+    expected = {"knn", "knn_raw_pixels", "knn_random_init", "linear", "linear_random_init"}
+    expected |= {"finetune_25pct", "finetune_25pct_random_init"}
+    assert set(saved["protocols"]) == expected
+    assert saved["method"] == "simclr" and saved["epochs"] == 3
+    for metrics in saved["protocols"].values():
+        # 10 classes, 512 queries: chance is 0.10 +- 0.013; every protocol learns something.
+        assert 0.13 < metrics["top1"] <= metrics["top5"] <= 1.0
+
+
+def test_transfer_scores_another_dataset_under_its_own_keys(run, fmnist_small, capsys):
+    # Another labelled dataset: here the Fashion-MNIST test shards play it (its parent dir
+    # names the dataset), so the keys get that suffix and the run's own keys stay.
+    args = ["evaluate", "--checkpoint", str(run), "--protocol", "knn", "--k", "1"]
+    args += ["--train-data", str(fmnist_small["test"]), "--test-data", str(fmnist_small["test"])]
+    assert main(args) == 0
+    suffix = "@" + fmnist_small["test"].resolve().parent.name
+    protocols = json.loads((run / "eval.json").read_text())["protocols"]
+    assert f"knn{suffix}" in protocols
+    # The bank holds every query, so with k=1 each query's nearest neighbour is itself.
+    assert protocols[f"knn{suffix}"]["top1"] >= 0.99
+
+
+def test_retrieval_grid_and_projector(run, tmp_path, capsys):
+    out = tmp_path / "retrieval.png"
+    args = ["retrieval", "--checkpoint", str(run), "--out", str(out), "--queries", "3", "--k", "4"]
+    assert main([*args, "--projector", "50"]) == 0
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.mode == "RGB"
+        assert png.height > 3 * 28 * 2 and png.width > 5 * 28 * 2  # 3 rows, 1 + 4 columns
+    assert list((run / "tensorboard").rglob("projector_config.pbtxt"))
+
+
+def test_preview_draws_the_configs_views(fmnist_small, tmp_path, capsys):
+    out = tmp_path / "preview.png"
+    args = ["preview", "--set", f"data.train={fmnist_small['train']}", "--out", str(out)]
+    assert main([*args, "--images", "2", "--views", "3"]) == 0
+    with Image.open(out) as png:
+        assert png.mode == "RGB" and png.width > 4 * 28 * 2 and png.height > 2 * 28 * 2
+
+
+def test_report_compares_runs(run, fmnist_small, tmp_path, capsys):
+    other = _write_run(fmnist_small, tmp_path / "byol-run", method="byol")
+    assert main(["evaluate", "--checkpoint", str(other), "--k", "20"]) == 0
+    assert main(["report", str(run), str(other), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    header, _, *rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert " knn " in header and len(rows) == 2
+    assert "simclr" in rows[0] and "byol" in rows[1]
+    assert (tmp_path / "report" / "report.png").stat().st_size > 1000
+
+
+def test_report_names_a_run_that_was_never_evaluated(tmp_path, capsys):
+    (tmp_path / "fresh").mkdir()
+    assert main(["report", str(tmp_path / "fresh")]) == 2
+    assert "no eval.json" in capsys.readouterr().err
