@@ -13,6 +13,17 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a small shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster shared by every test that needs one (4 logical CPUs)."""

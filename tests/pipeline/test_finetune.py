@@ -8,14 +8,7 @@ from pipeline.finetune import balanced_subset, finetune_accuracy
 from pipeline.ingest import channel_stats
 from ssl_models.backbones import build_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy machine, torch's thread pool costs more than it does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_subset_is_exactly_class_balanced():

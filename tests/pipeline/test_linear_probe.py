@@ -8,13 +8,7 @@ from pipeline.linear_probe import linear_probe_accuracy, train_linear_probe
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy machine, torch's thread pool costs more than it does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clusters(labels: torch.Tensor, gen: torch.Generator, dim: int = 32) -> torch.Tensor:
