@@ -70,9 +70,10 @@ def run_protocols(
         results.update(knn_results(report))
     train_labels = torch.from_numpy(context.train.labels)
     test_labels = torch.from_numpy(context.test.labels)
-    for tag, method in encoders.items():
+    for method in encoders.values():
         method.eval()
-        if "linear" in protocols:
+    if "linear" in protocols:
+        for tag, method in encoders.items():
             results[f"linear{tag}"] = linear_probe_accuracy(
                 context.features(method.features, context.train),
                 train_labels,
@@ -83,22 +84,22 @@ def run_protocols(
                 seed=seed,
                 device=settings.device,
             )
-        if "finetune" in protocols:
-            for fraction in settings.fractions:
-                rows = balanced_subset(context.train.labels, fraction, seed)
-                results[f"{fraction_name(fraction)}{tag}"] = finetune_accuracy(
-                    method.backbone,
-                    method.feature_dim,
-                    context.train.pixels[rows],
-                    context.train.labels[rows],
-                    context.test.pixels,
-                    context.test.labels,
-                    *context.mean_std,
-                    epochs=settings.finetune_epochs,
-                    lr=settings.finetune_lr,
-                    seed=seed,
-                    device=settings.device,
-                )
+    for fraction in settings.fractions if "finetune" in protocols else ():
+        rows = balanced_subset(context.train.labels, fraction, seed)
+        for tag, method in encoders.items():
+            results[f"{fraction_name(fraction)}{tag}"] = finetune_accuracy(
+                method.backbone,
+                method.feature_dim,
+                context.train.pixels[rows],
+                context.train.labels[rows],
+                context.test.pixels,
+                context.test.labels,
+                *context.mean_std,
+                epochs=settings.finetune_epochs,
+                lr=settings.finetune_lr,
+                seed=seed,
+                device=settings.device,
+            )
     return {f"{key}{suffix}": value for key, value in results.items()}
 
 

@@ -137,7 +137,7 @@ def _chart(names: list[str], runs: list[dict[str, Any]], protocols: list[str], p
         tops = [run["protocols"][p]["top1"] for p in protocols if p in run["protocols"]]
         bars = axes.bar(xs, tops, width, label=name)
         axes.bar_label(bars, fmt="%.2f", fontsize=7)
-    axes.set_xticks(range(len(protocols)), protocols)
+    axes.set_xticks(range(len(protocols)), protocols, rotation=30, ha="right", fontsize=8)
     axes.set_xlabel("evaluation protocol")
     axes.set_ylabel("top-1 accuracy")
     axes.set_ylim(0, 1.05)
