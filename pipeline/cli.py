@@ -4,6 +4,7 @@ tune,demo}`` (also ``ray-ssl``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -341,7 +342,7 @@ def _evaluate(checkpoint: Path, floors: bool, save: bool) -> str:
 
 def _evaluate_protocols(args: argparse.Namespace) -> str:
     from pipeline.evaluate import load_eval_context
-    from pipeline.protocols import ProtocolSettings, results_table, run_protocols
+    from pipeline.protocols import ProtocolSettings, label_subsets, results_table, run_protocols
 
     checkpoint = _resolve_checkpoint(args.checkpoint)
     context = load_eval_context(checkpoint, args.train_data, args.test_data)
@@ -356,6 +357,10 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
     suffix = f"@{Path(transfer).resolve().parent.name}" if transfer else ""
     results = run_protocols(context, args.protocol, settings, suffix)
     _save_results(checkpoint, context, results)
+    if "finetune" in args.protocol:  # the label subsets, by image id, for reproduction
+        subsets = label_subsets(context, settings.fractions)
+        ids = {name: [context.train.ids[i] for i in rows] for name, rows in subsets.items()}
+        (checkpoint.parent / f"finetune_subsets{suffix}.json").write_text(json.dumps(ids) + "\n")
     return f"checkpoint: {checkpoint}\ntest split: {context.test_name}\n{results_table(results)}"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.evaluate import EvalContext, KNNReport, evaluate_checkpoint
@@ -42,6 +43,12 @@ class ProtocolSettings:
 def fraction_name(fraction: float) -> str:
     """0.01 -> 'finetune_1pct', 0.1 -> 'finetune_10pct'."""
     return f"finetune_{fraction * 100:g}pct"
+
+
+def label_subsets(context: EvalContext, fractions: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """Each fine-tuning fraction's class-balanced rows of the train split (seeded by run.seed)."""
+    seed = context.config.run.seed
+    return {fraction_name(f): balanced_subset(context.train.labels, f, seed) for f in fractions}
 
 
 def knn_results(report: KNNReport) -> dict[str, dict[str, float]]:
@@ -84,10 +91,10 @@ def run_protocols(
                 seed=seed,
                 device=settings.device,
             )
-    for fraction in settings.fractions if "finetune" in protocols else ():
-        rows = balanced_subset(context.train.labels, fraction, seed)
+    subsets = label_subsets(context, settings.fractions) if "finetune" in protocols else {}
+    for name, rows in subsets.items():
         for tag, method in encoders.items():
-            results[f"{fraction_name(fraction)}{tag}"] = finetune_accuracy(
+            results[f"{name}{tag}"] = finetune_accuracy(
                 method.backbone,
                 method.feature_dim,
                 context.train.pixels[rows],

@@ -2,6 +2,7 @@
 report. The checkpoint is written directly (untrained weights), so no Ray is needed."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from pipeline.checkpoint import build_method_for, save_checkpoint
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.ingest import ImageSpec, channel_stats, read_decoded
+from pipeline.shards import read_labels
 
 
 def _write_run(fmnist_small: dict[str, Path], run: Path, method: str = "simclr") -> Path:
@@ -52,7 +54,7 @@ def run(fmnist_small, tmp_path_factory) -> Path:
     return _write_run(fmnist_small, tmp_path_factory.mktemp("runs") / "simclr-run")
 
 
-def test_protocols_print_a_table_and_merge_into_eval_json(run, capsys):
+def test_protocols_print_a_table_and_merge_into_eval_json(run, fmnist_small, capsys):
     args = ["evaluate", "--checkpoint", str(run), "--protocol", "knn", "linear", "finetune"]
     args += ["--probe-epochs", "5", "--finetune-epochs", "15", "--fractions", "0.25"]
     assert main(args) == 0
@@ -67,6 +69,13 @@ def test_protocols_print_a_table_and_merge_into_eval_json(run, capsys):
     for metrics in saved["protocols"].values():
         # 10 classes, 512 queries: chance is 0.10 +- 0.013; every protocol learns something.
         assert 0.13 < metrics["top1"] <= metrics["top5"] <= 1.0
+    # The label subset is recorded by image id: a quarter of each class of the 2048 images.
+    subset = json.loads((run / "finetune_subsets.json").read_text())["finetune_25pct"]
+    labels = dict(zip(*read_labels(fmnist_small["train"]), strict=True))
+    per_class = Counter(labels[i] for i in subset)
+    everything = Counter(labels.values())
+    assert len(set(subset)) == len(subset)
+    assert all(per_class[c] == max(1, round(0.25 * n)) for c, n in everything.items())
 
 
 def test_transfer_scores_another_dataset_under_its_own_keys(run, fmnist_small, capsys):
