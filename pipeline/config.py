@@ -93,6 +93,9 @@ class TrainConfig:
     online_knn_bank: int = 5000  # per-epoch kNN monitor: train images in the bank (0 = off)
     online_knn_queries: int = 1000  # ... and further train images queried against it
     online_knn_k: int = 20  # a 5k bank is too small for the final protocol's k=200
+    # Linear head on detached features of the training stream, trained alongside (solo-learn,
+    # lightly); its per-epoch accuracy is logged. Needs labels in data.train's shards.
+    online_probe: bool = True
 
 
 @dataclass

@@ -101,7 +101,7 @@ def decode_batch(ids: Sequence[object], images: np.ndarray, spec: ImageSpec) -> 
 def decoded_batch(
     batch: dict[str, np.ndarray], spec: ImageSpec, ledger: ActorHandle | None = None
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {id, image bytes, epoch} -> {id, image uint8}.
+    """Ray Data batch function: {id, image bytes, label, epoch} -> {id, image uint8, label}.
 
     Rejected rows are logged and, with a ``ledger``, counted per epoch with id and reason.
     """
@@ -115,7 +115,11 @@ def decoded_batch(
                 int((epochs[decoded.kept] == epoch).sum()),
                 [(str(ids[p]), r) for p, r in decoded.rejects.items() if epochs[p] == epoch],
             )
-    return {"id": np.asarray(ids[decoded.kept], dtype=object), "image": decoded.pixels}
+    return {
+        "id": np.asarray(ids[decoded.kept], dtype=object),
+        "image": decoded.pixels,
+        "label": batch["label"][decoded.kept],
+    }
 
 
 def augment_batch(
@@ -125,7 +129,7 @@ def augment_batch(
     num_views: int,
     ledger: ActorHandle | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {id, image bytes, epoch} -> {id, view_0, view_1, ...} uint8."""
+    """Ray Data batch function: {id, image bytes, label, epoch} -> {id, label, view_0, ...}."""
     torch.set_num_threads(1)
     decoded = decoded_batch(batch, spec, ledger)
     # Fresh OS entropy per batch: views differ across workers and epochs by construction.
@@ -155,14 +159,20 @@ def views_on_device(
 
 
 _ROWS_SCHEMA = pa.schema(
-    [SHARD_SCHEMA.field("id"), SHARD_SCHEMA.field("image"), pa.field("epoch", pa.int32())]
+    [
+        SHARD_SCHEMA.field("id"),
+        SHARD_SCHEMA.field("image"),
+        pa.field("label", pa.int64()),  # -1: unlabelled (the online probe skips the row)
+        pa.field("epoch", pa.int32()),
+    ]
 )
 
 
 def read_shard_rows(
     batch: pa.Table, skip_ids: list[str], ledger: ActorHandle | None = None
 ) -> pa.Table:
-    """Ray Data batch function: {path, epoch} -> the {id, image, epoch} rows of those files.
+    """Ray Data batch function: {path, epoch} -> the {id, image, label, epoch} rows of those
+    files.
 
     Passes that training has already completed (per the ``ledger``) are not read.
     """
@@ -171,8 +181,16 @@ def read_shard_rows(
     for path, epoch in zip(batch["path"].to_pylist(), batch["epoch"].to_pylist(), strict=True):
         if epoch <= epochs_done:
             continue
-        table = pq.read_table(path, columns=["id", "image"])
+        parquet = pq.ParquetFile(path)
+        labelled = "label" in parquet.schema_arrow.names  # optional in user-made shards
+        table = parquet.read(columns=["id", "image", "label"] if labelled else ["id", "image"])
+        labels = (
+            pc.fill_null(table["label"], -1).cast(pa.int64())
+            if labelled
+            else pa.array(np.full(len(table), -1, np.int64))
+        )
         epochs = pa.array([epoch] * len(table), pa.int32())
+        table = table.select(["id", "image"]).append_column("label", labels)
         tables.append(table.append_column("epoch", epochs).cast(_ROWS_SCHEMA))
     table = pa.concat_tables(tables)
     if skip_ids:

@@ -54,6 +54,7 @@ from pipeline.ingest import (
     views_on_device,
 )
 from pipeline.ledger import IngestLedger, summary_line, write_report
+from pipeline.online_probe import OnlineProbe
 from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
 from ssl_models.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -124,7 +125,9 @@ class OnlineKNN:
         return acc["top1"]
 
 
-def _restore(method: SSLMethod, optimizer: torch.optim.Optimizer, rank: int) -> tuple[int, int]:
+def _restore(
+    method: SSLMethod, optimizer: torch.optim.Optimizer, probe: OnlineProbe | None, rank: int
+) -> tuple[int, int]:
     """Load the run's latest checkpoint, if any; return (completed epochs, global step)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -133,6 +136,8 @@ def _restore(method: SSLMethod, optimizer: torch.optim.Optimizer, rank: int) -> 
         state = load_checkpoint(directory)
     method.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if probe is not None and state.get("online_probe"):
+        probe.load_state_dict(state["online_probe"])
     # Rank 0 saved its generator; each rank derives its own stream from it, reproducibly.
     torch.set_rng_state(state["torch_rng"])
     torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank)
@@ -171,7 +176,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
 
-    start_epoch, step = _restore(method, optimizer, rank)
+    probe = None
+    if config.train.online_probe and loop_config.get("num_classes") and not config.data.synthetic:
+        probe = OnlineProbe(method.backbone, method.feature_dim, loop_config["num_classes"])
+    start_epoch, step = _restore(method, optimizer, probe, rank)
     ledger = loop_config["ledger"]
     if ledger is not None:  # before this rank's first read: a restarted stream skips ahead
         ray.get(ledger.resume_from.remote(start_epoch))
@@ -230,12 +238,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             extra = {}
             if slots is not None:
                 extra["indices"] = torch.tensor([slots[i] for i in batch["id"]], device=device)
+            if probe is not None:
+                probe.arm()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 output = model(views, **extra)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             optimizer.step()
             method.after_optimizer_step(step, total_steps)
+            if probe is not None:
+                probe.step(torch.tensor(batch["label"], device=device))
             step += 1
             epoch_steps += 1
             loss = output.loss.item()
@@ -282,6 +294,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_seconds": seconds,
             "seconds_to_first_step": seconds_to_first_step,
         }
+        probe_top1 = probe.epoch_accuracy() if probe is not None else None  # every rank
+        if probe_top1 is not None:
+            metrics["probe_top1"] = probe_top1
         if rank != 0:
             ray.train.report(metrics)
             continue
@@ -296,13 +311,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             monitor = monitor or OnlineKNN(config, spec)
             method.eval()
             metrics["knn_top1"] = monitor(method.features, mean, std, device)
-        for name in ("loss", "images_per_s", "knn_top1"):
+        for name in ("loss", "images_per_s", "knn_top1", "probe_top1"):
             if name in metrics:
                 writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
         writer.flush()
         print(
             "epoch {epoch} done: loss {loss:.4f}, {images_per_s:,.0f} img/s".format(**metrics)
-            + (f", online kNN top-1 {metrics['knn_top1']:.4f}" if "knn_top1" in metrics else ""),
+            + (f", online kNN top-1 {metrics['knn_top1']:.4f}" if "knn_top1" in metrics else "")
+            + (f", online probe top-1 {probe_top1:.4f}" if probe_top1 is not None else ""),
             flush=True,
         )
         state = {
@@ -318,6 +334,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "mean": loop_config["mean"],
             "std": loop_config["std"],
             "metrics": metrics,
+            "online_probe": probe.state_dict() if probe is not None else None,
         }
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(directory, state)
@@ -380,6 +397,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             "std": std,
             "steps_per_epoch": steps_per_epoch,
             "num_images": rows,
+            "num_classes": manifest.num_classes,
             "started_at": started_at,
             "run_dir": directory,
             "ledger": ledger,

@@ -94,11 +94,12 @@ def test_decode_only_stream_feeds_views_drawn_on_the_device(ray_session, fmnist_
     spec = ImageSpec(size=28, channels=1)
     ds = training_dataset(fmnist_small["train"], spec, None, limit=300, batch_size=100)
     batch = next(iter(ds.iter_batches(batch_size=300, batch_format="numpy")))
-    assert set(batch) == {"id", "image"} and batch["image"].dtype == np.uint8
+    assert set(batch) == {"id", "image", "label"} and batch["image"].dtype == np.uint8
     decoded = read_decoded(fmnist_small["train"], spec, 300)
-    by_id = dict(zip(decoded.ids, decoded.pixels, strict=True))
-    for image_id, pixels in zip(batch["id"], batch["image"], strict=True):
-        np.testing.assert_array_equal(pixels, by_id[image_id])
+    by_id = dict(zip(decoded.ids, zip(decoded.pixels, decoded.labels, strict=True), strict=True))
+    for image_id, pixels, label in zip(batch["id"], batch["image"], batch["label"], strict=True):
+        np.testing.assert_array_equal(pixels, by_id[image_id][0])
+        assert label == by_id[image_id][1]  # labels ride along for the online probe
     gen = torch.Generator().manual_seed(0)
     recipe = ViewRecipe.simclr(24)
     views = views_on_device(batch, 2, torch.device("cpu"), (recipe, gen))
@@ -119,9 +120,10 @@ def test_augment_batch_drops_and_logs_undecodable_rows(fmnist_small, caplog):
         "image": np.asarray(
             [table["image"][0].as_py(), b"not an image", table["image"][1].as_py()], dtype=object
         ),
+        "label": np.asarray([3, 4, -1]),
     }
     out = augment_batch(batch, spec, ViewRecipe.simclr(28), num_views=3)
-    assert list(out["id"]) == ["a", "b"]
+    assert list(out["id"]) == ["a", "b"] and list(out["label"]) == [3, -1]
     assert out["view_2"].shape == (2, 1, 28, 28) and out["view_0"].dtype == np.uint8
     assert "broken" in caplog.text
     np.testing.assert_array_equal(decode_image(table["image"][0].as_py(), spec), good.pixels[0])

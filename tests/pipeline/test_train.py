@@ -46,7 +46,9 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     assert first.metrics["epoch"] == 1 and first.metrics["resumed_from_epoch"] == 0
     state = load_checkpoint(first.checkpoint.path)
     assert state["epoch"] == 1 and state["step"] == steps_per_epoch
+    assert state["online_probe"]["head"]  # resumed with the run, like the method's state
     assert 0.0 <= first.metrics["knn_top1"] <= 1.0
+    assert 0.15 < first.metrics["probe_top1"] <= 1.0  # 10 classes: chance is 0.1
     report = json.loads((tmp_path / "runs" / "e2e" / "ingest_report.json").read_text())
     assert report["1"]["rows"] == report["1"]["delivered"] == 2048
     assert report["1"]["rejected"] == 0
