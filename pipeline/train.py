@@ -177,7 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     std = torch.tensor(loop_config["std"], device=device)
 
     probe = None
-    if config.train.online_probe and loop_config.get("num_classes") and not config.data.synthetic:
+    if config.train.online_probe and loop_config["num_classes"] and not config.data.synthetic:
         probe = OnlineProbe(method.backbone, method.feature_dim, loop_config["num_classes"])
     start_epoch, step = _restore(method, optimizer, probe, rank)
     ledger = loop_config["ledger"]
