@@ -391,10 +391,12 @@ def _retrieval(args: argparse.Namespace) -> str:
 
     checkpoint = _resolve_checkpoint(args.checkpoint)
     context = load_eval_context(checkpoint)
-    encoder = context.method.eval().features
-    test = context.features(encoder, context.test)
+    test = context.features(context.method, context.test)
     neighbours = nearest_neighbours(
-        test[: args.queries], context.features(encoder, context.train), args.k, exclude_self=False
+        test[: args.queries],
+        context.features(context.method, context.train),
+        args.k,
+        exclude_self=False,
     ).numpy()
     queries = slice(0, args.queries)
     path = retrieval_grid(

@@ -9,8 +9,9 @@ kNN on the same architecture with random weights.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,7 @@ class EvalContext:
     train: DecodedImages
     test: DecodedImages
     test_name: str
+    _features: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> ImageSpec:
@@ -164,14 +166,23 @@ class EvalContext:
     def num_classes(self) -> int:
         return int(max(self.train.labels.max(), self.test.labels.max())) + 1
 
-    def features(self, encoder: Callable[[Tensor], Tensor], images: DecodedImages) -> Tensor:
-        mean, std = self.mean_std
-        return extract_features(encoder, images.pixels, mean, std, self.config.eval.batch_size)
+    def features(self, method: SSLMethod, images: DecodedImages) -> Tensor:
+        """``method``'s frozen features of one split, extracted once per context (the
+        protocols share them)."""
+        key = (id(method), id(images))
+        if key not in self._features:
+            mean, std = self.mean_std
+            self._features[key] = extract_features(
+                method.eval().features, images.pixels, mean, std, self.config.eval.batch_size
+            )
+        return self._features[key]
 
+    @functools.cached_property
     def untrained(self) -> SSLMethod:
         """The same architecture with the run's seed and random weights: the floor."""
         torch.manual_seed(self.config.run.seed)
-        return build_method_for(self.config, self.spec.channels, self.state.get("num_images"))
+        method = build_method_for(self.config, self.spec.channels, self.state.get("num_images"))
+        return method.eval()
 
     def label(self) -> str:
         model = self.config.model
@@ -211,23 +222,18 @@ def evaluate_checkpoint(
         acc = knn_accuracy(bank_features, bank_labels, query_features, query_labels, k, temperature)
         return KNNRow(name, acc["top1"], acc["top5"], feature_spread(query_features))
 
-    def encoder_row(name: str, encoder: Callable[[Tensor], Tensor]) -> KNNRow:
+    def encoder_row(name: str, method: SSLMethod) -> KNNRow:
         return score(
-            name, context.features(encoder, context.train), context.features(encoder, context.test)
+            name, context.features(method, context.train), context.features(method, context.test)
         )
 
     model = context.config.model
-    rows = [
-        encoder_row(
-            f"SSL {context.label()}, epoch {context.state['epoch']}", context.method.features
-        )
-    ]
+    rows = [encoder_row(f"SSL {context.label()}, epoch {context.state['epoch']}", context.method)]
     if floors:
         raw = raw_pixel_features
         rows.append(score("raw pixels", raw(context.train.pixels), raw(context.test.pixels)))
-        untrained = context.untrained().eval()
         rows.append(
-            encoder_row(f"random-init {model.backbone} w{model.width:g}", untrained.features)
+            encoder_row(f"random-init {model.backbone} w{model.width:g}", context.untrained)
         )
     return KNNReport(rows, k, temperature, context.test_name)
 

@@ -68,7 +68,7 @@ def run_protocols(
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
     seed = context.config.run.seed
-    encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained()}
+    encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained}
     results: dict[str, dict[str, float]] = {}
     if "knn" in protocols:
         report = evaluate_checkpoint(
@@ -77,14 +77,12 @@ def run_protocols(
         results.update(knn_results(report))
     train_labels = torch.from_numpy(context.train.labels)
     test_labels = torch.from_numpy(context.test.labels)
-    for method in encoders.values():
-        method.eval()
     if "linear" in protocols:
         for tag, method in encoders.items():
             results[f"linear{tag}"] = linear_probe_accuracy(
-                context.features(method.features, context.train),
+                context.features(method, context.train),
                 train_labels,
-                context.features(method.features, context.test),
+                context.features(method, context.test),
                 test_labels,
                 epochs=settings.probe_epochs,
                 lr=settings.probe_lr,
