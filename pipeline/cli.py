@@ -344,6 +344,8 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
     from pipeline.evaluate import load_eval_context
     from pipeline.protocols import ProtocolSettings, label_subsets, results_table, run_protocols
 
+    if (args.train_data is None) != (args.test_data is None):
+        raise ValueError("transfer needs both --train-data and --test-data (one dataset's splits)")
     checkpoint = _resolve_checkpoint(args.checkpoint)
     context = load_eval_context(checkpoint, args.train_data, args.test_data)
     settings = ProtocolSettings(
@@ -353,8 +355,8 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
         fractions=tuple(args.fractions),
         finetune_epochs=args.finetune_epochs,
     )
-    transfer = args.test_data or args.train_data
-    suffix = f"@{Path(transfer).resolve().parent.name}" if transfer else ""
+    # prepare writes a dataset's splits to DATASET/<split>, so the parent names the dataset.
+    suffix = f"@{args.test_data.resolve().parent.name}" if args.test_data else ""
     results = run_protocols(context, args.protocol, settings, suffix)
     _save_results(checkpoint, context, results)
     if "finetune" in args.protocol:  # the label subsets, by image id, for reproduction

@@ -47,6 +47,12 @@ def test_missing_checkpoint_is_explained(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_transfer_needs_both_splits_of_one_dataset(tmp_path, capsys):
+    args = ["evaluate", "--checkpoint", str(tmp_path), "--test-data", str(tmp_path)]
+    assert main(args) == 2
+    assert "both --train-data and --test-data" in capsys.readouterr().err
+
+
 def test_prepare_a_folder_then_reuse_it(tmp_path, capsys):
     for label in ("cat", "dog"):
         (tmp_path / "images" / label).mkdir(parents=True)
