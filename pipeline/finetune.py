@@ -22,7 +22,7 @@ from pipeline.augment import ViewRecipe, random_views
 from pipeline.evaluate import topk_accuracy
 from pipeline.ingest import normalize
 from pipeline.linear_probe import new_head
-from ssl_models.optim import param_groups, warmup_cosine
+from ssl_models.optim import param_groups, set_lr, warmup_cosine
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -120,8 +120,7 @@ def finetune_accuracy(
     for epoch in range(epochs):
         order = torch.randperm(len(train_pixels), generator=gen)
         for step in range(steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(epoch * steps_per_epoch + step, total, 0, lr)
+            set_lr(optimizer, warmup_cosine(epoch * steps_per_epoch + step, total, 0, lr))
             rows = order[step * batch_size : (step + 1) * batch_size]
             images = torch.from_numpy(train_pixels[rows.numpy()]).to(device)
             views = normalize(random_views(images, recipe, gen), mean, std)

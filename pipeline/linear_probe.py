@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.evaluate import topk_accuracy
-from ssl_models.optim import warmup_cosine
+from ssl_models.optim import set_lr, warmup_cosine
 
 
 def check_labelled(features: Tensor, labels: Tensor, num_classes: int | None, split: str) -> None:
@@ -97,8 +97,7 @@ def train_linear_probe(
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=gen).to(device)
         for step in range(steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(epoch * steps_per_epoch + step, total, 0, lr)
+            set_lr(optimizer, warmup_cosine(epoch * steps_per_epoch + step, total, 0, lr))
             batch = order[step * batch_size : (step + 1) * batch_size]
             loss = F.cross_entropy(head(x[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)

@@ -57,7 +57,7 @@ from pipeline.ledger import IngestLedger, summary_line, write_report
 from pipeline.online_probe import OnlineProbe
 from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
-from ssl_models.optim import build_optimizer, scaled_lr, warmup_cosine
+from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
 
 EDGE_STEPS = 5  # steps averaged for the per-epoch loss_first_steps / loss_last_steps
 
@@ -229,8 +229,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         progress.mark(step)
         for batch in itertools.islice(batches, steps_per_epoch):
             lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr if group.get("fixed_lr") else lr_now
+            set_lr(optimizer, lr_now, base_lr=lr)
             views = [
                 normalize(view, mean, std).contiguous(memory_format=memory_format)
                 for view in views_on_device(batch, method.num_views, device, augment_here)

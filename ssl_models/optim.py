@@ -5,7 +5,8 @@
   optimiser SimCLR uses for large batches.
 - :func:`param_groups`: biases and normalisation parameters get no weight decay and no trust
   ratio, as in SimCLR, BYOL and solo-learn.
-- :func:`warmup_cosine` and :func:`scaled_lr`: SimCLR's schedule and linear scaling rule.
+- :func:`warmup_cosine` and :func:`scaled_lr`: SimCLR's schedule and linear scaling rule;
+  :func:`set_lr` applies a scheduled rate to an optimiser.
 """
 
 import math
@@ -139,6 +140,14 @@ def warmup_cosine(
         return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float | None = None) -> None:
+    """Give every parameter group ``lr``, except that a group marked ``"fixed_lr"`` (SimSiam's
+    predictor, see ``SSLMethod.param_groups``) keeps ``base_lr``."""
+    for group in optimizer.param_groups:
+        fixed = group.get("fixed_lr") and base_lr is not None
+        group["lr"] = base_lr if fixed else lr
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:

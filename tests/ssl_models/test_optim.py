@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_models.optim import LARS, build_optimizer, param_groups, scaled_lr, warmup_cosine
+from ssl_models.optim import (
+    LARS,
+    build_optimizer,
+    param_groups,
+    scaled_lr,
+    set_lr,
+    warmup_cosine,
+)
 
 
 def test_lars_one_step_matches_hand_computation():
@@ -81,3 +88,13 @@ def test_warmup_cosine():
 def test_scaled_lr():
     assert scaled_lr(0.3, 4096) == pytest.approx(4.8)
     assert scaled_lr(0.3, 256) == pytest.approx(0.3)
+
+
+def test_set_lr_keeps_fixed_groups_at_the_base_rate():
+    weights = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))]
+    groups = [{"params": [weights[0]]}, {"params": [weights[1]], "fixed_lr": True}]
+    optimizer = torch.optim.SGD(groups, lr=0.5)
+    set_lr(optimizer, 0.1, base_lr=0.5)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.1, 0.5]
+    set_lr(optimizer, 0.2)  # no base rate: every group follows the schedule
+    assert [group["lr"] for group in optimizer.param_groups] == [0.2, 0.2]
