@@ -193,6 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = loop_config["steps_per_epoch"]
     total_steps = steps_per_epoch * config.train.epochs
     warmup_steps = int(config.train.warmup_epochs * steps_per_epoch)
+    method.set_schedule(steps_per_epoch, total_steps)
     local_batch = config.train.batch_size // world
     progress = ProgressLog(step, total_steps, config.train.batch_size)
     writer = monitor = None
@@ -243,6 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 output = model(views, **extra)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
+            method.before_optimizer_step(step)
             optimizer.step()
             method.after_optimizer_step(step, total_steps)
             if probe is not None:

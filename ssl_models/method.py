@@ -29,8 +29,11 @@ class SSLMethod(nn.Module):
     the keyword-only options are what ``method.*`` config keys may set (see ``registry``).
     """
 
-    #: Random views the data stage makes of each image.
+    #: Random full-size ("global") views the data stage makes of each image.
     num_views: ClassVar[int] = 2
+    #: Whether ``forward`` also takes multi-crop's small "local" views (Caron et al. 2020):
+    #: then the data stage appends ``augment.local_crops`` of them after the global views.
+    takes_local_views: ClassVar[bool] = False
     #: Whether ``forward`` needs each image's dataset index (memory-bank methods); such a
     #: method's ``__init__`` also takes ``num_images`` after ``feature_dim``.
     uses_image_indices: ClassVar[bool] = False
@@ -56,6 +59,16 @@ class SSLMethod(nn.Module):
         the warm-up + cosine schedule (SimSiam's predictor).
         """
         return param_groups(self, weight_decay)
+
+    def set_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        """The loop calls this once before its first step (resumed runs too), so schedules
+        counted in epochs (DINO's teacher-temperature warm-up) can be turned into steps."""
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Hook between ``backward`` and the optimiser step ``step`` (0 for the first):
+        gradient clipping, freezing a layer early on. Default: none."""
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook the loop calls after each optimiser step (EMA updates etc.). Default: none."""
