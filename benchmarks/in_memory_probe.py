@@ -26,7 +26,7 @@ from pipeline.augment import ViewRecipe, random_views
 from pipeline.evaluate import extract_features, knn_accuracy, raw_pixel_features
 from pipeline.ingest import ImageSpec, channel_stats, normalize, read_decoded
 from ssl_models import METHODS, build_method
-from ssl_models.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+from ssl_models.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
 SHARDS = "data/shards/fashion-mnist"
 
@@ -114,8 +114,7 @@ def main() -> None:
             for _ in range(method.num_views)
         ]
         lr_now = warmup_cosine(step, args.steps, args.steps // 10, lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr if group.get("fixed_lr") else lr_now
+        set_lr(optimizer, lr_now, base_lr=lr)
         extra = {"indices": indices} if method.uses_image_indices else {}
         loss = method(views, **extra).loss
         optimizer.zero_grad()

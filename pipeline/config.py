@@ -60,6 +60,13 @@ class AugmentConfig:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.0  # SimCLR drops blur for 32 px images; use 0.5 for large images
+    # Multi-crop (SwAV, Caron et al. 2020; DINO): small "local" views added after the global
+    # ones, for methods that take them. Their side is local_size px (0: 96/224 of the image
+    # side, the papers' ratio) and they cover local_crop_scale_min..max of the image.
+    local_crops: int = 0
+    local_size: int = 0
+    local_crop_scale_min: float = 0.05
+    local_crop_scale_max: float = 0.4
     # Draw the views on the training device (GPU) from decoded images, for nodes whose CPUs
     # cannot keep up; same recipe. False: the Ray Data stage draws them on CPU workers.
     on_train_device: bool = False
@@ -157,6 +164,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "augment.jitter_prob": (_probability, "a probability in [0, 1]"),
     "augment.grayscale_prob": (_probability, "a probability in [0, 1]"),
     "augment.blur_prob": (_probability, "a probability in [0, 1]"),
+    "augment.local_crops": (lambda x: x >= 0, "an integer >= 0"),
+    "augment.local_size": (lambda x: x == 0 or x >= 4, "0 (automatic) or an integer >= 4"),
+    "augment.local_crop_scale_min": (lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "augment.local_crop_scale_max": (lambda x: 0 < x <= 1, "a number in (0, 1]"),
     "model.backbone": (lambda s: s in BACKBONES, f"one of {sorted(BACKBONES)}"),
     "model.width": (lambda x: 0 < x <= 4, "a number in (0, 4]"),
     "train.epochs": (_positive, "an integer >= 1"),
@@ -265,7 +276,19 @@ def validate(config: Config) -> Config:
         )
     if train.batch_size // train.num_workers < 2:
         raise ConfigError("config key 'train.batch_size' must give each worker at least 2 images")
+    augment = config.augment
+    if augment.local_crop_scale_min > augment.local_crop_scale_max:
+        raise ConfigError(
+            "config key 'augment.local_crop_scale_min' must not exceed "
+            f"'augment.local_crop_scale_max' ({augment.local_crop_scale_max})"
+        )
     _validate_method(config.method)
+    if augment.local_crops and not METHODS[config.method_name].takes_local_views:
+        multi_crop = sorted(name for name, cls in METHODS.items() if cls.takes_local_views)
+        raise ConfigError(
+            f"config key 'augment.local_crops' must be 0 for method {config.method_name!r}, "
+            f"which takes no local views (methods that do: {multi_crop or 'none yet'})"
+        )
     return config
 
 

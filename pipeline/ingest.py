@@ -125,37 +125,36 @@ def decoded_batch(
 def augment_batch(
     batch: dict[str, np.ndarray],
     spec: ImageSpec,
-    recipe: ViewRecipe,
-    num_views: int,
+    recipes: Sequence[ViewRecipe],
     ledger: ActorHandle | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {id, image bytes, label, epoch} -> {id, label, view_0, ...}."""
+    """Ray Data batch function: {id, image bytes, label, epoch} -> {id, label, view_0, ...},
+    one view per recipe (each at its recipe's size: multi-crop's views differ in size)."""
     torch.set_num_threads(1)
     decoded = decoded_batch(batch, spec, ledger)
     # Fresh OS entropy per batch: views differ across workers and epochs by construction.
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     pixels = torch.from_numpy(decoded.pop("image"))
-    for index in range(num_views):
+    for index, recipe in enumerate(recipes):
         decoded[f"view_{index}"] = random_views(pixels, recipe, gen).numpy()
     return decoded
 
 
 def views_on_device(
     batch: dict[str, np.ndarray],
-    num_views: int,
+    recipes: Sequence[ViewRecipe],
     device: torch.device,
-    augment: tuple[ViewRecipe, torch.Generator] | None = None,
+    gen: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
-    """The batch's uint8 views on ``device``: shipped by the data stage, or drawn there from
-    the decoded images with ``augment`` = (recipe, CPU generator for the parameters)."""
-    if augment is None:
+    """The batch's uint8 views on ``device``, one per recipe: shipped by the data stage, or,
+    given ``gen`` (a CPU generator for the parameters), drawn there from the decoded images."""
+    if gen is None:
         return [
             torch.from_numpy(batch[f"view_{i}"]).to(device, non_blocking=True)
-            for i in range(num_views)
+            for i in range(len(recipes))
         ]
-    recipe, gen = augment
     images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
-    return [random_views(images, recipe, gen) for _ in range(num_views)]
+    return [random_views(images, recipe, gen) for recipe in recipes]
 
 
 _ROWS_SCHEMA = pa.schema(
@@ -198,11 +197,18 @@ def read_shard_rows(
     return table
 
 
-def synthetic_batch(ids: list, spec: ImageSpec, num_views: int) -> dict[str, np.ndarray]:
-    """A fixed batch of random uint8 views: the data path's speed ceiling, for benchmarks."""
+def synthetic_batch(
+    ids: list, spec: ImageSpec, recipes: Sequence[ViewRecipe]
+) -> dict[str, np.ndarray]:
+    """A fixed batch of random uint8 views, one per recipe at its size: the data path's speed
+    ceiling, for benchmarks."""
     rng = np.random.default_rng(0)
-    shape = (len(ids), spec.channels, spec.size, spec.size)
-    batch = {f"view_{i}": rng.integers(0, 256, shape, dtype=np.uint8) for i in range(num_views)}
+    batch = {
+        f"view_{i}": rng.integers(
+            0, 256, (len(ids), spec.channels, recipe.size, recipe.size), dtype=np.uint8
+        )
+        for i, recipe in enumerate(recipes)
+    }
     return {"id": np.asarray(ids, dtype=object), **batch}
 
 
@@ -225,9 +231,8 @@ def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], lis
 def training_dataset(
     shard_dir: str | Path,
     spec: ImageSpec,
-    recipe: ViewRecipe | None,
+    recipes: Sequence[ViewRecipe] | None,
     *,
-    num_views: int = 2,
     epochs: int = 1,
     first_epoch: int = 0,
     seed: int = 0,
@@ -236,15 +241,15 @@ def training_dataset(
     batch_size: int = 256,
     ledger: ActorHandle | None = None,
 ) -> ray.data.Dataset:
-    """Lazy Ray dataset of augmented views for ``epochs`` passes (labels are never read).
+    """Lazy Ray dataset of augmented views for ``epochs`` passes (with ids and labels).
 
     All passes are one stream, each over the shard files in its own seeded order, so the
     next epoch's decoding overlaps the end of the current one instead of restarting the
     execution (and its worker processes) at every epoch. Passes are numbered from
     ``first_epoch`` + 1 (a resumed run continues the numbering and the orders); a ``ledger``
-    (pipeline.ledger) counts each one's delivered and rejected rows. With ``recipe=None``
-    the stage only decodes and the views are drawn on the training device
-    (``views_on_device``).
+    (pipeline.ledger) counts each one's delivered and rejected rows. Each row carries one
+    view per recipe; with ``recipes=None`` the stage only decodes and the views are drawn on
+    the training device (``views_on_device``).
     """
     files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
     passes = []
@@ -261,11 +266,11 @@ def training_dataset(
         batch_format="pyarrow",
     )
     fn_kwargs: dict[str, object] = {"spec": spec, "ledger": ledger}
-    if recipe is None:
+    if recipes is None:
         fn = decoded_batch
     else:
         fn = augment_batch
-        fn_kwargs |= {"recipe": recipe, "num_views": num_views}
+        fn_kwargs |= {"recipes": list(recipes)}
     return ds.map_batches(
         fn,
         fn_kwargs=fn_kwargs,

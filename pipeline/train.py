@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,25 @@ def run_dir(config: Config) -> str:
 def view_recipe(config: Config, size: int) -> ViewRecipe:
     """The augment section's SimCLR recipe at ``size`` px (wherever the views are drawn)."""
     options = asdict(config.augment)
-    del options["on_train_device"]
+    # The keys that say where views are drawn and how many local ones, not what each looks like.
+    for key in [key for key in options if key == "on_train_device" or key.startswith("local_")]:
+        del options[key]
     return ViewRecipe.simclr(size, **options)
+
+
+def view_recipes(config: Config, size: int) -> list[ViewRecipe]:
+    """One recipe per view the method takes: its global views at ``size`` px, then the
+    augment section's multi-crop local views (same recipe, smaller side and crop area)."""
+    augment = config.augment
+    full = view_recipe(config, size)
+    # SwAV and DINO pair 224 px global with 96 px local crops.
+    local_side = augment.local_size or max(4, round(size * 96 / 224))
+    local = replace(
+        full,
+        size=local_side,
+        crop_scale=(augment.local_crop_scale_min, augment.local_crop_scale_max),
+    )
+    return [full] * METHODS[config.method_name].num_views + [local] * augment.local_crops
 
 
 class ProgressLog:
@@ -203,10 +220,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         writer = SummaryWriter(f"{loop_config['run_dir']}/tensorboard")
 
     slots = image_slots(config.data.train, num_images) if method.uses_image_indices else None
-    augment_here = None
+    recipes = view_recipes(config, spec.size)
+    augment_gen = None  # a CPU generator when the views are drawn here, not by the data stage
     if config.data.synthetic:
         ids = list(slots or range(num_images))[:local_batch]
-        batches = itertools.repeat(synthetic_batch(ids, spec, method.num_views))
+        batches = itertools.repeat(synthetic_batch(ids, spec, recipes))
     else:
         # One stream for all remaining epochs (see training_dataset); an epoch is a step count.
         batches = iter(
@@ -219,8 +237,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         if config.augment.on_train_device:
             # Parameters come from a CPU generator: a seed gives the same views on any device.
-            gen = torch.Generator().manual_seed(config.run.seed * 1009 + rank * 101 + start_epoch)
-            augment_here = (view_recipe(config, spec.size), gen)
+            seed = config.run.seed * 1009 + rank * 101 + start_epoch
+            augment_gen = torch.Generator().manual_seed(seed)
     seconds_to_first_step = None
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
@@ -233,7 +251,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             set_lr(optimizer, lr_now, base_lr=lr)
             views = [
                 normalize(view, mean, std).contiguous(memory_format=memory_format)
-                for view in views_on_device(batch, method.num_views, device, augment_here)
+                for view in views_on_device(batch, recipes, device, augment_gen)
             ]
             extra = {}
             if slots is not None:
@@ -379,8 +397,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
         datasets["train"] = training_dataset(
             config.data.train,
             spec,
-            None if on_device else view_recipe(config, spec.size),
-            num_views=METHODS[config.method_name].num_views,
+            None if on_device else view_recipes(config, spec.size),
             epochs=max(config.train.epochs - completed_epochs, 1),
             first_epoch=completed_epochs,
             seed=config.run.seed,

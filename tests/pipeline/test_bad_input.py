@@ -94,7 +94,7 @@ def test_every_pass_accounts_for_every_row(ray_session, tmp_path):
     ds = training_dataset(
         tmp_path / "shards",
         ImageSpec(12, 3),
-        ViewRecipe.simclr(12),
+        [ViewRecipe.simclr(12)] * 2,
         epochs=2,
         first_epoch=4,
         batch_size=4,

@@ -42,6 +42,9 @@ def test_integer_given_for_float_key_becomes_float():
         ("train.epochs=0", "train.epochs"),
         ("train.epochs=two", "train.epochs"),
         ("augment.flip_prob=1.5", "augment.flip_prob"),
+        ("augment.local_crops=-1", "augment.local_crops"),
+        ("augment.local_crops=6", "augment.local_crops"),  # SimCLR takes no local views
+        ("augment.local_crop_scale_min=0.5", "augment.local_crop_scale_min"),  # above max 0.4
         ("model.backbone=vgg", "model.backbone"),
         ("train.optimizer=adam9", "train.optimizer"),
         ("method.name=nosuch", "method.name"),

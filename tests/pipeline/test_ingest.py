@@ -46,7 +46,7 @@ def test_each_id_once_per_pass_and_views_change(ray_session, fmnist_small, tmp_p
     ds = training_dataset(
         fmnist_small["train"],
         spec,
-        ViewRecipe.simclr(spec.size),
+        [ViewRecipe.simclr(spec.size)] * 2,
         epochs=passes,
         limit=limit,
         batch_size=128,
@@ -101,9 +101,9 @@ def test_decode_only_stream_feeds_views_drawn_on_the_device(ray_session, fmnist_
         np.testing.assert_array_equal(pixels, by_id[image_id][0])
         assert label == by_id[image_id][1]  # labels ride along for the online probe
     gen = torch.Generator().manual_seed(0)
-    recipe = ViewRecipe.simclr(24)
-    views = views_on_device(batch, 2, torch.device("cpu"), (recipe, gen))
-    assert [v.shape for v in views] == [(300, 1, 24, 24)] * 2
+    recipes = [ViewRecipe.simclr(24)] * 2 + [ViewRecipe.simclr(12, crop_scale_min=0.05)]
+    views = views_on_device(batch, recipes, torch.device("cpu"), gen)
+    assert [v.shape for v in views] == [(300, 1, 24, 24)] * 2 + [(300, 1, 12, 12)]
     assert views[0].dtype == torch.uint8 and not torch.equal(views[0], views[1])
 
 
@@ -122,9 +122,12 @@ def test_augment_batch_drops_and_logs_undecodable_rows(fmnist_small, caplog):
         ),
         "label": np.asarray([3, 4, -1]),
     }
-    out = augment_batch(batch, spec, ViewRecipe.simclr(28), num_views=3)
+    # Multi-crop: two global views and a small local one.
+    recipes = [ViewRecipe.simclr(28)] * 2 + [ViewRecipe.simclr(12)]
+    out = augment_batch(batch, spec, recipes)
     assert list(out["id"]) == ["a", "b"] and list(out["label"]) == [3, -1]
-    assert out["view_2"].shape == (2, 1, 28, 28) and out["view_0"].dtype == np.uint8
+    assert out["view_1"].shape == (2, 1, 28, 28) and out["view_0"].dtype == np.uint8
+    assert out["view_2"].shape == (2, 1, 12, 12)
     assert "broken" in caplog.text
     np.testing.assert_array_equal(decode_image(table["image"][0].as_py(), spec), good.pixels[0])
 

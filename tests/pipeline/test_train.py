@@ -15,7 +15,8 @@ import torch
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.train import pretrain, run_dir
+from pipeline.train import pretrain, run_dir, view_recipes
+from ssl_models import METHODS
 
 
 def _config(fmnist_small, tmp_path, epochs: int, *extra: str):
@@ -180,3 +181,19 @@ def test_run_dir_is_absolute_and_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(None, ["run.root=runs", "run.name=abc"])
     assert run_dir(config) == f"{tmp_path}/runs/abc"
+
+
+def test_view_recipes_are_the_methods_global_views_then_the_local_crops(monkeypatch):
+    config = load_config(None, ["augment.crop_scale_min=0.4", "augment.strength=1.0"])
+    two = view_recipes(config, 28)
+    assert len(two) == 2 and two[0] == two[1]
+    assert two[0].size == 28 and two[0].crop_scale == (0.4, 1.0) and two[0].brightness == 0.8
+    # A method that takes multi-crop's local views gets them after its global ones; the
+    # local side defaults to the papers' 96/224 of the global side.
+    monkeypatch.setattr(METHODS["simclr"], "takes_local_views", True)
+    config = load_config(None, ["augment.local_crops=3", "augment.local_crop_scale_max=0.3"])
+    views = view_recipes(config, 28)
+    assert [v.size for v in views] == [28, 28, 12, 12, 12]
+    assert views[2].crop_scale == (0.05, 0.3) and views[2].brightness == views[0].brightness
+    config = load_config(None, ["augment.local_crops=1", "augment.local_size=16"])
+    assert view_recipes(config, 224)[-1].size == 16
