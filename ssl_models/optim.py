@@ -3,8 +3,9 @@
 - :class:`LARS`: SGD with momentum whose per-layer step is scaled by a trust ratio
   (You et al. 2017, "Large Batch Training of Convolutional Networks", arXiv:1708.03888), the
   optimiser SimCLR uses for large batches.
-- :func:`param_groups`: biases and normalisation parameters get no weight decay and no trust
-  ratio, as in SimCLR, BYOL and solo-learn.
+- :func:`param_groups`: biases and normalisation parameters (and a ViT's position embeddings
+  and CLS token) get no weight decay and no trust ratio, as in SimCLR, BYOL, solo-learn and
+  DeiT.
 - :func:`warmup_cosine` and :func:`scaled_lr`: SimCLR's schedule and linear scaling rule;
   :func:`set_lr` applies a scheduled rate to an optimiser.
 """
@@ -80,17 +81,30 @@ class LARS(Optimizer):
         return loss
 
 
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    # timm's convention: a submodule's no_weight_decay() names some of its own parameters.
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            names |= {f"{prefix}.{name}" if prefix else name for name in hook()}
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split trainable parameters into weights and {biases, normalisation parameters}.
 
     Parameters with ``ndim <= 1`` (biases, BatchNorm/LayerNorm scales and shifts) form the
     second group, with ``weight_decay=0`` and ``exclude_from_lars=True``: decaying or
-    trust-scaling them hurts accuracy and buys nothing. Empty groups are left out.
+    trust-scaling them hurts accuracy and buys nothing. So do the parameters a submodule
+    names in a ``no_weight_decay()`` method (timm's convention; a ViT's position embeddings
+    and CLS token, as in DeiT). Empty groups are left out.
     """
+    no_decay = _no_weight_decay_names(model)
     regular, excluded = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (excluded if p.ndim <= 1 else regular).append(p)
+            (excluded if p.ndim <= 1 or name in no_decay else regular).append(p)
     groups = [
         {"params": regular, "weight_decay": weight_decay, "exclude_from_lars": False},
         {"params": excluded, "weight_decay": 0.0, "exclude_from_lars": True},

@@ -98,3 +98,19 @@ def test_set_lr_keeps_fixed_groups_at_the_base_rate():
     assert [group["lr"] for group in optimizer.param_groups] == [0.1, 0.5]
     set_lr(optimizer, 0.2)  # no base rate: every group follows the schedule
     assert [group["lr"] for group in optimizer.param_groups] == [0.2, 0.2]
+
+
+def test_param_groups_honour_a_submodules_no_weight_decay_names():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Parameter(torch.zeros(1, 1, 4))
+            self.proj = nn.Linear(4, 4)
+
+        def no_weight_decay(self):
+            return {"token"}
+
+    model = nn.Sequential(nn.Linear(4, 4), Tokens())
+    regular, excluded = param_groups(model, weight_decay=0.1)
+    assert regular["params"] == [model[0].weight, model[1].proj.weight]
+    assert excluded["params"] == [model[0].bias, model[1].token, model[1].proj.bias]
