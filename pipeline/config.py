@@ -76,7 +76,7 @@ class AugmentConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     width: float = 0.25
-    small_images: bool = True  # 3x3 stem, no max-pool (for 28-64 px inputs)
+    small_images: bool = True  # for 28-64 px: ResNet 3x3 stem, no max-pool; ViT 4 px patches
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Encoders that turn an image batch (N, C, H, W) into a feature batch (N, D).
 
-Every backbone ends in global average pooling, so downstream code (projection heads, kNN and
-linear-probe evaluation) only ever sees flat feature vectors.
+The convolutional backbones end in global average pooling and the transformers return their
+CLS token, so downstream code (projection heads, kNN and linear-probe evaluation) only ever
+sees flat feature vectors.
 
 - ``resnet18`` / ``resnet50``: torchvision's residual blocks (He et al. 2016, arXiv:1512.03385)
   with every stage width multiplied by ``width``. Module names follow torchvision's ``ResNet``
@@ -11,6 +12,13 @@ linear-probe evaluation) only ever sees flat feature vectors.
   used by SimCLR and solo-learn: on 32 px images the ImageNet stem would throw away 15/16 of
   the pixels before the first residual block.
 - ``small_cnn``: four conv-BN-ReLU stages, a fast CPU-friendly encoder for demos on 28-32 px.
+- ``vit_tiny`` / ``vit_small``: Vision Transformers (Dosovitskiy et al. 2021, arXiv:2010.11929)
+  sized as DeiT-Ti / DeiT-S (Touvron et al. 2021, arXiv:2012.12877; 192 or 384 dims, 12
+  blocks, 3 or 6 heads), built from torchvision's encoder blocks in ``ssl_models.vit``.
+  ``width`` scales the embedding dim at a fixed head count. ``small_images=True`` uses 4 px
+  patches (an 8x8 grid on 32 px, 7x7 on 28 px), otherwise 16 px patches (14x14 on 224 px);
+  position embeddings are interpolated for other input sizes, which must be multiples of
+  the patch size.
 """
 
 from collections.abc import Callable, Sequence
@@ -18,6 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+from ssl_models.vit import build_vit
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -125,11 +135,21 @@ def _small_cnn(width: float, in_channels: int, small_images: bool) -> nn.Module:
     return SmallCNN(width=width, in_channels=in_channels)
 
 
+def _vit_tiny(width: float, in_channels: int, small_images: bool) -> nn.Module:
+    return build_vit("vit_tiny", width=width, in_channels=in_channels, small_images=small_images)
+
+
+def _vit_small(width: float, in_channels: int, small_images: bool) -> nn.Module:
+    return build_vit("vit_small", width=width, in_channels=in_channels, small_images=small_images)
+
+
 # name -> builder(width, in_channels, small_images); each module exposes `out_dim`.
 BACKBONES: dict[str, Callable[[float, int, bool], nn.Module]] = {
     "resnet18": _resnet18,
     "resnet50": _resnet50,
     "small_cnn": _small_cnn,
+    "vit_tiny": _vit_tiny,
+    "vit_small": _vit_small,
 }
 
 
