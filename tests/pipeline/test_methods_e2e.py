@@ -1,5 +1,6 @@
 """Every registered method trains one short epoch on real Fashion-MNIST through Ray with
-2 workers: finite loss that goes down, and a checkpoint that rebuilds the method."""
+2 workers: finite loss that goes down, and a checkpoint that rebuilds the method. Methods
+that take multi-crop's local views get two, so the data stage ships views of two sizes."""
 
 import math
 
@@ -34,6 +35,7 @@ def test_method_trains_through_ray(name, ray_session, fmnist_small, tmp_path):
             "train.epochs=1",
             "train.warmup_epochs=0.1",
             "train.online_knn_bank=0",
+            f"augment.local_crops={2 if METHODS[name].takes_local_views else 0}",
         ],
     )
     result = pretrain(config)
