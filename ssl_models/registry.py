@@ -18,6 +18,7 @@ from ssl_models.methods import (
     MoCoV3,
     SimCLR,
     SimSiam,
+    SwAV,
     VICReg,
 )
 
@@ -30,6 +31,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
+    "swav": SwAV,
 }
 
 

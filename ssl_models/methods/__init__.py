@@ -7,6 +7,17 @@ from ssl_models.methods.moco_v2 import MoCoV2
 from ssl_models.methods.moco_v3 import MoCoV3
 from ssl_models.methods.simclr import SimCLR
 from ssl_models.methods.simsiam import SimSiam
+from ssl_models.methods.swav import SwAV
 from ssl_models.methods.vicreg import VICReg
 
-__all__ = ["BYOL", "BarlowTwins", "InstDisc", "MoCoV2", "MoCoV3", "SimCLR", "SimSiam", "VICReg"]
+__all__ = [
+    "BYOL",
+    "BarlowTwins",
+    "InstDisc",
+    "MoCoV2",
+    "MoCoV3",
+    "SimCLR",
+    "SimSiam",
+    "SwAV",
+    "VICReg",
+]

@@ -1,0 +1,178 @@
+"""SwAV (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
+Assignments", arXiv:2006.09882), Algorithm 1 with multi-crop, as in the official main_swav.py.
+
+    # C: prototypes (D x K); model: backbone + projection head; temp: temperature
+    for x in loader:
+        with no_grad: C = normalize(C, dim=0)          # at the start of every iteration
+        crops = 2 global + V local augmentations of x  # one backbone pass per resolution
+        z = normalize(model(cat(crops)), dim=1)        # embeddings: (2 + V)B x D
+        scores = mm(z, C)                              # prototype scores: (2 + V)B x K
+        with no_grad:                                  # codes of the 2 global crops only
+            q_t = sinkhorn(cat(queue_t @ C, scores_t))[-B:]   # queue: once it is enabled
+            q_s = sinkhorn(cat(queue_s @ C, scores_s))[-B:]
+            enqueue(queue_t, z_t); enqueue(queue_s, z_s)
+        loss = swapped prediction: q_t from every other crop, q_s from every other crop
+        loss.backward()
+        if iteration < freeze_prototypes_iters: C.grad = None
+        update(model.params, C)
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_models.dist import gather_no_grad, rank, world_size
+from ssl_models.heads import ProjectionHead
+from ssl_models.losses.swav import sinkhorn_knopp, swapped_prediction_loss
+from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.queue import FeatureQueue
+
+
+class SwAV(SSLMethod):
+    """SwAV: online clustering with Sinkhorn-Knopp codes and swapped prediction, multi-crop.
+
+    - Head: Linear-BN-ReLU-Linear to ``projection_dim``, L2-normalised; the projector's BN
+      sees all crops at once (the official ``forward_head`` runs on the concatenation).
+    - Prototypes: a bias-free linear layer whose rows are L2-normalised under no_grad at the
+      start of every forward, as the official loop does at the start of each iteration.
+    - Queue: per assignment crop, a FIFO buffer of past embeddings of the *global* batch
+      (gathered from all ranks, so every rank holds the same buffer and rank 0's checkpoint
+      restores all of them). Sinkhorn on rank r uses rank r's own past rows, which is the
+      official per-rank queue of length queue_length / world_size; together the ranks'
+      rows make the global queue, so codes equal the single-process ones. Filling starts
+      at epoch ``epoch_queue_starts`` (epoch = optimiser steps done // steps_per_epoch,
+      counted in a buffer) and the queue is used once full.
+
+    Args:
+        backbone: encoder mapping images to (N, feature_dim) features.
+        feature_dim: backbone output dimension.
+        num_prototypes: K. The paper uses 3000 on ImageNet (3x its 1000 classes), where the
+            queue makes batch + queue exceed K. 100 keeps more than 2 samples per
+            prototype in a batch of 256 without a queue, so the equipartition is meaningful
+            at batch level, and still over-clusters 10-class datasets tenfold.
+        temperature: softmax temperature of the predictions (0.1 in the paper).
+        epsilon: Sinkhorn entropic regularisation (0.05 in the paper).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (3 in the paper).
+        queue_length: total queued embeddings per assignment crop over all ranks; a
+            multiple of the global batch; 0 (off) as the official default. The paper uses
+            3840 with batches of 256 and 3000 prototypes.
+        epoch_queue_starts: epoch from which the queue is filled (15, the official value).
+        freeze_prototypes_iters: the first optimiser steps during which the prototypes get
+            no update. The official 313 is one ImageNet epoch at batch 4096; 200 is about
+            one epoch of a 50-60k-image dataset (CIFAR, Fashion-MNIST) at batch 256.
+        projection_hidden_dim: hidden width of the head (2048 in the paper, matching
+            ResNet-50; 512 suits the small backbones used here, as for the other methods).
+        projection_dim: embedding and prototype dimension (128 in the paper).
+    """
+
+    takes_local_views = True
+    #: Crops given codes: the two global views (the official ``crops_for_assign`` = [0, 1]).
+    crops_for_assign: tuple[int, ...] = (0, 1)
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        *,
+        num_prototypes: int = 100,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        queue_length: int = 0,
+        epoch_queue_starts: int = 15,
+        freeze_prototypes_iters: int = 200,
+        projection_hidden_dim: int = 512,
+        projection_dim: int = 128,
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        if num_prototypes < 1 or queue_length < 0 or epoch_queue_starts < 0:
+            raise ValueError("need num_prototypes >= 1, queue_length >= 0, epoch_queue_starts >= 0")
+        if temperature <= 0 or epsilon <= 0 or sinkhorn_iterations < 1:
+            raise ValueError("need temperature > 0, epsilon > 0 and sinkhorn_iterations >= 1")
+        self.temperature, self.epsilon = temperature, epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.queue_length, self.epoch_queue_starts = queue_length, epoch_queue_starts
+        self.freeze_prototypes_iters = freeze_prototypes_iters
+        self.projector = ProjectionHead(feature_dim, projection_hidden_dim, projection_dim)
+        self.prototypes = nn.Linear(projection_dim, num_prototypes, bias=False)
+        self.queues = nn.ModuleList(
+            FeatureQueue(queue_length, projection_dim)
+            for _ in (self.crops_for_assign if queue_length else ())
+        )
+        # Rows pushed so far (the queue is used once full) and optimiser steps taken.
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """L2-normalise each prototype (a row of the weight) in place."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def embed(self, views: list[Tensor]) -> Tensor:
+        """Unit embeddings of all crops, in order: one backbone pass per run of same-size
+        crops (the official multi-crop forward), then the head on the concatenation."""
+        features, start = [], 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(views[start:end])))
+            start = end
+        return F.normalize(self.projector(torch.cat(features)), dim=1)
+
+    @torch.no_grad()
+    def codes(self, embeddings: list[Tensor]) -> list[Tensor]:
+        """Sinkhorn codes of the assignment crops, given every crop's (n, D) unit embeddings;
+        over queue + batch once the queue is full (then only the batch's rows are kept)."""
+        use_queue = self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
+        prototypes = self.prototypes.weight.float()
+        result = []
+        # float32 scores even under autocast: exp(scores / epsilon) would turn bf16's rounding
+        # of a score (up to 0.004) into up to 8% in a code. Identical in float32 training.
+        with torch.autocast(prototypes.device.type, enabled=False):
+            for i, crop_id in enumerate(self.crops_for_assign):
+                z = embeddings[crop_id].detach().float()
+                n, dim = z.shape
+                if use_queue:
+                    # This rank's rows of each queued global batch (see the class docstring).
+                    own = self.queues[i].features.view(-1, world_size(), n, dim)[:, rank()]
+                    z = torch.cat([own.reshape(-1, dim), z])
+                q = sinkhorn_knopp(z @ prototypes.t(), self.epsilon, self.sinkhorn_iterations)
+                result.append(q[-n:])
+        return result
+
+    def forward(self, views: list[Tensor]) -> MethodOutput:
+        if len(views) < 2:
+            raise ValueError(f"SwAV takes 2 global views (+ local views), got {len(views)}")
+        self.normalize_prototypes()
+        z = self.embed(views)
+        scores = list(self.prototypes(z).chunk(len(views)))
+        embeddings = list(z.detach().chunk(len(views)))
+        codes = self.codes(embeddings)
+        if self.training and self.queue_length > 0 and self._epoch() >= self.epoch_queue_starts:
+            # After the codes: this step's embeddings serve the next steps' Sinkhorn.
+            for queue, crop_id in zip(self.queues, self.crops_for_assign, strict=True):
+                queue.push(gather_no_grad(embeddings[crop_id]))
+            pushed = int(self.queue_filled) + len(views[0]) * world_size()
+            self.queue_filled.fill_(min(pushed, self.queue_length))
+        loss = swapped_prediction_loss(scores, codes, self.crops_for_assign, self.temperature)
+        with torch.no_grad():
+            # Collapse indicator: distinct prototypes predicted (argmax) in this batch.
+            assigned = torch.cat([scores[i] for i in self.crops_for_assign]).argmax(dim=1)
+            used = assigned.unique().numel()
+        logs = {"loss": loss.detach(), "prototypes_used": loss.new_tensor(float(used))}
+        return MethodOutput(loss=loss, logs=logs)
+
+    def _epoch(self) -> int:
+        if not hasattr(self, "steps_per_epoch"):
+            raise RuntimeError("SwAV's queue counts epochs: call set_schedule() first")
+        return int(self.steps_done) // self.steps_per_epoch
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Freeze the prototypes early on (official: their gradients set to None)."""
+        if step < self.freeze_prototypes_iters:
+            self.prototypes.weight.grad = None
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Record the steps taken, so a resumed run knows its epoch (the queue's start)."""
+        self.steps_done.fill_(step + 1)
