@@ -12,6 +12,7 @@ from ssl_models.backbones import build_backbone
 from ssl_models.method import SSLMethod
 from ssl_models.methods import (
     BYOL,
+    DINO,
     BarlowTwins,
     InstDisc,
     MoCoV2,
@@ -32,6 +33,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "barlow_twins": BarlowTwins,
     "vicreg": VICReg,
     "swav": SwAV,
+    "dino": DINO,
 }
 
 

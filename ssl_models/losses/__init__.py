@@ -3,6 +3,7 @@
 from ssl_models.losses.barlow_twins import barlow_twins_loss
 from ssl_models.losses.byol import byol_loss
 from ssl_models.losses.cosine import negative_cosine_similarity
+from ssl_models.losses.dino import dino_loss
 from ssl_models.losses.info_nce import info_nce_loss
 from ssl_models.losses.nce import nce_loss
 from ssl_models.losses.nt_xent import NTXentLoss, nt_xent_loss
@@ -12,6 +13,7 @@ __all__ = [
     "NTXentLoss",
     "barlow_twins_loss",
     "byol_loss",
+    "dino_loss",
     "info_nce_loss",
     "nce_loss",
     "negative_cosine_similarity",

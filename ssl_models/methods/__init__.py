@@ -2,6 +2,7 @@
 
 from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
+from ssl_models.methods.dino import DINO
 from ssl_models.methods.instdisc import InstDisc
 from ssl_models.methods.moco_v2 import MoCoV2
 from ssl_models.methods.moco_v3 import MoCoV3
@@ -12,6 +13,7 @@ from ssl_models.methods.vicreg import VICReg
 
 __all__ = [
     "BYOL",
+    "DINO",
     "BarlowTwins",
     "InstDisc",
     "MoCoV2",
