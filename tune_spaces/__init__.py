@@ -17,7 +17,7 @@ import yaml
 
 from tune_spaces.common import Space
 from tune_spaces.contrastive import INSTDISC, MOCO_V2, MOCO_V3, SIMCLR
-from tune_spaces.distillation import BYOL, SIMSIAM
+from tune_spaces.distillation import BYOL, DINO, SIMSIAM
 from tune_spaces.redundancy import BARLOW_TWINS, VICREG
 
 SPACES: dict[str, Space] = {
@@ -29,6 +29,7 @@ SPACES: dict[str, Space] = {
     "simsiam": SIMSIAM,
     "barlow_twins": BARLOW_TWINS,
     "vicreg": VICREG,
+    "dino": DINO,
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 

@@ -16,6 +16,11 @@ from ssl_models import METHODS
 # are random bank entries until each image has been seen once. Their unit tests check that
 # they learn (test_moco_v2.py once the queue is full, test_instdisc.py by instance margins).
 FILLS_A_STORE_FIRST = {"moco_v2", "instdisc"}
+# DINO's loss first rises towards log K: the centre flattens the teacher's initial output
+# (its entropy climbs to ~log K) before the teacher sharpens again. A run of the official
+# ViT-S/16 recipe (facebookresearch/dino#76) logs 7.7 in epoch 0, 9.6 in epoch 1, then less;
+# test_dino.py checks the loss, centre and schedules by hand.
+RISES_WHILE_CENTRING = {"dino"}
 
 
 @pytest.mark.slow
@@ -42,7 +47,7 @@ def test_method_trains_through_ray(name, ray_session, fmnist_small, tmp_path):
     metrics = result.metrics
     assert metrics["step"] == (2048 // 2) // 32
     assert math.isfinite(metrics["loss"])
-    if name not in FILLS_A_STORE_FIRST:
+    if name not in FILLS_A_STORE_FIRST | RISES_WHILE_CENTRING:
         assert metrics["loss_last_steps"] < metrics["loss_first_steps"], metrics
     method, _, state = method_from_checkpoint(result.checkpoint.path)
     assert type(method) is METHODS[name] and state["epoch"] == 1
