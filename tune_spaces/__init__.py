@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from tune_spaces.clustering import SWAV
 from tune_spaces.common import Space
 from tune_spaces.contrastive import INSTDISC, MOCO_V2, MOCO_V3, SIMCLR
 from tune_spaces.distillation import BYOL, DINO, SIMSIAM
@@ -29,6 +30,7 @@ SPACES: dict[str, Space] = {
     "simsiam": SIMSIAM,
     "barlow_twins": BARLOW_TWINS,
     "vicreg": VICREG,
+    "swav": SWAV,
     "dino": DINO,
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
