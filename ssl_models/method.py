@@ -42,6 +42,8 @@ class SSLMethod(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.steps_per_epoch: int | None = None  # known once the loop calls set_schedule
+        self.total_steps: int | None = None
 
     def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
         """One training step's loss. ``views`` are normalised float (N, C, H, W) batches;
@@ -65,6 +67,14 @@ class SSLMethod(nn.Module):
         counted in epochs (DINO's teacher-temperature warm-up) can be turned into steps."""
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
+
+    def steps_in(self, epochs: float) -> int:
+        """The number of optimiser steps in ``epochs`` epochs of this run."""
+        if self.steps_per_epoch is None:
+            raise RuntimeError(
+                f"{type(self).__name__} counts in epochs: call set_schedule() before training"
+            )
+        return round(epochs * self.steps_per_epoch)
 
     def before_optimizer_step(self, step: int) -> None:
         """Hook between ``backward`` and the optimiser step ``step`` (0 for the first):

@@ -140,9 +140,7 @@ class DINO(SSLMethod):
         """tau_t for the step being computed (``steps_done`` optimiser steps so far)."""
         if self.warmup_teacher_temp_epochs == 0:
             return self.teacher_temp
-        if getattr(self, "steps_per_epoch", None) is None:
-            raise RuntimeError("call set_schedule() before training: tau_t warms up by epoch")
-        warmup_steps = self.warmup_teacher_temp_epochs * self.steps_per_epoch
+        warmup_steps = self.steps_in(self.warmup_teacher_temp_epochs)
         step = int(self.steps_done)
         return teacher_temperature(step, warmup_steps, self.warmup_teacher_temp, self.teacher_temp)
 
@@ -183,12 +181,9 @@ class DINO(SSLMethod):
                 if p.grad is not None:  # no .item(): no host sync per parameter on GPU
                     norm = torch.linalg.vector_norm(p.grad)
                     p.grad.mul_((self.clip_grad / (norm + 1e-6)).clamp(max=1.0))
-        if self.freeze_last_layer > 0:
-            if getattr(self, "steps_per_epoch", None) is None:
-                raise RuntimeError("call set_schedule() before training: freezing is by epoch")
-            if step // self.steps_per_epoch < self.freeze_last_layer:
-                for p in self.head.last_layer.parameters():
-                    p.grad = None
+        if self.freeze_last_layer > 0 and step < self.steps_in(self.freeze_last_layer):
+            for p in self.head.last_layer.parameters():
+                p.grad = None
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

@@ -149,7 +149,8 @@ class SwAV(SSLMethod):
         scores = list(self.prototypes(z).chunk(len(views)))
         embeddings = list(z.detach().chunk(len(views)))
         codes = self.codes(embeddings)
-        if self.training and self.queue_length > 0 and self._epoch() >= self.epoch_queue_starts:
+        filling = self.queue_length > 0 and self.training
+        if filling and self.steps_done >= self.steps_in(self.epoch_queue_starts):
             # After the codes: this step's embeddings serve the next steps' Sinkhorn.
             for queue, crop_id in zip(self.queues, self.crops_for_assign, strict=True):
                 queue.push(gather_no_grad(embeddings[crop_id]))
@@ -162,11 +163,6 @@ class SwAV(SSLMethod):
             used = assigned.unique().numel()
         logs = {"loss": loss.detach(), "prototypes_used": loss.new_tensor(float(used))}
         return MethodOutput(loss=loss, logs=logs)
-
-    def _epoch(self) -> int:
-        if not hasattr(self, "steps_per_epoch"):
-            raise RuntimeError("SwAV's queue counts epochs: call set_schedule() first")
-        return int(self.steps_done) // self.steps_per_epoch
 
     def before_optimizer_step(self, step: int) -> None:
         """Freeze the prototypes early on (official: their gradients set to None)."""

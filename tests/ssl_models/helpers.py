@@ -39,16 +39,19 @@ def train_losses(
 ) -> list[float]:
     """The loss of each of ``steps`` SGD steps (momentum 0.9) on ``params`` (default: all).
 
-    ``views`` is a fixed batch, or a function drawing a new one each step. After each step
-    the loop calls ``model.after_optimizer_step(step, steps)``, as the pipeline does.
+    ``views`` is a fixed batch, or a function drawing a new one each step. The hooks are
+    called as the pipeline calls them: ``set_schedule(steps, steps)`` first (the run is one
+    epoch), ``before_optimizer_step(step)`` and ``after_optimizer_step(step, steps)``.
     """
     opt = torch.optim.SGD(model.parameters() if params is None else params, lr=lr, momentum=0.9)
+    model.set_schedule(steps, steps)
     losses = []
     for step in range(steps):
         batch = views() if callable(views) else list(views)
         out = model(batch) if indices is None else model(batch, indices)
         opt.zero_grad()
         out.loss.backward()
+        model.before_optimizer_step(step)
         opt.step()
         model.after_optimizer_step(step, steps)
         losses.append(out.loss.item())
