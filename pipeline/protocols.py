@@ -1,14 +1,16 @@
 """The evaluation protocols on one checkpoint, each next to its random-init baseline.
 
 - ``knn``: weighted kNN on frozen features (pipeline.evaluate), with the raw-pixel floor.
-- ``linear``: a linear classifier on frozen features (pipeline.linear_probe).
+- ``linear``: a linear classifier on frozen features (pipeline.linear_probe), with the
+  raw-pixel floor.
 - ``finetune``: the backbone fine-tuned end to end on class-balanced 1% and 10% label
   subsets of the train split (pipeline.finetune; SimCLR's semi-supervised protocol).
 
 Every protocol also runs on the same architecture with random weights (the run's seed), so a
 table shows what pretraining added. Results are keyed like eval.json's ``protocols``
-(pipeline.report): ``knn``, ``linear``, ``finetune_1pct``, ... and ``<name>_random_init``;
-with another dataset's splits (transfer) every key gets ``@<dataset>``.
+(pipeline.report): ``knn``, ``linear``, ``finetune_1pct``, ..., ``<name>_random_init``, and
+the raw-pixel floors ``knn_raw_pixels`` and ``linear_raw_pixels``; with another dataset's
+splits (transfer) every key gets ``@<dataset>``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.evaluate import EvalContext, KNNReport, evaluate_checkpoint
+from pipeline.evaluate import EvalContext, KNNReport, evaluate_checkpoint, raw_pixel_features
 from pipeline.finetune import balanced_subset, finetune_accuracy
 from pipeline.linear_probe import linear_probe_accuracy
 from ssl_models.method import SSLMethod
@@ -78,11 +80,17 @@ def run_protocols(
     train_labels = torch.from_numpy(context.train.labels)
     test_labels = torch.from_numpy(context.test.labels)
     if "linear" in protocols:
-        for tag, method in encoders.items():
+        features = {
+            tag: (context.features(method, context.train), context.features(method, context.test))
+            for tag, method in encoders.items()
+        }
+        pixels = (context.train.pixels, context.test.pixels)
+        features["_raw_pixels"] = tuple(raw_pixel_features(p) for p in pixels)
+        for tag, (train_features, test_features) in features.items():
             results[f"linear{tag}"] = linear_probe_accuracy(
-                context.features(method, context.train),
+                train_features,
                 train_labels,
-                context.features(method, context.test),
+                test_features,
                 test_labels,
                 epochs=settings.probe_epochs,
                 lr=settings.probe_lr,

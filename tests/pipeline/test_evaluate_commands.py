@@ -63,6 +63,7 @@ def test_protocols_print_a_table_and_merge_into_eval_json(run, fmnist_small, cap
         assert f"\n{key} " in out
     saved = json.loads((run / "eval.json").read_text())
     expected = {"knn", "knn_raw_pixels", "knn_random_init", "linear", "linear_random_init"}
+    expected |= {"linear_raw_pixels"}
     expected |= {"finetune_25pct", "finetune_25pct_random_init"}
     assert set(saved["protocols"]) == expected
     assert saved["method"] == "simclr" and saved["epochs"] == 3
