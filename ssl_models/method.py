@@ -8,12 +8,29 @@ frozen-feature evaluation.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ssl_models.optim import param_groups
+
+
+def encode_views(backbone: nn.Module, views: Sequence[Tensor], *heads: nn.Module) -> Tensor:
+    """``heads(backbone(view))`` for every view, concatenated in view order.
+
+    Same-size views go through the backbone in one concatenated pass, and each head runs once
+    over all views, so batch-norm statistics cover every view (as in the reference
+    implementations), not one view at a time. Multi-crop's global and local crops differ in
+    size, so they take one backbone pass per run of equal sizes (SwAV's and DINO's
+    multi-crop wrapper).
+    """
+    runs = [list(run) for _, run in groupby(views, key=lambda view: view.shape[-2:])]
+    x = torch.cat([backbone(torch.cat(run)) for run in runs])
+    for head in heads:
+        x = head(x)
+    return x
 
 
 @dataclass
@@ -84,16 +101,9 @@ class SSLMethod(nn.Module):
         """Hook the loop calls after each optimiser step (EMA updates etc.). Default: none."""
 
     def embed_views(self, views: Sequence[Tensor], *heads: nn.Module) -> tuple[Tensor, ...]:
-        """``heads(backbone(view))`` for every view, split back into one tensor per view.
-
-        All views go through the backbone and each head in one concatenated pass, so the
-        batch-norm statistics cover every view (as in the reference implementations), not
-        one view at a time.
-        """
-        x = self.backbone(torch.cat(list(views)))
-        for head in heads:
-            x = head(x)
-        return x.chunk(len(views))
+        """``heads(backbone(view))`` for every view (see :func:`encode_views`), split back
+        into one tensor per view."""
+        return encode_views(self.backbone, views, *heads).chunk(len(views))
 
     def features(self, images: Tensor) -> Tensor:
         """Backbone features (N, feature_dim) for evaluation."""

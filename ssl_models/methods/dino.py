@@ -15,14 +15,12 @@ arXiv:2104.14294), Algorithm 1 with multi-crop:
         C = c * C + (1 - c) * mean(t)                      # centre, c = center_momentum
 """
 
-from itertools import groupby
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.losses.dino import dino_loss, ema_center, mean_entropy, teacher_temperature
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import MethodOutput, SSLMethod, encode_views
 from ssl_models.momentum import cosine_momentum, ema_update_, momentum_teacher
 
 
@@ -144,19 +142,12 @@ class DINO(SSLMethod):
         step = int(self.steps_done)
         return teacher_temperature(step, warmup_steps, self.warmup_teacher_temp, self.teacher_temp)
 
-    @staticmethod
-    def _encode(backbone: nn.Module, head: nn.Module, views: list[Tensor]) -> Tensor:
-        """The official MultiCropWrapper: one backbone pass per run of same-size crops (so a
-        backbone sees consistent batches), then one head pass over all crops' features."""
-        runs = [list(run) for _, run in groupby(views, key=lambda v: v.shape[-2:])]
-        return head(torch.cat([backbone(torch.cat(run)) for run in runs]))
-
     def forward(self, views: list[Tensor]) -> MethodOutput:
         if len(views) < 2 or views[0].shape != views[1].shape:
             raise ValueError(f"DINO takes 2 global views of one size (+ local), got {len(views)}")
-        student = self._encode(self.backbone, self.head, views).chunk(len(views))
+        student = self.embed_views(views, self.head)  # every crop, one pass per size
         with torch.no_grad():
-            teacher = self._encode(self.teacher_backbone, self.teacher_head, views[:2]).chunk(2)
+            teacher = encode_views(self.teacher_backbone, views[:2], self.teacher_head).chunk(2)
         temp = self.current_teacher_temp()
         loss = dino_loss(student, teacher, self.center, self.student_temp, temp)
         entropy = mean_entropy(teacher, self.center, temp)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ssl_models.dist import gather_no_grad, rank, world_size
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.swav import sinkhorn_knopp, swapped_prediction_loss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import MethodOutput, SSLMethod, encode_views
 from ssl_models.queue import FeatureQueue
 
 
@@ -111,14 +111,7 @@ class SwAV(SSLMethod):
     def embed(self, views: list[Tensor]) -> Tensor:
         """Unit embeddings of all crops, in order: one backbone pass per run of same-size
         crops (the official multi-crop forward), then the head on the concatenation."""
-        features, start = [], 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(views[start:end])))
-            start = end
-        return F.normalize(self.projector(torch.cat(features)), dim=1)
+        return F.normalize(encode_views(self.backbone, views, self.projector), dim=1)
 
     @torch.no_grad()
     def codes(self, embeddings: list[Tensor]) -> list[Tensor]:
