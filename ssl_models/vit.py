@@ -4,8 +4,9 @@ configuration (Touvron et al. 2021, arXiv:2012.12877; Caron et al. 2021, arXiv:2
 The transformer blocks are torchvision's pre-norm ``EncoderBlock`` (LayerNorm eps 1e-6,
 multi-head self-attention, GELU MLP); this module adds what torchvision's ``VisionTransformer``
 does not offer: position embeddings interpolated to any patch grid (DINO's multi-crop local
-views) and separate :meth:`ViT.patch_tokens` / :meth:`ViT.encode` steps for masked-image
-modelling, which drops or replaces patch tokens in between.
+views) and separate :meth:`ViT.embed_patches` / :meth:`ViT.patch_tokens` / :meth:`ViT.encode`
+steps for masked-image modelling, which drops (MAE) or replaces (SimMIM) patch tokens in
+between; :func:`check_masked_image_backbone` tells those methods whether a backbone has them.
 """
 
 import torch
@@ -40,6 +41,7 @@ class ViT(nn.Module):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch {patch_size}")
         self.patch_size = patch_size
+        self.in_channels = in_channels
         self.grid_size = image_size // patch_size
         self.num_heads = num_heads
         self.out_dim = embed_dim
@@ -91,21 +93,23 @@ class ViT(nn.Module):
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
 
-    def patch_tokens(self, x: Tensor) -> Tensor:
-        """Embed an image batch (N, C, H, W) as patch tokens plus their position embeddings,
-        shape (N, L, D) with L = (H / patch_size) * (W / patch_size) in row-major order, no
-        CLS token. Masked-image-modelling methods drop or replace tokens here, then call
-        :meth:`encode`."""
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Embed an image batch (N, C, H, W) as patch embeddings WITHOUT position embeddings,
+        shape (N, L, D) with L = (H / patch_size) * (W / patch_size) in row-major order.
+        SimMIM replaces masked tokens here, before the positions are added."""
         height, width = x.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
                 f"input size {height}x{width} is not divisible by the patch size "
                 f"{self.patch_size}; resize or crop the images to a multiple of it"
             )
-        tokens = self.patch_embed(x)  # (N, D, H/p, W/p)
-        grid_h, grid_w = tokens.shape[-2:]
-        tokens = tokens.flatten(2).transpose(1, 2)
-        return tokens + self.patch_position_embeddings(grid_h, grid_w)
+        return self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, D, H/p, W/p) -> (N, L, D)
+
+    def patch_tokens(self, x: Tensor) -> Tensor:
+        """:meth:`embed_patches` plus the position embeddings of the image's patch grid,
+        shape (N, L, D), no CLS token. MAE drops tokens here, then calls :meth:`encode`."""
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return self.embed_patches(x) + self.patch_position_embeddings(grid_h, grid_w)
 
     def encode(self, tokens: Tensor) -> Tensor:
         """Prepend the CLS token (with its position embedding) to a token sequence (N, L', D),
@@ -116,6 +120,29 @@ class ViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.encode(self.patch_tokens(x))[:, 0]
+
+
+#: What masked-image modelling (MAE, SimMIM) uses of a backbone, all provided by :class:`ViT`.
+MASKED_IMAGE_INTERFACE = (
+    "patch_size",
+    "in_channels",
+    "embed_patches",
+    "patch_position_embeddings",
+    "patch_tokens",
+    "encode",
+)
+
+
+def check_masked_image_backbone(backbone: nn.Module, method: str) -> None:
+    """Raise a ValueError naming the backbone type unless it has the ViT steps that
+    ``method`` masks tokens between (:data:`MASKED_IMAGE_INTERFACE`)."""
+    missing = [name for name in MASKED_IMAGE_INTERFACE if not hasattr(backbone, name)]
+    if missing:
+        raise ValueError(
+            f"{method} needs a Vision Transformer backbone, as it masks patch tokens between "
+            f"the patch embedding and the transformer blocks; got {type(backbone).__name__} "
+            f"(no {', '.join(missing)}). Use model.backbone=vit_tiny or model.backbone=vit_small"
+        )
 
 
 # name -> (embed_dim, depth, num_heads) of DeiT-Ti / DeiT-S, also DINO's ViT-S.

@@ -112,6 +112,7 @@ def test_vit_position_embeddings_at_the_reference_grid_are_the_stored_ones():
     assert torch.equal(model.patch_position_embeddings(8, 8), stored)
     x = torch.randn(2, 3, 32, 32)
     embedded = model.patch_embed(x).flatten(2).transpose(1, 2)
+    assert torch.equal(model.embed_patches(x), embedded)  # SimMIM's step before positions
     assert torch.allclose(model.patch_tokens(x), embedded + stored)
 
 
@@ -134,6 +135,8 @@ def test_vit_rejects_sides_not_divisible_by_the_patch_size():
     model, _ = _vit()
     with pytest.raises(ValueError, match="30x28 is not divisible by the patch size 4"):
         model(torch.randn(1, 3, 30, 28))
+    with pytest.raises(ValueError, match="30x28 is not divisible by the patch size 4"):
+        model.embed_patches(torch.randn(1, 3, 30, 28))
 
 
 def test_vit_gradients_reach_the_patch_embedding_and_tokens():
