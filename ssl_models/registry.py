@@ -13,11 +13,13 @@ from ssl_models.method import SSLMethod
 from ssl_models.methods import (
     BYOL,
     DINO,
+    MAE,
     BarlowTwins,
     InstDisc,
     MoCoV2,
     MoCoV3,
     SimCLR,
+    SimMIM,
     SimSiam,
     SwAV,
     VICReg,
@@ -34,6 +36,8 @@ METHODS: dict[str, type[SSLMethod]] = {
     "vicreg": VICReg,
     "swav": SwAV,
     "dino": DINO,
+    "mae": MAE,
+    "simmim": SimMIM,
 }
 
 

@@ -19,6 +19,7 @@ from tune_spaces.clustering import SWAV
 from tune_spaces.common import Space
 from tune_spaces.contrastive import INSTDISC, MOCO_V2, MOCO_V3, SIMCLR
 from tune_spaces.distillation import BYOL, DINO, SIMSIAM
+from tune_spaces.masked import MAE, SIMMIM
 from tune_spaces.redundancy import BARLOW_TWINS, VICREG
 
 SPACES: dict[str, Space] = {
@@ -32,6 +33,8 @@ SPACES: dict[str, Space] = {
     "vicreg": VICREG,
     "swav": SWAV,
     "dino": DINO,
+    "mae": MAE,
+    "simmim": SIMMIM,
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 

@@ -4,9 +4,11 @@ from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
 from ssl_models.methods.dino import DINO
 from ssl_models.methods.instdisc import InstDisc
+from ssl_models.methods.mae import MAE
 from ssl_models.methods.moco_v2 import MoCoV2
 from ssl_models.methods.moco_v3 import MoCoV3
 from ssl_models.methods.simclr import SimCLR
+from ssl_models.methods.simmim import SimMIM
 from ssl_models.methods.simsiam import SimSiam
 from ssl_models.methods.swav import SwAV
 from ssl_models.methods.vicreg import VICReg
@@ -14,11 +16,13 @@ from ssl_models.methods.vicreg import VICReg
 __all__ = [
     "BYOL",
     "DINO",
+    "MAE",
     "BarlowTwins",
     "InstDisc",
     "MoCoV2",
     "MoCoV3",
     "SimCLR",
+    "SimMIM",
     "SimSiam",
     "SwAV",
     "VICReg",

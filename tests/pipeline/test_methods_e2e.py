@@ -21,6 +21,8 @@ FILLS_A_STORE_FIRST = {"moco_v2", "instdisc"}
 # ViT-S/16 recipe (facebookresearch/dino#76) logs 7.7 in epoch 0, 9.6 in epoch 1, then less;
 # test_dino.py checks the loss, centre and schedules by hand.
 RISES_WHILE_CENTRING = {"dino"}
+# Masked-image modelling (MAE, SimMIM) masks a ViT's patch tokens: a quarter-width vit_tiny.
+BACKBONES = {"mae": "vit_tiny", "simmim": "vit_tiny"}
 
 
 @pytest.mark.slow
@@ -35,7 +37,8 @@ def test_method_trains_through_ray(name, ray_session, fmnist_small, tmp_path):
             f"data.train={fmnist_small['train']}",
             f"data.eval_train={fmnist_small['train']}",
             f"data.eval_test={fmnist_small['test']}",
-            "model.backbone=small_cnn",
+            f"model.backbone={BACKBONES.get(name, 'small_cnn')}",
+            "model.width=0.25",
             "train.batch_size=64",
             "train.epochs=1",
             "train.warmup_epochs=0.1",

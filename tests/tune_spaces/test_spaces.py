@@ -2,10 +2,11 @@
 with the key and the problem named."""
 
 import pytest
+import torch
 from ray import tune
 
 from pipeline.config import from_dict
-from ssl_models import METHODS
+from ssl_models import METHODS, build_method
 from tune_spaces import SPACES, SpaceError, check_space, load_space, to_tune
 
 
@@ -20,6 +21,20 @@ def test_every_method_has_a_valid_space():
     for method, space in SPACES.items():
         check_space(space, _base(method))
         check_space(space, _base(method, num_workers=4))  # batch choices divide by 4
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim"])
+def test_masked_image_spaces_pin_adamw_and_train_at_both_mask_ratio_edges(method, one_thread):
+    space = SPACES[method]
+    assert space["train.optimizer"] == {"choice": ["adamw"]}  # base_lr is on AdamW's scale
+    assert "augment.strength" not in space  # the papers use no colour distortion
+    for ratio in space["method.mask_ratio"]["uniform"]:
+        model = build_method(
+            method, backbone="vit_tiny", width=0.25, in_channels=1, mask_ratio=ratio
+        )
+        out = model([torch.randn(2, 1, 28, 28)])  # Fashion-MNIST size: 49 patches
+        assert torch.isfinite(out.loss)
+        assert out.logs["mask_ratio"].item() == pytest.approx(ratio, abs=0.5 / 49)
 
 
 def test_overrides_from_file_and_flags_merge_in_order(tmp_path):
