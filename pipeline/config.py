@@ -283,7 +283,13 @@ def validate(config: Config) -> Config:
             f"'augment.local_crop_scale_max' ({augment.local_crop_scale_max})"
         )
     _validate_method(config.method)
-    if augment.local_crops and not METHODS[config.method_name].takes_local_views:
+    method = METHODS[config.method_name]
+    if method.backbones is not None and config.model.backbone not in method.backbones:
+        raise ConfigError(
+            f"config key 'model.backbone' must be one of {list(method.backbones)} for method "
+            f"{config.method_name!r}, got {config.model.backbone!r}"
+        )
+    if augment.local_crops and not method.takes_local_views:
         multi_crop = sorted(name for name, cls in METHODS.items() if cls.takes_local_views)
         raise ConfigError(
             f"config key 'augment.local_crops' must be 0 for method {config.method_name!r}, "

@@ -51,6 +51,9 @@ class SSLMethod(nn.Module):
     #: Whether ``forward`` also takes multi-crop's small "local" views (Caron et al. 2020):
     #: then the data stage appends ``augment.local_crops`` of them after the global views.
     takes_local_views: ClassVar[bool] = False
+    #: The ``model.backbone`` names the method works with (None: any), so a config naming
+    #: another is refused before any worker starts (masked image modelling needs a ViT).
+    backbones: ClassVar[tuple[str, ...] | None] = None
     #: Whether ``forward`` needs each image's dataset index (memory-bank methods); such a
     #: method's ``__init__`` also takes ``num_images`` after ``feature_dim``.
     uses_image_indices: ClassVar[bool] = False

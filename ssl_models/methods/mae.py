@@ -104,6 +104,7 @@ class MAE(SSLMethod):
     """
 
     num_views = 1
+    backbones = ("vit_tiny", "vit_small")
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ class SimMIM(SSLMethod):
     """
 
     num_views = 1
+    backbones = ("vit_tiny", "vit_small")
 
     def __init__(
         self,

@@ -44,6 +44,7 @@ def test_integer_given_for_float_key_becomes_float():
         ("augment.flip_prob=1.5", "augment.flip_prob"),
         ("augment.local_crops=-1", "augment.local_crops"),
         ("augment.local_crops=6", "augment.local_crops"),  # SimCLR takes no local views
+        ("method.name=mae", "model.backbone"),  # masked image modelling needs a ViT
         ("augment.local_crop_scale_min=0.5", "augment.local_crop_scale_min"),  # above max 0.4
         ("model.backbone=vgg", "model.backbone"),
         ("train.optimizer=adam9", "train.optimizer"),
