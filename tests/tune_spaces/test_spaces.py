@@ -11,7 +11,9 @@ from tune_spaces import SPACES, SpaceError, check_space, load_space, to_tune
 
 
 def _base(method: str = "simclr", **train) -> dict:
-    values = from_dict({"method": {"name": method}}).to_dict()
+    needs = METHODS[method].backbones  # e.g. a ViT for masked image modelling
+    model = {"backbone": needs[0]} if needs else {}
+    values = from_dict({"method": {"name": method}, "model": model}).to_dict()
     values["train"].update(train)
     return values
 
