@@ -2,8 +2,9 @@
 
 The monitor solo-learn and lightly run during pretraining: every step, the backbone's
 features of the first view (taken from the forward pass the method already makes, through a
-forward hook, so no method needs to know) train a linear head with its own optimiser on the
-batch's labels. ``detach`` keeps the probe's gradient out of the encoder, so the
+forward hook, so no method needs to know; methods that never call the backbone's forward,
+like masked image modelling, get the first view embedded once more) train a linear head
+with its own optimiser on the batch's labels. ``detach`` keeps the probe's gradient out of the encoder, so the
 self-supervised training is unchanged. A BatchNorm without affine parameters in front of the
 head (as in MAE's linear probe) makes one learning rate work for every backbone's feature
 scale. Rows without a label (-1) are skipped; the epoch's accuracy on the (augmented)
@@ -28,6 +29,7 @@ class OnlineProbe:
         self, backbone: nn.Module, feature_dim: int, num_classes: int, lr: float = 0.1
     ) -> None:
         device = next(backbone.parameters()).device
+        self.backbone = backbone
         self.head = nn.Sequential(
             nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, num_classes)
         ).to(device)
@@ -48,9 +50,18 @@ class OnlineProbe:
         if self.armed:
             self.armed, self.features = False, output.detach()
 
-    def step(self, labels: Tensor) -> None:
-        """Train the head on the captured features of this step's labelled rows."""
+    def step(self, labels: Tensor, images: Tensor | None = None) -> None:
+        """Train the head on the captured features of this step's labelled rows.
+
+        ``images`` (the step's first view) are embedded here, without gradient, when the
+        method never called the backbone's forward: masked image modelling runs the encoder
+        on token subsets, and the probe wants the whole image's features.
+        """
         features, self.features = self.features, None
+        if features is None and images is not None:
+            self.armed = False
+            with torch.no_grad():
+                features = self.backbone(images)
         if features is None:
             raise RuntimeError("the backbone did not run in this step")
         known = labels >= 0

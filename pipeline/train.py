@@ -266,7 +266,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             method.after_optimizer_step(step, total_steps)
             if probe is not None:
-                probe.step(torch.tensor(batch["label"], device=device))
+                probe.step(torch.tensor(batch["label"], device=device), views[0])
             step += 1
             epoch_steps += 1
             loss = output.loss.item()

@@ -1,5 +1,6 @@
-"""Online probe: captures the step's first backbone call, learns without touching the
-encoder's gradients, skips unlabelled rows, and round-trips through a checkpoint."""
+"""Online probe: captures the step's first backbone call (or embeds the first view), learns
+without touching the encoder's gradients, skips unlabelled rows, and round-trips through a
+checkpoint."""
 
 import pytest
 import torch
@@ -66,6 +67,15 @@ def test_state_round_trips():
         probe.head.state_dict().values(), restored.head.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b)
+
+
+def test_a_method_that_skips_the_backbones_forward_gets_the_images_embedded():
+    backbone, probe = _setup()
+    images = torch.randn(4, 8)
+    probe.arm()  # e.g. MAE: the encoder ran on visible patch tokens, not through forward
+    probe.step(torch.tensor([0, 1, 2, 0]), images)
+    assert probe.seen.item() == 4
+    assert all(p.grad is None for p in backbone.parameters())  # embedded without gradient
 
 
 def test_a_step_without_a_forward_is_an_error():
