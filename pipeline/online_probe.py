@@ -4,12 +4,12 @@ The monitor solo-learn and lightly run during pretraining: every step, the backb
 features of the first view (taken from the forward pass the method already makes, through a
 forward hook, so no method needs to know; methods that never call the backbone's forward,
 like masked image modelling, get the first view embedded once more) train a linear head
-with its own optimiser on the batch's labels. ``detach`` keeps the probe's gradient out of the encoder, so the
-self-supervised training is unchanged. A BatchNorm without affine parameters in front of the
-head (as in MAE's linear probe) makes one learning rate work for every backbone's feature
-scale. Rows without a label (-1) are skipped; the epoch's accuracy on the (augmented)
-training stream is summed over workers, and the head's gradients are averaged across them,
-so every worker keeps the same head.
+with its own optimiser on the batch's labels. ``detach`` keeps the probe's gradient out of
+the encoder, so the self-supervised training is unchanged. A BatchNorm without affine
+parameters in front of the head (as in MAE's linear probe) makes one learning rate work for
+every backbone's feature scale. Rows without a label (-1) are skipped; the epoch's accuracy
+on the (augmented) training stream is summed over workers, and the head's gradients are
+averaged across them, so every worker keeps the same head.
 """
 
 from __future__ import annotations
