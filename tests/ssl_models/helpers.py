@@ -29,6 +29,21 @@ def noisy_views(n: int, size: int, seed: int, noise: float = 0.3, count: int = 2
     return [images + noise * torch.randn(images.shape, generator=g) for _ in range(count)]
 
 
+def assert_state_round_trips(model: SSLMethod, fresh: SSLMethod, views: list[Tensor]) -> None:
+    """After a training step of ``model``, ``fresh`` loaded with its state dict holds every
+    entry exactly and computes the same loss under the same random seed."""
+    opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.1)
+    model(views).loss.backward()
+    opt.step()
+    fresh.load_state_dict(model.state_dict())
+    for (key, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    torch.manual_seed(5)
+    expected = model(views).loss
+    torch.manual_seed(5)
+    assert torch.equal(fresh(views).loss, expected)
+
+
 def train_losses(
     model: SSLMethod,
     views: Sequence[Tensor] | Callable[[], list[Tensor]],

@@ -11,7 +11,11 @@ from ssl_models import METHODS, SSLMethod, build_backbone, build_method
 from ssl_models.losses.masked_pixels import gather_tokens, random_masking
 from ssl_models.methods.mae import MAE, sincos_position_embeddings
 from ssl_models.registry import method_params
-from tests.ssl_models.helpers import check_forward_backward, train_losses
+from tests.ssl_models.helpers import (
+    assert_state_round_trips,
+    check_forward_backward,
+    train_losses,
+)
 
 N, SIDE = 4, 28  # 28 px: a 7x7 grid of 4 px patches
 
@@ -137,18 +141,7 @@ def test_rejects_bad_options_and_view_counts():
 
 
 def test_state_dict_round_trip():
-    model = _tiny(seed=0)
-    opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.1)
-    model([_images()]).loss.backward()
-    opt.step()
-    fresh = _tiny(seed=1)
-    fresh.load_state_dict(model.state_dict())
-    for (key, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
-        assert torch.equal(a, b), key
-    torch.manual_seed(5)
-    expected = model([_images()]).loss
-    torch.manual_seed(5)
-    assert torch.equal(fresh([_images()]).loss, expected)
+    assert_state_round_trips(_tiny(seed=0), _tiny(seed=1), [_images()])
 
 
 def test_registry_builds_it_with_options():
