@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tune_spaces.clustering import SWAV
+from tune_spaces.clustering import DEEPCLUSTER, SWAV
 from tune_spaces.common import Space
 from tune_spaces.contrastive import INSTDISC, MOCO_V2, MOCO_V3, SIMCLR
 from tune_spaces.distillation import BYOL, DINO, SIMSIAM
@@ -32,6 +32,7 @@ SPACES: dict[str, Space] = {
     "barlow_twins": BARLOW_TWINS,
     "vicreg": VICREG,
     "swav": SWAV,
+    "deepcluster": DEEPCLUSTER,
     "dino": DINO,
     "mae": MAE,
     "simmim": SIMMIM,

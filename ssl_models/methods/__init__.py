@@ -2,6 +2,7 @@
 
 from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
+from ssl_models.methods.deepcluster import DeepCluster
 from ssl_models.methods.dino import DINO
 from ssl_models.methods.instdisc import InstDisc
 from ssl_models.methods.mae import MAE
@@ -18,6 +19,7 @@ __all__ = [
     "DINO",
     "MAE",
     "BarlowTwins",
+    "DeepCluster",
     "InstDisc",
     "MoCoV2",
     "MoCoV3",
