@@ -38,6 +38,8 @@ COLLAPSE_SPREAD = 0.05  # feature_spread below this: all embeddings are nearly t
 #   preset's rate its features fall below the random-init floor (in_memory_probe.py).
 # - SwAV and DINO add multi-crop local views (the papers use 6 and 10; 2 here, each a
 #   12 px crop), DINO with its AdamW (lr 5e-4 per 256 images, weight decay 0.04).
+# - DeepCluster trains with its paper's SGD (lr 0.05 per 256 images, weight decay 1e-5) on
+#   crops and flips, no colour.
 # - MAE and SimMIM need a ViT, train with AdamW (MAE: lr 1.5e-4 per 256, weight decay
 #   0.05; SimMIM: 8e-4 per 512) and use crops and flips only, no colour distortion.
 _NO_COLOUR = {"jitter_prob": 0.0, "grayscale_prob": 0.0}
@@ -47,6 +49,10 @@ RECIPES: dict[str, dict[str, dict[str, object]]] = {
     "dino": {
         "augment": {"local_crops": 2},
         "train": {"optimizer": "adamw", "base_lr": 5e-4, "weight_decay": 0.04},
+    },
+    "deepcluster": {
+        "train": {"optimizer": "sgd", "base_lr": 0.05, "weight_decay": 1e-5},
+        "augment": _NO_COLOUR,
     },
     "mae": {
         "model": {"backbone": "vit_tiny", "width": 0.5},

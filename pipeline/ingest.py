@@ -257,11 +257,53 @@ def training_dataset(
         order = list(files)
         random.Random(seed * 100_003 + epoch).shuffle(order)
         passes += [{"path": path, "epoch": epoch} for path in order]
+    return _views_of_passes(
+        passes, beyond_limit, spec, recipes, ledger, batch_size=batch_size, tasks=decode_tasks
+    )
+
+
+def decoded_dataset(
+    shard_dir: str | Path,
+    spec: ImageSpec,
+    *,
+    part: tuple[int, int] = (0, 1),
+    limit: int | None = None,
+    decode_tasks: int = 2,
+    batch_size: int = 256,
+) -> ray.data.Dataset:
+    """Lazy Ray dataset of the decoded {id, image uint8, label} rows of the first ``limit``
+    images, without augmentation: the evaluation view of the training set. ``part=(i, n)``
+    keeps the i-th of n interleaved slices of the shard files, so n workers can each
+    decode a share without any row lost to equal-size splitting. Undecodable rows are
+    logged and left out; callers count what arrived."""
+    index, parts = part
+    if not 0 <= index < parts:
+        raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
+    files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
+    passes = [{"path": path, "epoch": 1} for path in files[index::parts]]
+    return _views_of_passes(
+        passes, beyond_limit, spec, None, None, batch_size=batch_size, tasks=decode_tasks
+    )
+
+
+def _views_of_passes(
+    passes: list[dict[str, object]],
+    skip_ids: list[str],
+    spec: ImageSpec,
+    recipes: Sequence[ViewRecipe] | None,
+    ledger: ActorHandle | None,
+    *,
+    batch_size: int,
+    tasks: int,
+) -> ray.data.Dataset:
+    """Read each {path, epoch} pass's rows, then decode them and, given ``recipes``, draw
+    the views, in ``tasks`` parallel tasks."""
     # One read task per file and pass, in this order (read_parquet would drop the repeats);
-    # the first views stream out after one file, not the whole set.
-    ds = ray.data.from_items(passes, override_num_blocks=len(passes)).map_batches(
+    # the first views stream out after one file, not the whole set. No passes (a worker's
+    # empty share of few files): one empty block, an empty dataset.
+    ds = ray.data.from_items(passes, override_num_blocks=max(1, len(passes))).map_batches(
         read_shard_rows,
-        fn_kwargs={"skip_ids": beyond_limit, "ledger": ledger},
+        fn_kwargs={"skip_ids": skip_ids, "ledger": ledger},
         batch_size=1,
         batch_format="pyarrow",
     )
@@ -276,7 +318,7 @@ def training_dataset(
         fn_kwargs=fn_kwargs,
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=decode_tasks),
+        compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=1,
     )
 

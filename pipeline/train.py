@@ -41,6 +41,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.cluster import init_ray
 from pipeline.config import Config, from_dict, with_absolute_paths
+from pipeline.dataset_features import dataset_features
 from pipeline.evaluate import extract_features, knn_accuracy, load_labelled
 from pipeline.ingest import (
     ImageSpec,
@@ -161,6 +162,50 @@ def _restore(
     return state["epoch"], state["step"]
 
 
+def _feed_dataset_features(
+    method: SSLMethod,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    spec: ImageSpec,
+    slots: dict[str, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    step: int,
+    writer: Any,
+) -> None:
+    """Hand ``method`` fresh features of the whole training set (DeepCluster's k-means);
+    rank 0 (the one with a TensorBoard ``writer``) logs what the method reports."""
+    started = time.perf_counter()
+    device = mean.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use_amp(config, device)):
+        fresh = dataset_features(
+            method.backbone,
+            method.feature_dim,
+            config.data.train,
+            spec,
+            slots,
+            mean,
+            std,
+            device,
+            limit=config.data.limit,
+            decode_tasks=config.data.decode_tasks,
+        )
+    stats = method.take_dataset_features(fresh.features, fresh.slots, optimizer)
+    if writer is not None:
+        print(
+            f"step {step}: features of {len(fresh.slots)} training images "
+            f"({fresh.missing} undecodable) in {time.perf_counter() - started:.1f} s; "
+            + ", ".join(f"{name} {value:.4g}" for name, value in stats.items()),
+            flush=True,
+        )
+        for name, value in (stats | {"undecodable": fresh.missing}).items():
+            writer.add_scalar(f"dataset_features/{name}", value, step)
+
+
+def _use_amp(config: Config, device: torch.device) -> bool:
+    return device.type == "cuda" and config.train.amp
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker loop; ``loop_config`` carries the config and what the driver measured."""
     config = from_dict(loop_config["config"])
@@ -168,7 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    use_amp = device.type == "cuda" and config.train.amp
+    use_amp = _use_amp(config, device)
     # Channels-last lets cuDNN use its fastest (tensor-core) convolutions; on CPU it is no gain.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(config.run.seed)
@@ -247,6 +292,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last_losses: list[float] = []
         progress.mark(step)
         for batch in itertools.islice(batches, steps_per_epoch):
+            if method.needs_dataset_features(step):
+                slots = slots if slots is not None else image_slots(config.data.train, num_images)
+                _feed_dataset_features(
+                    method, optimizer, config, spec, slots, mean, std, step, writer
+                )
+                progress.mark(step)
             lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
             set_lr(optimizer, lr_now, base_lr=lr)
             views = [

@@ -70,6 +70,19 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def gather_uneven(x: Tensor) -> Tensor:
+    """:func:`gather_no_grad` for ranks holding different numbers of rows (each rank's share
+    of a dataset): rows are padded to the largest count for the gather, then trimmed."""
+    if not _active():
+        return x
+    counts = gather_no_grad(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = gather_no_grad(padded).chunk(len(counts))
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+
 class _AllReduceSumWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

@@ -103,6 +103,23 @@ class SSLMethod(nn.Module):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook the loop calls after each optimiser step (EMA updates etc.). Default: none."""
 
+    def needs_dataset_features(self, step: int) -> bool:
+        """Whether the loop must call :meth:`take_dataset_features` before optimiser step
+        ``step`` (0 for the first; resumed runs continue the count). Default: never."""
+        return False
+
+    def take_dataset_features(
+        self, features: Tensor, slots: Tensor, optimizer: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        """Receive backbone features (N, feature_dim) of every decodable training image,
+        computed in eval mode without augmentation, and their dataset ``slots`` (N,) (the
+        ``indices`` that ``forward`` receives). Every worker gets the same tensors and calls
+        this together, so it may be a collective. Returns scalars for the log.
+
+        Methods that re-cluster the whole dataset (DeepCluster) implement this together
+        with :meth:`needs_dataset_features`; ``pipeline.dataset_features`` computes them."""
+        raise NotImplementedError(f"{type(self).__name__} does not use dataset features")
+
     def embed_views(self, views: Sequence[Tensor], *heads: nn.Module) -> tuple[Tensor, ...]:
         """``heads(backbone(view))`` for every view (see :func:`encode_views`), split back
         into one tensor per view."""

@@ -31,7 +31,7 @@ Differences, all deliberate:
   data-stage or backbone choice, left to them.
 """
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -41,30 +41,21 @@ from torch import Tensor, nn
 from ssl_models.dist import world_size
 from ssl_models.kmeans import kmeans, nmi, preprocess_features
 from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.optim import param_groups
 
 
 class DeepCluster(SSLMethod):
     """Classify each image into its cluster from the last k-means on whole-dataset features.
 
-    Contract with the training loop (the pipeline implements it; nothing here starts it):
-
-    1. Before the optimiser step ``step`` (0-based, global; resumed runs included), if
-       ``needs_assignment(step)`` (the first step of every ``reassign_every_epochs``-th
-       epoch, so step 0 too):
-
-       a. extract backbone features of *every* training image, once: ``backbone`` in eval
-          mode under ``no_grad`` (then back to train mode), images without random
-          augmentation (the evaluation transform), normalised like training views;
-       b. give every worker the same (N, feature_dim) ``features`` and the images' dataset
-          ``slots`` (N,), the values ``forward`` receives as ``indices``;
-       c. call ``assign(features, slots)`` on every worker (a collective when distributed:
-          rank 0's pseudo-labels and classifier are broadcast, so the workers agree even if
-          k-means rounds differently on them); log the returned stats from rank 0;
-       d. call ``reset_optimizer_state(optimizer)``: the classifier was re-initialised in
-          place (same ``Parameter`` objects, so the optimiser and DDP keep them), and its
-          momentum must not carry over from the previous clustering's classes.
-
-    2. Every step: ``model(views, indices)`` as for any ``uses_image_indices`` method.
+    The training loop re-clusters through the base class's dataset-features hooks: at
+    the first step of every ``reassign_every_epochs``-th epoch (``needs_dataset_features``)
+    ``pipeline.dataset_features`` embeds every training image (eval mode, no augmentation,
+    decoded by Ray Data, the same tensors on every worker) and ``take_dataset_features``
+    runs :meth:`assign` (a collective when distributed: rank 0's pseudo-labels and
+    classifier are broadcast, so the workers agree even if k-means rounds differently on
+    them) and :meth:`reset_optimizer_state`. The classifier is re-initialised in place (the
+    same ``Parameter`` objects, so the optimiser and DDP keep them), and its momentum must
+    not carry over from the previous clustering's classes.
 
     Until the first ``assign`` every pseudo-label is -1 and the loss is exactly 0, still a
     function of every parameter, so DDP (without ``find_unused_parameters``) gets a (zero)
@@ -154,10 +145,28 @@ class DeepCluster(SSLMethod):
             },
         )
 
-    def needs_assignment(self, step: int) -> bool:
-        """Whether the loop must run the clustering (class docstring) before step ``step``:
-        at the first step of every ``reassign_every_epochs``-th epoch."""
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The backbone's usual groups; the classifier steps as under plain SGD even when
+        the run uses LARS (the official top layer has its own SGD), since a trust ratio
+        would scale its steps by the tiny norm of its fresh N(0, 0.01) weights."""
+        classifier = list(self.classifier.parameters())
+        groups = param_groups(self.backbone, weight_decay)
+        return [
+            *groups,
+            {"params": classifier, "weight_decay": weight_decay, "exclude_from_lars": True},
+        ]
+
+    def needs_dataset_features(self, step: int) -> bool:
+        """Re-cluster at the first step of every ``reassign_every_epochs``-th epoch."""
         return step % max(1, self.steps_in(self.reassign_every_epochs)) == 0
+
+    def take_dataset_features(
+        self, features: Tensor, slots: Tensor, optimizer: torch.optim.Optimizer
+    ) -> dict[str, float]:
+        """:meth:`assign` the new clustering, then :meth:`reset_optimizer_state`."""
+        stats = self.assign(features, slots)
+        self.reset_optimizer_state(optimizer)
+        return stats
 
     @torch.no_grad()
     def assign(self, features: Tensor, slots: Tensor) -> dict[str, float]:

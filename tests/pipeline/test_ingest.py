@@ -18,6 +18,7 @@ from pipeline.ingest import (
     ImageSpec,
     augment_batch,
     decode_image,
+    decoded_dataset,
     read_decoded,
     training_dataset,
     views_on_device,
@@ -143,3 +144,18 @@ def test_decode_resizes_and_converts_to_the_spec(tmp_path):
     assert out.shape == (3, 16, 16) and out.dtype == np.uint8
     gray = decode_image(buffer.getvalue(), ImageSpec(size=8, channels=1))
     assert gray.shape == (1, 8, 8)
+
+
+def test_decoded_dataset_parts_partition_the_first_limit_images(ray_session, fmnist_small):
+    spec = ImageSpec(size=28, channels=1)
+    limit = 1300  # ends inside the third of four 512-image shards
+    expected = read_decoded(fmnist_small["train"], spec, limit)
+    parts = []
+    for index in range(4):  # three files hold the 1300 images: the fourth part is empty
+        ds = decoded_dataset(fmnist_small["train"], spec, part=(index, 4), limit=limit)
+        ids = [i for b in ds.iter_batches(batch_format="numpy") for i in b["id"].tolist()]
+        parts.append(ids)
+    assert [len(ids) for ids in parts] == [512, 512, limit - 1024, 0]
+    assert sorted(sum(parts, [])) == sorted(expected.ids)
+    with pytest.raises(ValueError, match="part must be"):
+        decoded_dataset(fmnist_small["train"], spec, part=(2, 2))

@@ -52,6 +52,16 @@ def test_registered_with_its_options_and_needs_num_images():
         _deepcluster(num_clusters=1)
 
 
+def test_classifier_is_never_trust_scaled_and_every_parameter_has_one_group():
+    method = _deepcluster()
+    groups = method.parameter_groups(1e-5)
+    grouped = [p for group in groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped)) == len(list(method.parameters()))
+    (classifier,) = [g for g in groups if any(p is method.classifier.weight for p in g["params"])]
+    assert classifier["exclude_from_lars"] and classifier["weight_decay"] == 1e-5
+    assert set(classifier["params"]) == set(method.classifier.parameters())
+
+
 def test_before_any_clustering_the_loss_is_zero_but_reaches_every_parameter():
     method = _deepcluster()
     assert (method.pseudo_labels == -1).all()
@@ -156,12 +166,12 @@ def test_training_on_the_pseudo_labels_lowers_the_loss():
 
 
 @pytest.mark.parametrize(("every", "expected"), [(1, [0, 10, 20, 30, 40]), (2, [0, 20, 40])])
-def test_needs_assignment_exactly_at_epoch_starts(every, expected):
+def test_needs_dataset_features_exactly_at_epoch_starts(every, expected):
     method = _deepcluster(reassign_every_epochs=every)
     with pytest.raises(RuntimeError, match="set_schedule"):
-        method.needs_assignment(0)
+        method.needs_dataset_features(0)
     method.set_schedule(10, 50)
-    assert [step for step in range(50) if method.needs_assignment(step)] == expected
+    assert [step for step in range(50) if method.needs_dataset_features(step)] == expected
 
 
 def test_reset_optimizer_state_forgets_only_the_classifier():
@@ -201,8 +211,7 @@ def _ddp_rank(rank: int) -> dict:
     losses = []
     for step in range(4):
         if step == 2:  # rank 1's features differ: rank 0's clustering must win
-            method.assign(_blob_features(seed=rank), torch.arange(32))
-            method.reset_optimizer_state(optimizer)
+            method.take_dataset_features(_blob_features(seed=rank), torch.arange(32), optimizer)
         out = model([torch.randn(8, 1, 16, 16)], torch.arange(8) + 8 * rank)
         optimizer.zero_grad()
         out.loss.backward()  # DDP fails here or in the next forward if a parameter has no grad

@@ -5,7 +5,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ssl_models.dist import gather_with_grad, rank, world_size
+from ssl_models.dist import gather_uneven, gather_with_grad, rank, world_size
 from ssl_models.losses import nt_xent_loss
 from tests.ssl_models.distributed import (
     assert_gradients_match,
@@ -26,7 +26,9 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, nn.Linear]:
 
 def _rank_fn(r: int) -> dict:
     # This rank's rows: the loss, its gradients, and the same loss through a DDP-wrapped layer.
-    return split_batch_grads(_loss, *_data())
+    # Also an uneven gather: rank r holds r + 2 rows (one spawn serves both checks).
+    uneven = torch.arange(2 * (r + 2)).view(r + 2, 2) + 100 * r
+    return split_batch_grads(_loss, *_data()) | {"uneven": gather_uneven(uneven)}
 
 
 def test_two_processes_match_single_process(tmp_path):
@@ -42,6 +44,9 @@ def test_two_processes_match_single_process(tmp_path):
     # Each rank receives the sum over ranks of its rows' gradient, i.e. WORLD x the
     # single-process gradient (see ssl_models.dist); DDP's averaging undoes the factor.
     assert_gradients_match(results, grad_a, grad_b, linear, atol=1e-6)
+    # Rank 0's 2 rows, then rank 1's 3, on every rank.
+    expected = torch.tensor([[0, 1], [2, 3], [100, 101], [102, 103], [104, 105]])
+    assert all(torch.equal(res["uneven"], expected) for res in results)
 
 
 def test_gather_is_identity_outside_distributed():
