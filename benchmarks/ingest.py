@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from pipeline.augment import ViewRecipe
-from pipeline.ingest import ImageSpec, augment_batch
+from pipeline.ingest import ImageSpec, ViewPlan, augment_batch
 from pipeline.shards import shard_files
 
 SHARDS = "data/shards/fashion-mnist/train"
@@ -98,7 +98,7 @@ def time_ours(images: list[bytes], spec: ImageSpec, recipe: ViewRecipe, batch: i
     for start in range(0, len(images), batch):
         chunk = np.array(images[start : start + batch], dtype=object)
         ids = np.arange(start, start + len(chunk))
-        out = augment_batch({"id": ids, "image": chunk}, spec, [recipe] * 2)
+        out = augment_batch({"id": ids, "image": chunk}, spec, ViewPlan((recipe,) * 2))
         assert out["view_1"].shape == (len(chunk), spec.channels, spec.size, spec.size)
     return len(images) / (time.perf_counter() - started)
 

@@ -32,6 +32,7 @@ from pipeline.shards import (
     read_labels,
     shard_files,
 )
+from ssl_models.method import PretextViews
 
 log = logging.getLogger(__name__)
 
@@ -122,39 +123,67 @@ def decoded_batch(
     }
 
 
+@dataclass(frozen=True)
+class ViewPlan:
+    """What the data stage makes of each image: one augmented view per recipe (multi-crop's
+    views differ in size), then, for a pretext task, the method's transform of those views
+    into its inputs and targets (``SSLMethod.pretext_views``)."""
+
+    recipes: tuple[ViewRecipe, ...]
+    pretext: PretextViews | None = None
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """uint8 images (N, C, H, W) -> {view_0, ..., target_<name>, ...}, N rows each."""
+        return self.finish([random_views(images, recipe, gen) for recipe in self.recipes], gen)
+
+    def finish(self, views: list[torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The columns made of already augmented ``views``, one per recipe."""
+        if self.pretext is None:
+            return {f"view_{index}": view for index, view in enumerate(views)}
+        return self.pretext(views, gen)
+
+
 def augment_batch(
     batch: dict[str, np.ndarray],
     spec: ImageSpec,
-    recipes: Sequence[ViewRecipe],
+    plan: ViewPlan,
     ledger: ActorHandle | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: {id, image bytes, label, epoch} -> {id, label, view_0, ...},
-    one view per recipe (each at its recipe's size: multi-crop's views differ in size)."""
+    """Ray Data batch function: {id, image bytes, label, epoch} -> {id, label, view_0, ...,
+    target_<name>, ...}: the ``plan``'s views (and pretext targets) of each image."""
     torch.set_num_threads(1)
     decoded = decoded_batch(batch, spec, ledger)
     # Fresh OS entropy per batch: views differ across workers and epochs by construction.
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    pixels = torch.from_numpy(decoded.pop("image"))
-    for index, recipe in enumerate(recipes):
-        decoded[f"view_{index}"] = random_views(pixels, recipe, gen).numpy()
-    return decoded
+    columns = plan(torch.from_numpy(decoded.pop("image")), gen)
+    return decoded | {name: column.numpy() for name, column in columns.items()}
 
 
 def views_on_device(
     batch: dict[str, np.ndarray],
-    recipes: Sequence[ViewRecipe],
+    plan: ViewPlan,
     device: torch.device,
     gen: torch.Generator | None = None,
-) -> list[torch.Tensor]:
-    """The batch's uint8 views on ``device``, one per recipe: shipped by the data stage, or,
-    given ``gen`` (a CPU generator for the parameters), drawn there from the decoded images."""
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The batch's uint8 views (in index order) and pretext targets (by name) on ``device``:
+    shipped by the data stage, or, given ``gen`` (a CPU generator for the parameters), made
+    there from the decoded images by the ``plan``."""
     if gen is None:
-        return [
-            torch.from_numpy(batch[f"view_{i}"]).to(device, non_blocking=True)
-            for i in range(len(recipes))
-        ]
-    images = torch.from_numpy(batch["image"]).to(device, non_blocking=True)
-    return [random_views(images, recipe, gen) for recipe in recipes]
+        columns = {
+            name: torch.from_numpy(column).to(device, non_blocking=True)
+            for name, column in batch.items()
+            if name.startswith(("view_", "target_"))
+        }
+    else:
+        columns = plan(torch.from_numpy(batch["image"]).to(device, non_blocking=True), gen)
+    count = sum(name.startswith("view_") for name in columns)
+    views = [columns[f"view_{index}"] for index in range(count)]
+    targets = {
+        name.removeprefix("target_"): column
+        for name, column in columns.items()
+        if name.startswith("target_")
+    }
+    return views, targets
 
 
 _ROWS_SCHEMA = pa.schema(
@@ -197,19 +226,16 @@ def read_shard_rows(
     return table
 
 
-def synthetic_batch(
-    ids: list, spec: ImageSpec, recipes: Sequence[ViewRecipe]
-) -> dict[str, np.ndarray]:
-    """A fixed batch of random uint8 views, one per recipe at its size: the data path's speed
-    ceiling, for benchmarks."""
-    rng = np.random.default_rng(0)
-    batch = {
-        f"view_{i}": rng.integers(
-            0, 256, (len(ids), spec.channels, recipe.size, recipe.size), dtype=np.uint8
-        )
-        for i, recipe in enumerate(recipes)
-    }
-    return {"id": np.asarray(ids, dtype=object), **batch}
+def synthetic_batch(ids: list, spec: ImageSpec, plan: ViewPlan) -> dict[str, np.ndarray]:
+    """A fixed batch of random uint8 views, one per recipe at its size, through the plan's
+    pretext transform if any: the data path's speed ceiling, for benchmarks."""
+    gen = torch.Generator().manual_seed(0)
+    views = [
+        torch.randint(0, 256, (len(ids), spec.channels, r.size, r.size), generator=gen).byte()
+        for r in plan.recipes
+    ]
+    columns = plan.finish(views, gen)
+    return {"id": np.asarray(ids, dtype=object)} | {k: v.numpy() for k, v in columns.items()}
 
 
 def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], list[str]]:
@@ -231,7 +257,7 @@ def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], lis
 def training_dataset(
     shard_dir: str | Path,
     spec: ImageSpec,
-    recipes: Sequence[ViewRecipe] | None,
+    plan: ViewPlan | None,
     *,
     epochs: int = 1,
     first_epoch: int = 0,
@@ -247,9 +273,9 @@ def training_dataset(
     next epoch's decoding overlaps the end of the current one instead of restarting the
     execution (and its worker processes) at every epoch. Passes are numbered from
     ``first_epoch`` + 1 (a resumed run continues the numbering and the orders); a ``ledger``
-    (pipeline.ledger) counts each one's delivered and rejected rows. Each row carries one
-    view per recipe; with ``recipes=None`` the stage only decodes and the views are drawn on
-    the training device (``views_on_device``).
+    (pipeline.ledger) counts each one's delivered and rejected rows. Each row carries the
+    ``plan``'s views (and pretext targets); with ``plan=None`` the stage only decodes and
+    the views are made on the training device (``views_on_device``).
     """
     files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
     passes = []
@@ -258,7 +284,7 @@ def training_dataset(
         random.Random(seed * 100_003 + epoch).shuffle(order)
         passes += [{"path": path, "epoch": epoch} for path in order]
     return _views_of_passes(
-        passes, beyond_limit, spec, recipes, ledger, batch_size=batch_size, tasks=decode_tasks
+        passes, beyond_limit, spec, plan, ledger, batch_size=batch_size, tasks=decode_tasks
     )
 
 
@@ -290,13 +316,13 @@ def _views_of_passes(
     passes: list[dict[str, object]],
     skip_ids: list[str],
     spec: ImageSpec,
-    recipes: Sequence[ViewRecipe] | None,
+    plan: ViewPlan | None,
     ledger: ActorHandle | None,
     *,
     batch_size: int,
     tasks: int,
 ) -> ray.data.Dataset:
-    """Read each {path, epoch} pass's rows, then decode them and, given ``recipes``, draw
+    """Read each {path, epoch} pass's rows, then decode them and, given a ``plan``, make
     the views, in ``tasks`` parallel tasks."""
     # One read task per file and pass, in this order (read_parquet would drop the repeats);
     # the first views stream out after one file, not the whole set. No passes (a worker's
@@ -308,11 +334,11 @@ def _views_of_passes(
         batch_format="pyarrow",
     )
     fn_kwargs: dict[str, object] = {"spec": spec, "ledger": ledger}
-    if recipes is None:
+    if plan is None:
         fn = decoded_batch
     else:
         fn = augment_batch
-        fn_kwargs |= {"recipes": list(recipes)}
+        fn_kwargs |= {"plan": plan}
     return ds.map_batches(
         fn,
         fn_kwargs=fn_kwargs,

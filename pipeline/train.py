@@ -45,6 +45,7 @@ from pipeline.dataset_features import dataset_features
 from pipeline.evaluate import extract_features, knn_accuracy, load_labelled
 from pipeline.ingest import (
     ImageSpec,
+    ViewPlan,
     channel_stats,
     dataset_rows,
     image_slots,
@@ -59,6 +60,7 @@ from pipeline.online_probe import OnlineProbe
 from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
 from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from ssl_models.registry import method_params
 
 EDGE_STEPS = 5  # steps averaged for the per-epoch loss_first_steps / loss_last_steps
 
@@ -90,6 +92,14 @@ def view_recipes(config: Config, size: int) -> list[ViewRecipe]:
         crop_scale=(augment.local_crop_scale_min, augment.local_crop_scale_max),
     )
     return [full] * METHODS[config.method_name].num_views + [local] * augment.local_crops
+
+
+def view_plan(config: Config, size: int) -> ViewPlan:
+    """The data stage's work per image: :func:`view_recipes`, then the method's pretext
+    transform if it is a pretext task."""
+    name = config.method_name
+    pretext = METHODS[name].pretext_views(method_params(name) | config.method_kwargs)
+    return ViewPlan(tuple(view_recipes(config, size)), pretext)
 
 
 class ProgressLog:
@@ -238,8 +248,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
 
+    plan = view_plan(config, spec.size)
     probe = None
-    if config.train.online_probe and loop_config["num_classes"] and not config.data.synthetic:
+    # A pretext task's first view may be a stack of tiles or patches, not the image.
+    whole_images = plan.pretext is None
+    if (
+        config.train.online_probe
+        and loop_config["num_classes"]
+        and not config.data.synthetic
+        and whole_images
+    ):
         probe = OnlineProbe(method.backbone, method.feature_dim, loop_config["num_classes"])
     start_epoch, step = _restore(method, optimizer, probe, rank)
     ledger = loop_config["ledger"]
@@ -265,11 +283,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         writer = SummaryWriter(f"{loop_config['run_dir']}/tensorboard")
 
     slots = image_slots(config.data.train, num_images) if method.uses_image_indices else None
-    recipes = view_recipes(config, spec.size)
     augment_gen = None  # a CPU generator when the views are drawn here, not by the data stage
     if config.data.synthetic:
         ids = list(slots or range(num_images))[:local_batch]
-        batches = itertools.repeat(synthetic_batch(ids, spec, recipes))
+        batches = itertools.repeat(synthetic_batch(ids, spec, plan))
     else:
         # One stream for all remaining epochs (see training_dataset); an epoch is a step count.
         batches = iter(
@@ -300,11 +317,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress.mark(step)
             lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
             set_lr(optimizer, lr_now, base_lr=lr)
+            uint8_views, targets = views_on_device(batch, plan, device, augment_gen)
+            # Tiles and patches add a dimension (N, P, C, h, w): channels-last is for 4-D.
             views = [
-                normalize(view, mean, std).contiguous(memory_format=memory_format)
-                for view in views_on_device(batch, recipes, device, augment_gen)
+                normalize(view, mean, std).contiguous(
+                    memory_format=memory_format if view.ndim == 4 else torch.contiguous_format
+                )
+                for view in uint8_views
             ]
-            extra = {}
+            extra: dict[str, Any] = {"targets": targets} if targets else {}
             if slots is not None:
                 extra["indices"] = torch.tensor([slots[i] for i in batch["id"]], device=device)
             if probe is not None:
@@ -448,7 +469,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
         datasets["train"] = training_dataset(
             config.data.train,
             spec,
-            None if on_device else view_recipes(config, spec.size),
+            None if on_device else view_plan(config, spec.size),
             epochs=max(config.train.epochs - completed_epochs, 1),
             first_epoch=completed_epochs,
             seed=config.run.seed,

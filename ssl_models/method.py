@@ -6,7 +6,7 @@ prototypes), so ``state_dict()`` checkpoints everything, and it exposes its back
 frozen-feature evaluation.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, ClassVar
@@ -31,6 +31,11 @@ def encode_views(backbone: nn.Module, views: Sequence[Tensor], *heads: nn.Module
     for head in heads:
         x = head(x)
     return x
+
+
+#: A pretext task's data-stage transform: ``make(views, generator) -> {name: tensor}`` (see
+#: :meth:`SSLMethod.pretext_views`).
+PretextViews = Callable[[list[Tensor], torch.Generator], dict[str, Tensor]]
 
 
 @dataclass
@@ -68,11 +73,28 @@ class SSLMethod(nn.Module):
     def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
         """One training step's loss. ``views`` are normalised float (N, C, H, W) batches;
         ``indices`` are the images' dataset indices, given when ``uses_image_indices``.
+        Pretext tasks (:meth:`pretext_views`) also take ``targets``, a dict of tensors.
 
         The training loop calls the DDP-wrapped module, so all gradient-carrying work must
         happen here for DDP to synchronise it.
         """
         raise NotImplementedError
+
+    @classmethod
+    def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews | None:
+        """What the data stage makes of each image's augmented global views for this method.
+
+        ``None`` (the default): the views themselves. A pretext task returns a callable
+        ``make(views, generator)`` that maps the batch's ``num_views`` augmented uint8 views
+        (N, C, H, W) to a dict of tensors with N rows: ``view_<i>`` uint8 images (shape
+        (N, ..., C, h, w): tiles and patches may add a dimension), which the loop normalises
+        and passes to ``forward`` as ``views`` in index order, and ``target_<name>``
+        tensors (labels, masks), passed as ``targets={name: tensor}``. It runs in the Ray
+        Data stage on CPU workers (or on the training device with
+        ``augment.on_train_device``), so it is torch code that draws all randomness from
+        the generator and pickles. ``options``: the run's method options, defaults filled.
+        """
+        return None
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups (frozen teachers are left out: no ``requires_grad``).

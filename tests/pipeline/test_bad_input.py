@@ -12,7 +12,13 @@ import ray
 from PIL import Image
 
 from pipeline.augment import ViewRecipe
-from pipeline.ingest import ImageSpec, decode_batch, decode_image, training_dataset
+from pipeline.ingest import (
+    ImageSpec,
+    ViewPlan,
+    decode_batch,
+    decode_image,
+    training_dataset,
+)
 from pipeline.ledger import IngestLedger, summary_line, write_report
 from pipeline.shards import MANIFEST_NAME, ShardManifest
 
@@ -94,7 +100,7 @@ def test_every_pass_accounts_for_every_row(ray_session, tmp_path):
     ds = training_dataset(
         tmp_path / "shards",
         ImageSpec(12, 3),
-        [ViewRecipe.simclr(12)] * 2,
+        ViewPlan((ViewRecipe.simclr(12),) * 2),
         epochs=2,
         first_epoch=4,
         batch_size=4,

@@ -16,10 +16,12 @@ from ray.train.torch import TorchTrainer
 from pipeline.augment import ViewRecipe
 from pipeline.ingest import (
     ImageSpec,
+    ViewPlan,
     augment_batch,
     decode_image,
     decoded_dataset,
     read_decoded,
+    synthetic_batch,
     training_dataset,
     views_on_device,
 )
@@ -47,7 +49,7 @@ def test_each_id_once_per_pass_and_views_change(ray_session, fmnist_small, tmp_p
     ds = training_dataset(
         fmnist_small["train"],
         spec,
-        [ViewRecipe.simclr(spec.size)] * 2,
+        ViewPlan((ViewRecipe.simclr(spec.size),) * 2),
         epochs=passes,
         limit=limit,
         batch_size=128,
@@ -102,8 +104,9 @@ def test_decode_only_stream_feeds_views_drawn_on_the_device(ray_session, fmnist_
         np.testing.assert_array_equal(pixels, by_id[image_id][0])
         assert label == by_id[image_id][1]  # labels ride along for the online probe
     gen = torch.Generator().manual_seed(0)
-    recipes = [ViewRecipe.simclr(24)] * 2 + [ViewRecipe.simclr(12, crop_scale_min=0.05)]
-    views = views_on_device(batch, recipes, torch.device("cpu"), gen)
+    recipes = (ViewRecipe.simclr(24),) * 2 + (ViewRecipe.simclr(12, crop_scale_min=0.05),)
+    views, targets = views_on_device(batch, ViewPlan(recipes), torch.device("cpu"), gen)
+    assert targets == {}
     assert [v.shape for v in views] == [(300, 1, 24, 24)] * 2 + [(300, 1, 12, 12)]
     assert views[0].dtype == torch.uint8 and not torch.equal(views[0], views[1])
 
@@ -124,8 +127,8 @@ def test_augment_batch_drops_and_logs_undecodable_rows(fmnist_small, caplog):
         "label": np.asarray([3, 4, -1]),
     }
     # Multi-crop: two global views and a small local one.
-    recipes = [ViewRecipe.simclr(28)] * 2 + [ViewRecipe.simclr(12)]
-    out = augment_batch(batch, spec, recipes)
+    recipes = (ViewRecipe.simclr(28),) * 2 + (ViewRecipe.simclr(12),)
+    out = augment_batch(batch, spec, ViewPlan(recipes))
     assert list(out["id"]) == ["a", "b"] and list(out["label"]) == [3, -1]
     assert out["view_1"].shape == (2, 1, 28, 28) and out["view_0"].dtype == np.uint8
     assert out["view_2"].shape == (2, 1, 12, 12)
@@ -159,3 +162,36 @@ def test_decoded_dataset_parts_partition_the_first_limit_images(ray_session, fmn
     assert sorted(sum(parts, [])) == sorted(expected.ids)
     with pytest.raises(ValueError, match="part must be"):
         decoded_dataset(fmnist_small["train"], spec, part=(2, 2))
+
+
+def _mirror_task(views: list[torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A toy pretext task: mirror some images (target: which), plus a 5-D stack of copies."""
+    image = views[0]
+    mirrored = torch.randint(0, 2, (len(image),), generator=gen).bool().to(image.device)
+    view = torch.where(mirrored.view(-1, 1, 1, 1), image.flip(-1), image)
+    stack = torch.stack([image] * 3, dim=1)
+    return {"view_0": view, "view_1": stack, "target_mirrored": mirrored.long()}
+
+
+def test_a_pretext_plan_ships_its_views_and_targets_in_every_mode(fmnist_small):
+    spec = ImageSpec(size=28, channels=1)
+    plan = ViewPlan((ViewRecipe.simclr(20),), _mirror_task)
+    pixels = read_decoded(fmnist_small["train"], spec, 8).pixels
+    gen = torch.Generator().manual_seed(0)
+    columns = plan(torch.from_numpy(pixels), gen)
+    assert set(columns) == {"view_0", "view_1", "target_mirrored"}
+    stack, view = columns["view_1"], columns["view_0"]
+    assert stack.shape == (8, 3, 1, 20, 20) and stack.dtype == torch.uint8
+    mirrored = columns["target_mirrored"].bool()
+    assert torch.equal(view[mirrored], stack[mirrored, 0].flip(-1))
+    assert torch.equal(view[~mirrored], stack[~mirrored, 0])
+
+    batch = {"id": np.arange(8), "image": pixels, "label": np.zeros(8, np.int64)}
+    shipped = {k: v.numpy() for k, v in columns.items()} | {"id": batch["id"]}
+    for views, targets in (
+        views_on_device(shipped, plan, torch.device("cpu")),
+        views_on_device(batch, plan, torch.device("cpu"), gen),
+        views_on_device(synthetic_batch(list(range(8)), spec, plan), plan, torch.device("cpu")),
+    ):
+        assert [v.shape for v in views] == [(8, 1, 20, 20), (8, 3, 1, 20, 20)]
+        assert set(targets) == {"mirrored"} and targets["mirrored"].shape == (8,)
