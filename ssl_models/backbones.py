@@ -2,7 +2,8 @@
 
 The convolutional backbones end in global average pooling and the transformers return their
 CLS token, so downstream code (projection heads, kNN and linear-probe evaluation) only ever
-sees flat feature vectors.
+sees flat feature vectors. Dense pretext tasks (colorization, inpainting, denoising) decode
+from ``feature_map(x)`` instead, the spatial (N, out_dim, h, w) map every backbone provides.
 
 - ``resnet18`` / ``resnet50``: torchvision's residual blocks (He et al. 2016, arXiv:1512.03385)
   with every stage width multiplied by ``width``. Module names follow torchvision's ``ResNet``
@@ -88,10 +89,13 @@ class ResNet(nn.Module):
         stage += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last stage's output before pooling, (N, ``out_dim``, h, w)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
 
 
 class SmallCNN(nn.Module):
@@ -113,6 +117,10 @@ class SmallCNN(nn.Module):
             previous = channels
         self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.out_dim = previous
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last stage's output before pooling, (N, ``out_dim``, h, w)."""
+        return self.features[:-2](x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)

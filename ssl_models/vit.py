@@ -118,6 +118,12 @@ class ViT(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         return self.norm(self.blocks(torch.cat([cls, tokens], dim=1)))
 
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The encoded patch tokens on their grid, (N, ``out_dim``, H / patch, W / patch)."""
+        tokens = self.encode(self.patch_tokens(x))[:, 1:]
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return tokens.transpose(1, 2).reshape(len(x), self.out_dim, grid_h, grid_w)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.encode(self.patch_tokens(x))[:, 0]
 

@@ -157,3 +157,20 @@ def test_vit_position_embeddings_and_cls_token_get_no_weight_decay():
     assert id(backbone.patch_embed.weight) in {id(p) for p in regular["params"]}
     total = len(excluded["params"]) + len(regular["params"])
     assert total == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("name", "grid"), [("resnet18", 4), ("small_cnn", 4), ("vit_tiny", 7), ("resnet50", 4)]
+)
+def test_feature_map_is_what_forward_pools(name, grid):
+    torch.manual_seed(0)
+    backbone, dim = build_backbone(name, width=0.25, in_channels=1)
+    backbone.eval()
+    x = torch.randn(2, 1, 28, 28)
+    fmap = backbone.feature_map(x)
+    assert fmap.shape == (2, dim, grid, grid)
+    if name.startswith("vit"):  # the CLS token is pooled by attention, not averaged
+        tokens = backbone.encode(backbone.patch_tokens(x))[:, 1:]
+        torch.testing.assert_close(fmap.flatten(2).transpose(1, 2), tokens)
+    else:
+        torch.testing.assert_close(fmap.mean((2, 3)), backbone(x))
