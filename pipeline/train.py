@@ -451,6 +451,12 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     init_ray()
     manifest = load_manifest(Path(config.data.train))
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
+    needed = METHODS[config.method_name].input_channels
+    if needed not in (None, spec.channels):
+        raise ValueError(
+            f"method {config.method_name!r} needs {needed}-channel images, but "
+            f"{config.data.train} holds {spec.channels}-channel ones"
+        )
     rows = dataset_rows(config.data.train, config.data.limit)
     world, batch = config.train.num_workers, config.train.batch_size
     steps_per_epoch = (rows // world) // (batch // world)

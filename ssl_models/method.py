@@ -59,6 +59,9 @@ class SSLMethod(nn.Module):
     #: The ``model.backbone`` names the method works with (None: any), so a config naming
     #: another is refused before any worker starts (masked image modelling needs a ViT).
     backbones: ClassVar[tuple[str, ...] | None] = None
+    #: The image channels the method needs (colorization: 3, it predicts colour from
+    #: lightness), so a dataset with others is refused before training; None: any.
+    input_channels: ClassVar[int | None] = None
     #: Whether ``forward`` needs each image's dataset index (memory-bank methods); such a
     #: method's ``__init__`` also takes ``num_images`` after ``feature_dim``.
     uses_image_indices: ClassVar[bool] = False
