@@ -448,7 +448,6 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
         validate_shards(Path(shard_dir))  # a bad shard fails here, not an hour into training
     directory = run_dir(config)
     completed_epochs = check_resumable(directory, config)
-    init_ray()
     manifest = load_manifest(Path(config.data.train))
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
     needed = METHODS[config.method_name].input_channels
@@ -457,6 +456,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             f"method {config.method_name!r} needs {needed}-channel images, but "
             f"{config.data.train} holds {spec.channels}-channel ones"
         )
+    init_ray()
     rows = dataset_rows(config.data.train, config.data.limit)
     world, batch = config.train.num_workers, config.train.batch_size
     steps_per_epoch = (rows // world) // (batch // world)

@@ -177,6 +177,16 @@ def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
         pretrain(config)
 
 
+def test_a_method_needing_colour_refuses_grayscale_shards_before_ray_starts(
+    fmnist_small, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("pipeline.train.init_ray", lambda: pytest.fail("Ray was started"))
+    monkeypatch.setattr(METHODS["simclr"], "input_channels", 3)
+    config = _config(fmnist_small, tmp_path, 1)
+    with pytest.raises(ValueError, match="'simclr' needs 3-channel images, but .* 1-channel"):
+        pretrain(config)
+
+
 def test_run_dir_is_absolute_and_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(None, ["run.root=runs", "run.name=abc"])
