@@ -250,13 +250,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     plan = view_plan(config, spec.size)
     probe = None
-    # A pretext task's first view may be a stack of tiles or patches, not the image.
-    whole_images = plan.pretext is None
     if (
         config.train.online_probe
         and loop_config["num_classes"]
         and not config.data.synthetic
-        and whole_images
+        and method.whole_images_first
     ):
         probe = OnlineProbe(method.backbone, method.feature_dim, loop_config["num_classes"])
     start_epoch, step = _restore(method, optimizer, probe, rank)
@@ -306,6 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.train()
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
         first_losses: list[float] = []
+        log_sums: dict[str, torch.Tensor] = {}  # the method's scalars, summed on the device
         last_losses: list[float] = []
         progress.mark(step)
         for batch in itertools.islice(batches, steps_per_epoch):
@@ -352,6 +351,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "Lower train.base_lr or raise method.temperature."
                 )
             epoch_loss += loss
+            for name, value in output.logs.items():
+                log_sums[name] = log_sums.get(name, 0.0) + value.detach().float()
             if epoch_steps <= EDGE_STEPS:
                 first_losses.append(loss)
             last_losses = [*last_losses[-(EDGE_STEPS - 1) :], loss]
@@ -378,6 +379,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "resumed_from_epoch": start_epoch,
             "step": step,
             "loss": epoch_loss / max(epoch_steps, 1),
+            # Epoch means of what the method logs (pretext accuracy, positive similarity...).
+            **{
+                f"method_{name}": float(total) / max(epoch_steps, 1)
+                for name, total in log_sums.items()
+            },
             # Mean loss over the epoch's first and last few steps: is it still learning?
             "loss_first_steps": sum(first_losses) / max(len(first_losses), 1),
             "loss_last_steps": sum(last_losses) / max(len(last_losses), 1),

@@ -59,6 +59,10 @@ class SSLMethod(nn.Module):
     #: The ``model.backbone`` names the method works with (None: any), so a config naming
     #: another is refused before any worker starts (masked image modelling needs a ViT).
     backbones: ClassVar[tuple[str, ...] | None] = None
+    #: Whether the step's first backbone call starts with the batch's whole images in batch
+    #: order, or never calls the backbone's forward and takes whole images as its first view
+    #: (what the online probe reads); tile- and patch-based pretext tasks set False.
+    whole_images_first: ClassVar[bool] = True
     #: The image channels the method needs (colorization: 3, it predicts colour from
     #: lightness), so a dataset with others is refused before training; None: any.
     input_channels: ClassVar[int | None] = None
