@@ -1,0 +1,188 @@
+"""Denoising autoencoder (Vincent, Larochelle, Bengio, Manzagol 2008, "Extracting and Composing
+Robust Features with Denoising Autoencoders", ICML, doi:10.1145/1390156.1390294; corruption
+types and the emphasised loss from Vincent et al. 2010, "Stacked Denoising Autoencoders", JMLR
+11:3371-3408). Neither paper has an arXiv version.
+
+    for x in loader:                         # the data stage: one view per image
+        x~ = q_D(x~ | x)                     # corrupt; J = the corrupted components
+        z = g(f(x~))                         # encode the corrupted view, decode pixels
+        loss = alpha * sum_{j in J} (x_j - z_j)^2 + beta * sum_{j not in J} (x_j - z_j)^2
+
+The corruption ``q_D`` acts on the components of the input vector, i.e. on each channel value
+of each pixel independently, with ``nu`` the fraction of the d = C*H*W components of each
+example that it destroys (the 2010 paper's three corruption types):
+
+- masking: exactly round(nu * d) components chosen at random per example are forced to 0
+  (2008: "a fixed number nu*d of components are chosen at random");
+- salt_pepper: exactly round(nu * d) components chosen at random per example are set to the
+  minimum or the maximum value (0 or 255) by a fair coin flip;
+- gaussian: additive isotropic noise N(0, sigma^2 I) on every component, rounded and clipped
+  back to 0..255 as the images stay uint8 until the loop normalises them. ``sigma`` is given
+  in the paper's [0, 1] intensity units (its values 0.05-0.5), i.e. 255 * sigma pixel levels.
+  Every component is corrupted, so the emphasised loss reduces to ``alpha`` times the plain one.
+
+The paper's encoder and decoder are single sigmoid layers with tied weights on raw [0, 1]
+pixels; here the encoder is the backbone and the decoder ``DenseDecoder`` on its feature map,
+as for the other dense pretext tasks. The loop standardises the views per channel, so the
+inputs are real-valued, not in [0, 1]: the paper then prescribes the squared error with an
+affine decoder output (the 2010 paper: squared error for real-valued x), which is what
+this uses; its cross-entropy is for binary or [0, 1]-bounded inputs with a sigmoid decoder.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ssl_models.dense_decoder import DenseDecoder
+from ssl_models.method import MethodOutput, SSLMethod
+
+CORRUPTIONS = ("masking", "gaussian", "salt_pepper")
+
+
+def emphasised_squared_error(
+    pred: Tensor, target: Tensor, corrupted: Tensor, alpha: float = 1.0, beta: float = 1.0
+) -> Tensor:
+    """The 2010 paper's L_{2,alpha}: weight ``alpha`` on the squared errors of the corrupted
+    components, ``beta`` on the rest, summed over components, divided by their number d (so
+    alpha = beta = 1 is the mean squared error), averaged over the batch."""
+    weights = torch.where(corrupted, alpha, beta).to(pred.dtype)
+    return (weights * (pred - target).square()).mean()
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    """The data stage's transform: one uint8 view (N, C, H, W) -> ``view_0`` the corrupted
+    view, ``view_1`` the clean one, ``target_corrupted`` (N, C, H, W) bool, the components the
+    corruption chose (masked or salted ones stay marked where they happened to keep their
+    value, as J in the paper is the chosen set)."""
+
+    corruption: str = "masking"
+    noise_level: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.corruption not in CORRUPTIONS:
+            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
+        if not 0.0 < self.noise_level < 1.0:
+            raise ValueError(f"noise_level must be in (0, 1), got {self.noise_level}")
+
+    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        if len(views) != 1:
+            raise ValueError(f"the denoising autoencoder corrupts 1 view, got {len(views)}")
+        (clean,) = views
+        n, device = clean.shape[0], clean.device
+        # Random numbers come from the CPU generator (the views may live on the GPU).
+        if self.corruption == "gaussian":
+            sigma = 255.0 * self.noise_level
+            noise = torch.randn(clean.shape, generator=generator).to(device)
+            noisy = (clean.float() + sigma * noise).round_().clamp_(0, 255).to(torch.uint8)
+            chosen = torch.ones(clean.shape, dtype=torch.bool, device=device)
+            return {"view_0": noisy, "view_1": clean, "target_corrupted": chosen}
+        # Exactly round(nu * d) components per example: the k largest of d uniform draws are a
+        # uniformly random k-subset (topk, unsorted: linear time, unlike a full argsort).
+        d = clean[0].numel()
+        k = round(self.noise_level * d)
+        ids = torch.rand(n, d, generator=generator).topk(k, dim=1, sorted=False).indices
+        chosen = torch.zeros(n, d, dtype=torch.bool).scatter_(1, ids, True)
+        chosen = chosen.view(clean.shape).to(device)
+        if self.corruption == "masking":
+            value = torch.zeros((), dtype=torch.uint8, device=device)
+        else:  # salt_pepper: a fair coin per component picks the minimum or the maximum
+            coin = torch.rand(clean.shape, generator=generator) < 0.5
+            value = (coin.to(torch.uint8) * 255).to(device)
+        corrupted = torch.where(chosen, value, clean)
+        return {"view_0": corrupted, "view_1": clean, "target_corrupted": chosen}
+
+
+def image_channels(backbone: nn.Module) -> int:
+    """The input channels of a backbone: those of its first convolution (the stem of a
+    ResNet or small CNN, a ViT's patch embedding)."""
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    raise ValueError(f"cannot tell the input channels of {type(backbone).__name__}")
+
+
+class DenoisingAutoencoder(SSLMethod):
+    """Encode the corrupted view with the backbone, decode the clean image, squared error.
+
+    Args:
+        backbone: any backbone with ``feature_map`` (small_cnn, ResNets, ViTs).
+        feature_dim: its output channels.
+        corruption: ``"masking"`` (the 2008 paper's), ``"gaussian"`` or ``"salt_pepper"``.
+        noise_level: the fraction nu of components corrupted (masking, salt_pepper), or the
+            Gaussian's sigma in [0, 1] intensity units. 0.25, the 2008 paper's usual
+            validated choice (it tries 0-50%; the 2010 paper 0-40% and sigma 0.05-0.5).
+        emphasis_alpha, emphasis_beta: the emphasised loss's weights on the corrupted and the
+            other components (the 2010 paper's "double emphasis" 1 / 0.5, "full emphasis"
+            1 / 0). 1 / 1, the plain squared error of the 2008 paper, by default.
+        decoder_hidden, decoder_upsamplings: the ``DenseDecoder``'s width and doublings.
+    """
+
+    num_views: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        *,
+        corruption: str = "masking",
+        noise_level: float = 0.25,
+        emphasis_alpha: float = 1.0,
+        emphasis_beta: float = 1.0,
+        decoder_hidden: int = 64,
+        decoder_upsamplings: int = 3,
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        self.corrupt = Corrupt(corruption, noise_level)  # validates both
+        if emphasis_alpha <= 0 or emphasis_beta < 0:
+            raise ValueError(
+                f"need emphasis_alpha > 0 and emphasis_beta >= 0, got {emphasis_alpha} "
+                f"and {emphasis_beta}"
+            )
+        if decoder_hidden < 1 or decoder_upsamplings < 0:
+            raise ValueError("need decoder_hidden >= 1 and decoder_upsamplings >= 0")
+        self.alpha, self.beta = emphasis_alpha, emphasis_beta
+        channels = image_channels(backbone)
+        self.decoder = DenseDecoder(feature_dim, channels, decoder_hidden, decoder_upsamplings)
+
+    @classmethod
+    def pretext_views(cls, options: Mapping[str, Any]) -> Corrupt:
+        return Corrupt(options["corruption"], options["noise_level"])
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """g(f(x~)): the decoded image, (N, C, H, W) in the inputs' normalised units."""
+        return self.decoder(self.backbone.feature_map(images), tuple(images.shape[-2:]))
+
+    def forward(
+        self,
+        views: list[Tensor],
+        indices: Tensor | None = None,
+        targets: Mapping[str, Tensor] | None = None,
+    ) -> MethodOutput:
+        if len(views) != 2:
+            raise ValueError(f"the denoising autoencoder takes 2 views, got {len(views)}")
+        if targets is None or "corrupted" not in targets:
+            raise ValueError("the denoising autoencoder needs targets['corrupted']")
+        noisy, clean = views
+        corrupted = targets["corrupted"].bool()
+        if noisy.shape != clean.shape or corrupted.shape != clean.shape:
+            raise ValueError(
+                f"corrupted view {tuple(noisy.shape)}, clean view {tuple(clean.shape)} and "
+                f"mask {tuple(corrupted.shape)} must have the same shape"
+            )
+        # In float32: under bfloat16 autocast the decoder's output is rounded to 8 bits.
+        pred = self.reconstruct(noisy).float()
+        loss = emphasised_squared_error(pred, clean.float(), corrupted, self.alpha, self.beta)
+        errors = (pred.detach() - clean.float()).square()
+        count = corrupted.sum()
+        logs = {
+            "loss": loss.detach(),
+            "mse": errors.mean(),  # comparable across emphasis weights
+            # A masked sum, not errors[corrupted]: boolean indexing syncs with the GPU.
+            "corrupted_mse": (errors * corrupted).sum() / count.clamp(min=1),
+            "corrupted_fraction": count / corrupted.numel(),
+        }
+        return MethodOutput(loss=loss, logs=logs)
