@@ -171,3 +171,15 @@ def build_backbone(
         raise ValueError(f"backbone width must be > 0, got {width}")
     module = BACKBONES[name](width, in_channels, small_images)
     return module, module.out_dim
+
+
+def image_channels(backbone: nn.Module) -> int:
+    """The image channels a backbone reads (what the decoders of dense pretext tasks
+    output): a ViT's ``in_channels``, else its first convolution's."""
+    channels = getattr(backbone, "in_channels", None)
+    if channels is None:
+        convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise ValueError(f"cannot tell the input channels of {type(backbone).__name__}")
+        channels = convs[0].in_channels
+    return int(channels)

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ssl_models.backbones import image_channels
 from ssl_models.dense_decoder import DenseDecoder
 from ssl_models.method import MethodOutput, SSLMethod
 
@@ -94,15 +95,6 @@ class Corrupt:
             value = (coin.to(torch.uint8) * 255).to(device)
         corrupted = torch.where(chosen, value, clean)
         return {"view_0": corrupted, "view_1": clean, "target_corrupted": chosen}
-
-
-def image_channels(backbone: nn.Module) -> int:
-    """The input channels of a backbone: those of its first convolution (the stem of a
-    ResNet or small CNN, a ViT's patch embedding)."""
-    for module in backbone.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    raise ValueError(f"cannot tell the input channels of {type(backbone).__name__}")
 
 
 class DenoisingAutoencoder(SSLMethod):
