@@ -15,10 +15,14 @@ from ssl_models.methods import (
     DINO,
     MAE,
     BarlowTwins,
+    ContextEncoder,
     DeepCluster,
+    DenoisingAutoencoder,
     InstDisc,
     MoCoV2,
     MoCoV3,
+    RelativePatch,
+    RotNet,
     SimCLR,
     SimMIM,
     SimSiam,
@@ -40,6 +44,11 @@ METHODS: dict[str, type[SSLMethod]] = {
     "dino": DINO,
     "mae": MAE,
     "simmim": SimMIM,
+    # Pretext tasks (Methods III): their views are made by pretext_views in the data stage.
+    "rotation": RotNet,
+    "relative_patch": RelativePatch,
+    "context_encoder": ContextEncoder,
+    "denoising_ae": DenoisingAutoencoder,
 }
 
 

@@ -2,12 +2,16 @@
 
 from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
+from ssl_models.methods.context_encoder import ContextEncoder
 from ssl_models.methods.deepcluster import DeepCluster
+from ssl_models.methods.denoising_ae import DenoisingAutoencoder
 from ssl_models.methods.dino import DINO
 from ssl_models.methods.instdisc import InstDisc
 from ssl_models.methods.mae import MAE
 from ssl_models.methods.moco_v2 import MoCoV2
 from ssl_models.methods.moco_v3 import MoCoV3
+from ssl_models.methods.relative_patch import RelativePatch
+from ssl_models.methods.rotation import RotNet
 from ssl_models.methods.simclr import SimCLR
 from ssl_models.methods.simmim import SimMIM
 from ssl_models.methods.simsiam import SimSiam
@@ -19,10 +23,14 @@ __all__ = [
     "DINO",
     "MAE",
     "BarlowTwins",
+    "ContextEncoder",
     "DeepCluster",
+    "DenoisingAutoencoder",
     "InstDisc",
     "MoCoV2",
     "MoCoV3",
+    "RelativePatch",
+    "RotNet",
     "SimCLR",
     "SimMIM",
     "SimSiam",

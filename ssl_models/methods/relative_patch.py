@@ -163,6 +163,7 @@ class RelativePatch(SSLMethod):
     num_views: ClassVar[int] = 1
     # Patches are a third of the image or less, no multiple of a ViT's patch size.
     backbones: ClassVar[tuple[str, ...]] = ("small_cnn", "resnet18", "resnet50")
+    whole_images_first: ClassVar[bool] = False  # the backbone sees tiles
 
     def __init__(
         self,

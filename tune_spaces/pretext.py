@@ -1,0 +1,24 @@
+"""Pretext tasks (Methods III): each space adds the one or two knobs its paper ablates to the
+shared ones.
+
+- Rotation (Gidaris et al. 2018): a linear or one-hidden-layer classifier.
+- Relative patch position (Doersch et al. 2015): the gap between patches, which trades the
+  trivial low-level shortcut against how much of the object the pair still shows.
+- Context encoder (Pathak et al. 2016): how much of the image the hole covers.
+- Denoising autoencoder (Vincent et al. 2010): the corruption type and level, the knobs
+  their experiments sweep (nu 0-0.4, sigma 0.05-0.5).
+"""
+
+from tune_spaces.common import COMMON, Space
+
+ROTATION: Space = {**COMMON, "method.classifier_hidden_dim": {"choice": [0, 256]}}
+
+RELATIVE_PATCH: Space = {**COMMON, "method.gap_ratio": {"uniform": [0.25, 0.75]}}
+
+CONTEXT_ENCODER: Space = {**COMMON, "method.coverage": {"uniform": [0.15, 0.35]}}
+
+DENOISING_AE: Space = {
+    **COMMON,
+    "method.corruption": {"choice": ["masking", "salt_pepper", "gaussian"]},
+    "method.noise_level": {"uniform": [0.1, 0.4]},
+}
