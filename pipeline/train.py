@@ -91,7 +91,9 @@ def view_recipes(config: Config, size: int) -> list[ViewRecipe]:
         size=local_side,
         crop_scale=(augment.local_crop_scale_min, augment.local_crop_scale_max),
     )
-    return [full] * METHODS[config.method_name].num_views + [local] * augment.local_crops
+    name = config.method_name
+    views = METHODS[name].views_per_image(method_params(name) | config.method_kwargs)
+    return [full] * views + [local] * augment.local_crops
 
 
 def view_plan(config: Config, size: int) -> ViewPlan:

@@ -88,6 +88,12 @@ class SSLMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def views_per_image(cls, options: Mapping[str, Any]) -> int:
+        """How many global views the data stage draws per image for a run with these method
+        ``options``: ``num_views``, unless the options decide it (multi-task)."""
+        return cls.num_views
+
+    @classmethod
     def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews | None:
         """What the data stage makes of each image's augmented global views for this method.
 

@@ -18,9 +18,12 @@ from ssl_models.methods import (
     ContextEncoder,
     DeepCluster,
     DenoisingAutoencoder,
+    ExemplarCNN,
     InstDisc,
+    Jigsaw,
     MoCoV2,
     MoCoV3,
+    MultiTask,
     RelativePatch,
     RotNet,
     SimCLR,
@@ -49,6 +52,9 @@ METHODS: dict[str, type[SSLMethod]] = {
     "relative_patch": RelativePatch,
     "context_encoder": ContextEncoder,
     "denoising_ae": DenoisingAutoencoder,
+    "jigsaw": Jigsaw,
+    "exemplar": ExemplarCNN,
+    "multitask": MultiTask,
 }
 
 

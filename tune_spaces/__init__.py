@@ -20,7 +20,15 @@ from tune_spaces.common import Space
 from tune_spaces.contrastive import INSTDISC, MOCO_V2, MOCO_V3, SIMCLR
 from tune_spaces.distillation import BYOL, DINO, SIMSIAM
 from tune_spaces.masked import MAE, SIMMIM
-from tune_spaces.pretext import CONTEXT_ENCODER, DENOISING_AE, RELATIVE_PATCH, ROTATION
+from tune_spaces.pretext import (
+    CONTEXT_ENCODER,
+    DENOISING_AE,
+    EXEMPLAR,
+    JIGSAW,
+    MULTITASK,
+    RELATIVE_PATCH,
+    ROTATION,
+)
 from tune_spaces.redundancy import BARLOW_TWINS, VICREG
 
 SPACES: dict[str, Space] = {
@@ -41,6 +49,9 @@ SPACES: dict[str, Space] = {
     "relative_patch": RELATIVE_PATCH,
     "context_encoder": CONTEXT_ENCODER,
     "denoising_ae": DENOISING_AE,
+    "jigsaw": JIGSAW,
+    "exemplar": EXEMPLAR,
+    "multitask": MULTITASK,
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 

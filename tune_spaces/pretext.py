@@ -7,6 +7,12 @@ shared ones.
 - Context encoder (Pathak et al. 2016): how much of the image the hole covers.
 - Denoising autoencoder (Vincent et al. 2010): the corruption type and level, the knobs
   their experiments sweep (nu 0-0.4, sigma 0.05-0.5).
+- Jigsaw (Noroozi & Favaro 2016): the size of the permutation set (their Table 2: more
+  permutations, and more distant ones, transfer better, up to a point).
+- Exemplar CNN (Dosovitskiy et al. 2014): the strength of the transformations, here the
+  rotation range and the largest scale, which their ablation finds matter most.
+- Multi-task (Doersch & Zisserman 2017): the shared knobs; its tasks and weights are the
+  user's design, not a search dimension.
 """
 
 from tune_spaces.common import COMMON, Space
@@ -22,3 +28,13 @@ DENOISING_AE: Space = {
     "method.corruption": {"choice": ["masking", "salt_pepper", "gaussian"]},
     "method.noise_level": {"uniform": [0.1, 0.4]},
 }
+
+JIGSAW: Space = {**COMMON, "method.num_permutations": {"choice": [30, 100, 1000]}}
+
+EXEMPLAR: Space = {
+    **COMMON,
+    "method.rotation": {"uniform": [0.0, 30.0]},
+    "method.scale_max": {"uniform": [1.0, 1.6]},
+}
+
+MULTITASK: Space = dict(COMMON)

@@ -6,10 +6,13 @@ from ssl_models.methods.context_encoder import ContextEncoder
 from ssl_models.methods.deepcluster import DeepCluster
 from ssl_models.methods.denoising_ae import DenoisingAutoencoder
 from ssl_models.methods.dino import DINO
+from ssl_models.methods.exemplar import ExemplarCNN
 from ssl_models.methods.instdisc import InstDisc
+from ssl_models.methods.jigsaw import Jigsaw
 from ssl_models.methods.mae import MAE
 from ssl_models.methods.moco_v2 import MoCoV2
 from ssl_models.methods.moco_v3 import MoCoV3
+from ssl_models.methods.multitask import MultiTask
 from ssl_models.methods.relative_patch import RelativePatch
 from ssl_models.methods.rotation import RotNet
 from ssl_models.methods.simclr import SimCLR
@@ -26,9 +29,12 @@ __all__ = [
     "ContextEncoder",
     "DeepCluster",
     "DenoisingAutoencoder",
+    "ExemplarCNN",
     "InstDisc",
+    "Jigsaw",
     "MoCoV2",
     "MoCoV3",
+    "MultiTask",
     "RelativePatch",
     "RotNet",
     "SimCLR",
