@@ -15,6 +15,7 @@ from ssl_models.methods import (
     DINO,
     MAE,
     BarlowTwins,
+    Colorization,
     ContextEncoder,
     DeepCluster,
     DenoisingAutoencoder,
@@ -53,6 +54,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "context_encoder": ContextEncoder,
     "denoising_ae": DenoisingAutoencoder,
     "jigsaw": Jigsaw,
+    "colorization": Colorization,
     "exemplar": ExemplarCNN,
     "multitask": MultiTask,
 }

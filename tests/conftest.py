@@ -61,3 +61,45 @@ def fmnist_small(tmp_path_factory) -> dict[str, Path]:
     _fashion_mnist_split("train", 2048, root / "train")
     _fashion_mnist_split("test", 512, root / "test")
     return {"train": root / "train", "test": root / "test"}
+
+
+def _tinted(record, rng):
+    """A Fashion-MNIST record as an RGB PNG, tinted with its class's hue (a little jitter):
+    colour that lightness and shape predict, so colorization has something to learn."""
+    import colorsys
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.sources import ImageRecord
+
+    gray = np.asarray(Image.open(io.BytesIO(record.image)), dtype=np.float32) / 255
+    hue = (record.label / 10 + rng.uniform(-0.03, 0.03)) % 1.0
+    tint = np.array(colorsys.hsv_to_rgb(hue, 0.8, 1.0), dtype=np.float32)
+    rgb = (gray[..., None] * tint * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buffer, format="PNG")
+    return ImageRecord(record.id, buffer.getvalue(), record.label, record.source)
+
+
+@pytest.fixture(scope="session")
+def fmnist_colour_small(tmp_path_factory) -> dict[str, Path]:
+    """1024 train and 256 test Fashion-MNIST images tinted by class: a small RGB dataset."""
+    import numpy as np
+
+    from pipeline.shards import write_shards
+    from pipeline.sources import builtin_idx_files, read_idx
+
+    root, rng = tmp_path_factory.mktemp("fmnist_colour"), np.random.default_rng(0)
+    for split, count in (("train", 1024), ("test", 256)):
+        records = itertools.islice(
+            read_idx(*builtin_idx_files("fashion-mnist", split), "fashion-mnist", split), count
+        )
+        write_shards(
+            (_tinted(r, rng) for r in records),
+            root / split,
+            rows_per_shard=256,
+            source=f"fashion-mnist-tinted:{split}",
+        )
+    return {"train": root / "train", "test": root / "test"}

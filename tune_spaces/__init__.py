@@ -21,6 +21,7 @@ from tune_spaces.contrastive import INSTDISC, MOCO_V2, MOCO_V3, SIMCLR
 from tune_spaces.distillation import BYOL, DINO, SIMSIAM
 from tune_spaces.masked import MAE, SIMMIM
 from tune_spaces.pretext import (
+    COLORIZATION,
     CONTEXT_ENCODER,
     DENOISING_AE,
     EXEMPLAR,
@@ -50,6 +51,7 @@ SPACES: dict[str, Space] = {
     "context_encoder": CONTEXT_ENCODER,
     "denoising_ae": DENOISING_AE,
     "jigsaw": JIGSAW,
+    "colorization": COLORIZATION,
     "exemplar": EXEMPLAR,
     "multitask": MULTITASK,
 }

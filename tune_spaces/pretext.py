@@ -11,6 +11,8 @@ shared ones.
   permutations, and more distant ones, transfer better, up to a point).
 - Exemplar CNN (Dosovitskiy et al. 2014): the strength of the transformations, here the
   rotation range and the largest scale, which their ablation finds matter most.
+- Colorization (Zhang et al. 2016): the class-rebalancing mix lambda (their ablation
+  compares no rebalancing, 0.5 and full rebalancing).
 - Multi-task (Doersch & Zisserman 2017): the shared knobs; its tasks and weights are the
   user's design, not a search dimension.
 """
@@ -36,5 +38,7 @@ EXEMPLAR: Space = {
     "method.rotation": {"uniform": [0.0, 30.0]},
     "method.scale_max": {"uniform": [1.0, 1.6]},
 }
+
+COLORIZATION: Space = {**COMMON, "method.rebalance_mix": {"uniform": [0.25, 1.0]}}
 
 MULTITASK: Space = dict(COMMON)

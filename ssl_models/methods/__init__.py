@@ -2,6 +2,7 @@
 
 from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
+from ssl_models.methods.colorization import Colorization
 from ssl_models.methods.context_encoder import ContextEncoder
 from ssl_models.methods.deepcluster import DeepCluster
 from ssl_models.methods.denoising_ae import DenoisingAutoencoder
@@ -26,6 +27,7 @@ __all__ = [
     "DINO",
     "MAE",
     "BarlowTwins",
+    "Colorization",
     "ContextEncoder",
     "DeepCluster",
     "DenoisingAutoencoder",
