@@ -14,6 +14,7 @@ from ssl_models.methods import (
     BYOL,
     DINO,
     MAE,
+    PIRL,
     BarlowTwins,
     Colorization,
     ContextEncoder,
@@ -56,6 +57,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "jigsaw": Jigsaw,
     "colorization": Colorization,
     "exemplar": ExemplarCNN,
+    "pirl": PIRL,
     "multitask": MultiTask,
 }
 

@@ -27,6 +27,7 @@ from tune_spaces.pretext import (
     EXEMPLAR,
     JIGSAW,
     MULTITASK,
+    PIRL,
     RELATIVE_PATCH,
     ROTATION,
 )
@@ -53,6 +54,7 @@ SPACES: dict[str, Space] = {
     "jigsaw": JIGSAW,
     "colorization": COLORIZATION,
     "exemplar": EXEMPLAR,
+    "pirl": PIRL,
     "multitask": MULTITASK,
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")

@@ -13,6 +13,8 @@ shared ones.
   rotation range and the largest scale, which their ablation finds matter most.
 - Colorization (Zhang et al. 2016): the class-rebalancing mix lambda (their ablation
   compares no rebalancing, 0.5 and full rebalancing).
+- PIRL (Misra & van der Maaten 2020): the weight lambda between the tiles' and the
+  image's term and the temperature, both ablated in the paper.
 - Multi-task (Doersch & Zisserman 2017): the shared knobs; its tasks and weights are the
   user's design, not a search dimension.
 """
@@ -40,5 +42,11 @@ EXEMPLAR: Space = {
 }
 
 COLORIZATION: Space = {**COMMON, "method.rebalance_mix": {"uniform": [0.25, 1.0]}}
+
+PIRL: Space = {
+    **COMMON,
+    "method.loss_weight": {"uniform": [0.25, 0.75]},
+    "method.temperature": {"loguniform": [0.03, 0.2]},
+}
 
 MULTITASK: Space = dict(COMMON)

@@ -14,6 +14,7 @@ from ssl_models.methods.mae import MAE
 from ssl_models.methods.moco_v2 import MoCoV2
 from ssl_models.methods.moco_v3 import MoCoV3
 from ssl_models.methods.multitask import MultiTask
+from ssl_models.methods.pirl import PIRL
 from ssl_models.methods.relative_patch import RelativePatch
 from ssl_models.methods.rotation import RotNet
 from ssl_models.methods.simclr import SimCLR
@@ -37,6 +38,7 @@ __all__ = [
     "MoCoV2",
     "MoCoV3",
     "MultiTask",
+    "PIRL",
     "RelativePatch",
     "RotNet",
     "SimCLR",
