@@ -12,6 +12,7 @@ from ssl_models.backbones import build_backbone
 from ssl_models.method import SSLMethod
 from ssl_models.methods import (
     BYOL,
+    CPC,
     DINO,
     MAE,
     PIRL,
@@ -58,6 +59,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "colorization": Colorization,
     "exemplar": ExemplarCNN,
     "pirl": PIRL,
+    "cpc": CPC,
     "multitask": MultiTask,
 }
 

@@ -23,6 +23,7 @@ from tune_spaces.masked import MAE, SIMMIM
 from tune_spaces.pretext import (
     COLORIZATION,
     CONTEXT_ENCODER,
+    CPC,
     DENOISING_AE,
     EXEMPLAR,
     JIGSAW,
@@ -55,6 +56,7 @@ SPACES: dict[str, Space] = {
     "colorization": COLORIZATION,
     "exemplar": EXEMPLAR,
     "pirl": PIRL,
+    "cpc": CPC,
     "multitask": MULTITASK,
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")

@@ -15,6 +15,8 @@ shared ones.
   compares no rebalancing, 0.5 and full rebalancing).
 - PIRL (Misra & van der Maaten 2020): the weight lambda between the tiles' and the
   image's term and the temperature, both ablated in the paper.
+- CPC (van den Oord et al. 2018): how many rows ahead to predict (Henaff et al. 2019
+  ablate the prediction length and direction).
 - Multi-task (Doersch & Zisserman 2017): the shared knobs; its tasks and weights are the
   user's design, not a search dimension.
 """
@@ -48,5 +50,7 @@ PIRL: Space = {
     "method.loss_weight": {"uniform": [0.25, 0.75]},
     "method.temperature": {"loguniform": [0.03, 0.2]},
 }
+
+CPC: Space = {**COMMON, "method.prediction_steps": {"choice": [2, 3, 4]}}
 
 MULTITASK: Space = dict(COMMON)

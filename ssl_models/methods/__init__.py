@@ -4,6 +4,7 @@ from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.byol import BYOL
 from ssl_models.methods.colorization import Colorization
 from ssl_models.methods.context_encoder import ContextEncoder
+from ssl_models.methods.cpc import CPC
 from ssl_models.methods.deepcluster import DeepCluster
 from ssl_models.methods.denoising_ae import DenoisingAutoencoder
 from ssl_models.methods.dino import DINO
@@ -25,6 +26,7 @@ from ssl_models.methods.vicreg import VICReg
 
 __all__ = [
     "BYOL",
+    "CPC",
     "DINO",
     "MAE",
     "BarlowTwins",
