@@ -1,9 +1,11 @@
 """Checkpoint files keep every method's whole state (teachers, queues, banks) bit for bit
 and load with torch.load(weights_only=True)."""
 
+import numpy as np
 import pytest
 import torch
 
+from pipeline.augment import ViewRecipe
 from pipeline.checkpoint import (
     check_resumable,
     latest_checkpoint,
@@ -11,7 +13,9 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import Config, from_dict
+from pipeline.ingest import ViewPlan, views_on_device
 from ssl_models import METHODS, build_method
+from ssl_models.registry import method_params
 
 # Masked-image modelling drops or replaces a ViT's patch tokens: it needs a ViT backbone.
 NEEDS_VIT = {"mae", "simmim"}
@@ -21,11 +25,21 @@ NEEDS_VIT = {"mae", "simmim"}
 def test_method_state_round_trips_through_a_checkpoint_file(name, tmp_path):
     torch.manual_seed(0)
     backbone = "vit_tiny" if name in NEEDS_VIT else "small_cnn"
-    build = {"backbone": backbone, "width": 0.25, "in_channels": 1, "num_images": 32}
+    channels = METHODS[name].input_channels or 1
+    build = {"backbone": backbone, "width": 0.25, "in_channels": channels, "num_images": 32}
     options = {"queue_size": 16} if name == "moco_v2" else {}
     method = build_method(name, **build, **options)
-    views = [torch.randn(8, 1, 16, 16) for _ in range(method.num_views)]
-    extra = {"indices": torch.arange(8)} if method.uses_image_indices else {}
+    # The views (and a pretext task's targets) as the data stage makes them.
+    all_options = method_params(name) | options
+    recipes = (ViewRecipe.simclr(32),) * METHODS[name].views_per_image(all_options)
+    plan = ViewPlan(recipes, METHODS[name].pretext_views(all_options))
+    images = np.random.default_rng(0).integers(0, 256, (8, channels, 32, 32), dtype=np.uint8)
+    gen = torch.Generator().manual_seed(0)
+    uint8_views, targets = views_on_device({"image": images}, plan, torch.device("cpu"), gen)
+    views = [view.float() / 255 for view in uint8_views]
+    extra: dict = {"targets": targets} if targets else {}
+    if method.uses_image_indices:
+        extra["indices"] = torch.arange(8)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
     method(views, **extra).loss.backward()
     optimizer.step()
