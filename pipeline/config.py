@@ -235,6 +235,19 @@ def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**checked)
 
 
+def _like(value: Any, default: Any) -> bool:
+    """Whether a method option's value has its default's type: an int passes for a float,
+    a list for a tuple; a None default (an optional structure, such as multi-task's
+    weights) leaves the check to the method's constructor."""
+    if default is None:
+        return True
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, list | tuple):
+        return isinstance(value, list | tuple)
+    return isinstance(value, type(default))
+
+
 def _validate_method(method: dict[str, Any]) -> None:
     name = method.get("name")
     if name not in METHODS:
@@ -249,9 +262,7 @@ def _validate_method(method: dict[str, Any]) -> None:
             raise ConfigError(
                 f"unknown config key 'method.{key}' for method '{name}'; allowed: {sorted(allowed)}"
             )
-        if not isinstance(value, type(allowed[key])) and not (
-            isinstance(allowed[key], float) and isinstance(value, int)
-        ):
+        if not _like(value, allowed[key]):
             raise ConfigError(
                 f"config key 'method.{key}' must be like {allowed[key]!r}, got {value!r}"
             )

@@ -62,7 +62,7 @@ from ssl_models import METHODS, SSLMethod
 from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
 from ssl_models.registry import method_params
 
-EDGE_STEPS = 5  # steps averaged for the per-epoch loss_first_steps / loss_last_steps
+EDGE_STEPS = 5  # steps averaged for the per-epoch <name>_first_steps / <name>_last_steps
 
 
 def run_dir(config: Config) -> str:
@@ -102,6 +102,36 @@ def view_plan(config: Config, size: int) -> ViewPlan:
     name = config.method_name
     pretext = METHODS[name].pretext_views(method_params(name) | config.method_kwargs)
     return ViewPlan(tuple(view_recipes(config, size)), pretext)
+
+
+class EpochScalars:
+    """Scalars logged every step, summarised per epoch: the mean, and the means of the
+    first and last ``EDGE_STEPS`` steps (is it still learning?). Values stay tensors on
+    the training device until :meth:`summary`, so recording them costs no synchronisation."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sums: dict[str, Any] = {}
+        self.first: dict[str, list[torch.Tensor]] = {}
+        self.last: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            if self.steps <= EDGE_STEPS:
+                self.first.setdefault(name, []).append(value)
+            self.last[name] = [*self.last.get(name, [])[-(EDGE_STEPS - 1) :], value]
+
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        """{prefix+name: epoch mean, ..._first_steps, ..._last_steps} for every name."""
+        out = {}
+        for name, total in self.sums.items():
+            out[f"{prefix}{name}"] = float(total) / self.steps
+            for edge, values in (("first", self.first[name]), ("last", self.last[name])):
+                out[f"{prefix}{name}_{edge}_steps"] = float(sum(values)) / len(values)
+        return out
 
 
 class ProgressLog:
@@ -304,10 +334,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seconds_to_first_step = None
     for epoch in range(start_epoch, config.train.epochs):
         model.train()
-        epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
-        first_losses: list[float] = []
-        log_sums: dict[str, torch.Tensor] = {}  # the method's scalars, summed on the device
-        last_losses: list[float] = []
+        epoch_steps, epoch_start = 0, time.perf_counter()
+        losses, method_logs = EpochScalars(), EpochScalars()
         progress.mark(step)
         for batch in itertools.islice(batches, steps_per_epoch):
             if method.needs_dataset_features(step):
@@ -352,12 +380,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     f"loss became {loss} at step {step}; the last good checkpoint is kept. "
                     "Lower train.base_lr or raise method.temperature."
                 )
-            epoch_loss += loss
-            for name, value in output.logs.items():
-                log_sums[name] = log_sums.get(name, 0.0) + value.detach().float()
-            if epoch_steps <= EDGE_STEPS:
-                first_losses.append(loss)
-            last_losses = [*last_losses[-(EDGE_STEPS - 1) :], loss]
+            losses.add({"loss": output.loss})
+            method_logs.add(output.logs)
             if rank == 0 and step % config.train.log_every_steps == 0:
                 rate = progress.images_per_second(step)
                 print(
@@ -380,15 +404,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "resumed_from_epoch": start_epoch,
             "step": step,
-            "loss": epoch_loss / max(epoch_steps, 1),
-            # Epoch means of what the method logs (pretext accuracy, positive similarity...).
-            **{
-                f"method_{name}": float(total) / max(epoch_steps, 1)
-                for name, total in log_sums.items()
-            },
-            # Mean loss over the epoch's first and last few steps: is it still learning?
-            "loss_first_steps": sum(first_losses) / max(len(first_losses), 1),
-            "loss_last_steps": sum(last_losses) / max(len(last_losses), 1),
+            # loss, loss_first_steps, loss_last_steps (NaN for an epoch without steps); the
+            # same for each scalar the method logs (method_pretext_accuracy, ...).
+            **dict.fromkeys(("loss", "loss_first_steps", "loss_last_steps"), math.nan),
+            **losses.summary(),
+            **method_logs.summary("method_"),
             "images_per_s": epoch_steps * config.train.batch_size / max(seconds, 1e-9),
             "epoch_seconds": seconds,
             "seconds_to_first_step": seconds_to_first_step,
