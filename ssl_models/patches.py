@@ -6,6 +6,8 @@
   of matching edges and continuing lines across tiles). Context prediction, jigsaw and PIRL.
 - :func:`overlapping_patches`: the regular grid of overlapping patches CPC encodes
   (van den Oord et al. 2018: 64 px patches at a 32 px stride).
+- :func:`standardize_tiles`: each tile on its own to zero mean and unit variance, Noroozi
+  & Favaro's guard against matching tiles by brightness and contrast (jigsaw, PIRL).
 
 Offsets are drawn from a CPU generator (the data stage's), whatever device the images are
 on, so a seed gives the same tiles on any device.
@@ -58,3 +60,11 @@ def overlapping_patches(images: Tensor, patch: int, stride: int) -> Tensor:
         raise ValueError(f"{patch} px patches at stride {stride} do not fit {height}x{width}")
     windows = images.unfold(2, patch, stride).unfold(3, patch, stride)  # (N, C, r, c, p, p)
     return windows.permute(0, 2, 3, 1, 4, 5).contiguous()
+
+
+def standardize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each tile and channel of (..., C, t, t) to zero mean and unit (population) standard
+    deviation; a flat tile channel becomes zeros."""
+    mean = tiles.mean(dim=(-2, -1), keepdim=True)
+    std = tiles.std(dim=(-2, -1), keepdim=True, correction=0)
+    return (tiles - mean) / std.clamp_min(eps)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.method import MethodOutput, PretextViews, SSLMethod
-from ssl_models.patches import grid_tiles
+from ssl_models.patches import grid_tiles, standardize_tiles
 
 GRID = 3
 NUM_TILES = GRID * GRID
@@ -142,13 +142,6 @@ class ShuffledTiles:
         return {"view_0": shuffled, "target_permutation": labels.to(device)}
 
 
-def standardise_tiles(tiles: Tensor, eps: float = 1e-6) -> Tensor:
-    """Each tile and channel of (..., C, t, t) to zero mean, unit std (flat ones: std 1)."""
-    mean = tiles.mean(dim=(-2, -1), keepdim=True)
-    std = tiles.std(dim=(-2, -1), keepdim=True)
-    return (tiles - mean) / torch.where(std > eps, std, torch.ones_like(std))
-
-
 class Jigsaw(SSLMethod):
     """Jigsaw: a shared tile encoder and a late-fusion MLP classify the tiles' permutation.
 
@@ -240,7 +233,7 @@ class Jigsaw(SSLMethod):
         tiles, labels = views[0], targets["permutation"].long()
         n = tiles.shape[0]
         # One backbone pass over all N * 9 tiles: shared weights and batch-norm statistics.
-        features = self.backbone(standardise_tiles(tiles).flatten(0, 1))
+        features = self.backbone(standardize_tiles(tiles).flatten(0, 1))
         fused = self.tile_head(features).view(n, -1)  # row n: tiles 0..8 in shuffled order
         logits = self.classifier(fused)
         loss = F.cross_entropy(logits, labels)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ssl_models.dist import gather_no_grad
 from ssl_models.losses.nce import nce_loss
 from ssl_models.method import MethodOutput, PretextViews, SSLMethod
-from ssl_models.patches import grid_tiles
+from ssl_models.patches import grid_tiles, standardize_tiles
 from ssl_models.queue import MemoryBank
 
 
@@ -61,14 +61,6 @@ class JigsawTiles:
         order = torch.rand(n, count, generator=generator).argsort(dim=1).to(tiles.device)
         rows = torch.arange(n, device=tiles.device).unsqueeze(1)
         return {"view_0": image, "view_1": tiles[rows, order]}
-
-
-def standardize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
-    """Each tile of (..., C, t, t) to zero mean and unit std per channel (Noroozi & Favaro),
-    so that low-level statistics (a tile's brightness and contrast) cannot carry the match."""
-    mean = tiles.mean(dim=(-2, -1), keepdim=True)
-    std = tiles.std(dim=(-2, -1), keepdim=True, correction=0)
-    return (tiles - mean) / std.clamp_min(eps)
 
 
 class PIRL(SSLMethod):

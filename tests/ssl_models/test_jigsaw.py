@@ -18,9 +18,8 @@ from ssl_models.methods.jigsaw import (
     ShuffledTiles,
     lexicographic_permutations,
     maximal_hamming_permutations,
-    standardise_tiles,
 )
-from ssl_models.patches import grid_tiles
+from ssl_models.patches import grid_tiles, standardize_tiles
 from tests.ssl_models.helpers import tiny_backbone
 
 
@@ -198,9 +197,9 @@ def test_grayscale_replaces_colour_with_luma_at_the_given_rate():
 def test_each_tile_and_channel_is_standardised_on_its_own():
     tiles = torch.randn(2, 9, 3, 8, 8) * 5 + 3
     tiles[0, 4, 1] = 7.0  # a flat tile channel: no division by zero
-    out = standardise_tiles(tiles)
+    out = standardize_tiles(tiles)
     assert torch.allclose(out.mean((-2, -1)), torch.zeros(2, 9, 3), atol=1e-5)
-    std = out.std(dim=(-2, -1))
+    std = out.std(dim=(-2, -1), correction=0)
     assert torch.allclose(std[std > 0], torch.ones(2 * 27 - 1))
     assert torch.equal(out[0, 4, 1], torch.zeros(8, 8))
     # So brightness and contrast of a tile (or the loop's dataset normalisation) tell nothing.
@@ -210,7 +209,7 @@ def test_each_tile_and_channel_is_standardised_on_its_own():
     scale, shift = torch.rand(4, 9, 1, 1, 1) + 0.5, torch.randn(4, 9, 1, 1, 1)
     with torch.no_grad():
         a = model.classifier(
-            model.tile_head(model.backbone(standardise_tiles(views[0]).flatten(0, 1))).view(4, -1)
+            model.tile_head(model.backbone(standardize_tiles(views[0]).flatten(0, 1))).view(4, -1)
         )
         b = model([views[0] * scale + shift], targets=targets)
         c = model(views, targets=targets)
@@ -226,7 +225,7 @@ def test_tiles_share_the_encoder_and_are_concatenated_in_view_order():
     with torch.no_grad():
         out = model([tiles], targets={"permutation": torch.tensor([0, 1, 2])})
         per_tile = [
-            model.tile_head(model.backbone(standardise_tiles(tiles[:, j]))) for j in range(9)
+            model.tile_head(model.backbone(standardize_tiles(tiles[:, j]))) for j in range(9)
         ]
         logits = model.classifier(torch.cat(per_tile, dim=1))
     assert calls[0] == 27  # one pass over all N * 9 tiles

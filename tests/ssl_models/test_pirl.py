@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ssl_models.methods.pirl as pirl_module
-from ssl_models.methods.pirl import PIRL, JigsawTiles, standardize_tiles
+from ssl_models.methods.pirl import PIRL, JigsawTiles
+from ssl_models.patches import standardize_tiles
 from tests.ssl_models.helpers import tiny_backbone
 
 
