@@ -42,8 +42,31 @@ COLLAPSE_SPREAD = 0.05  # feature_spread below this: all embeddings are nearly t
 #   crops and flips, no colour.
 # - MAE and SimMIM need a ViT, train with AdamW (MAE: lr 1.5e-4 per 256, weight decay
 #   0.05; SimMIM: 8e-4 per 512) and use crops and flips only, no colour distortion.
+# - The pretext tasks' papers augment with crops and flips only, and train with SGD
+#   (RotNet: lr 0.1, weight decay 5e-4; Exemplar, jigsaw, context prediction, DAE alike;
+#   PIRL lr 0.12 per 1024 images, weight decay 1e-4) or Adam (context encoder 2e-4,
+#   CPC 4e-4 in CPC v2).
 _NO_COLOUR = {"jitter_prob": 0.0, "grayscale_prob": 0.0}
+_PRETEXT_SGD = {
+    "train": {"optimizer": "sgd", "base_lr": 0.05, "weight_decay": 5e-4},
+    "augment": _NO_COLOUR,
+}
 RECIPES: dict[str, dict[str, dict[str, object]]] = {
+    **dict.fromkeys(
+        ["rotation", "relative_patch", "jigsaw", "denoising_ae", "exemplar"], _PRETEXT_SGD
+    ),
+    "pirl": {
+        "train": {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4},
+        "augment": _NO_COLOUR,
+    },
+    "context_encoder": {
+        "train": {"optimizer": "adamw", "base_lr": 2e-4, "weight_decay": 0.0},
+        "augment": _NO_COLOUR,
+    },
+    "cpc": {
+        "train": {"optimizer": "adamw", "base_lr": 4e-4, "weight_decay": 0.0},
+        "augment": _NO_COLOUR,
+    },
     "instdisc": {"train": {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 5e-4}},
     "swav": {"augment": {"local_crops": 2}},
     "dino": {
