@@ -338,12 +338,24 @@ def set_value(values: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings; values are parsed as YAML scalars (1e-3, true, null)."""
+    """Apply ``section.key=value`` strings; values are parsed as YAML (1e-3, true, null, [a, b]).
+
+    An override that switches ``method.name`` to another method starts the method section
+    afresh: the preset's options belong to its own method (a SimCLR preset's temperature
+    means nothing to MAE), so only the overrides' ``method.*`` options are kept.
+    """
+    parsed = []
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        set_value(values, dotted, yaml.safe_load(raw) if raw.strip() else None)
+        parsed.append((dotted, yaml.safe_load(raw) if raw.strip() else None))
+    method = values.get("method")
+    current = method.get("name", "simclr") if isinstance(method, dict) else None
+    if any(d.strip() == "method.name" and v != current for d, v in parsed) and current:
+        values["method"] = {}
+    for dotted, value in parsed:
+        set_value(values, dotted, value)
     return values
 
 

@@ -75,3 +75,15 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_safe_run_names_are_accepted():
     assert load_config(None, ["run.name=fmnist_simclr-2.v1"]).run.name == "fmnist_simclr-2.v1"
+
+
+def test_switching_method_by_override_drops_the_presets_method_options(tmp_path):
+    preset = tmp_path / "simclr.yaml"
+    preset.write_text("method: {name: simclr, temperature: 0.2}\nmodel: {backbone: small_cnn}\n")
+    mae = load_config(preset, ["method.name=mae", "model.backbone=vit_tiny"])
+    assert mae.method == {"name": "mae"}
+    # The overrides' own method options stay, whatever their order.
+    moco = load_config(preset, ["method.temperature=0.3", "method.name=moco_v3"])
+    assert moco.method == {"name": "moco_v3", "temperature": 0.3}
+    same = load_config(preset, ["method.name=simclr"])
+    assert same.method == {"name": "simclr", "temperature": 0.2}
