@@ -11,6 +11,8 @@ import pytest
 # Explicit, so that a new local cluster does not depend on Ray's changing default. The test
 # cluster's dashboard listens on loopback only.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# As pipeline.cluster.init_ray does for a local cluster: no preemption-watcher actor per run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture
