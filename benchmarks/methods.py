@@ -24,6 +24,7 @@ import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.cli import DEMO_CONFIG
 from pipeline.config import from_dict, load_config
@@ -90,14 +91,20 @@ RECIPES: dict[str, dict[str, dict[str, object]]] = {
 }
 
 
-def run(
-    method: str, epochs: int, limit: int, root: Path, overrides: list[str]
-) -> dict[str, object]:
+def recipe_config(method: str, overrides: list[str]) -> dict[str, Any]:
+    """The demo preset with ``overrides``, then ``method`` with its RECIPES entry, as a dict."""
     values = load_config(DEMO_CONFIG, overrides).to_dict()
-    shutil.rmtree(root / f"bench-{method}", ignore_errors=True)  # measure afresh, never resume
     values["method"] = {"name": method}
     for section, options in RECIPES.get(method, {}).items():
         values[section].update(options)
+    return values
+
+
+def run(
+    method: str, epochs: int, limit: int, root: Path, overrides: list[str]
+) -> dict[str, object]:
+    values = recipe_config(method, overrides)
+    shutil.rmtree(root / f"bench-{method}", ignore_errors=True)  # measure afresh, never resume
     values["run"].update(name=f"bench-{method}", root=str(root))
     values["data"]["limit"] = limit
     two_view_epochs = epochs * 2 // METHODS[method].num_views

@@ -59,6 +59,7 @@ from pipeline.ledger import IngestLedger, summary_line, write_report
 from pipeline.online_probe import OnlineProbe
 from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
+from ssl_models.method import MethodOutput
 from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
 from ssl_models.registry import method_params
 
@@ -219,7 +220,7 @@ def _feed_dataset_features(
     rank 0 (the one with a TensorBoard ``writer``) logs what the method reports."""
     started = time.perf_counter()
     device = mean.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use_amp(config, device)):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled(config, device)):
         fresh = dataset_features(
             method.backbone,
             method.feature_dim,
@@ -244,8 +245,47 @@ def _feed_dataset_features(
             writer.add_scalar(f"dataset_features/{name}", value, step)
 
 
-def _use_amp(config: Config, device: torch.device) -> bool:
+def amp_enabled(config: Config, device: torch.device) -> bool:
+    """Whether steps run under bf16 autocast: on CUDA, unless ``train.amp`` is off."""
     return device.type == "cuda" and config.train.amp
+
+
+def model_inputs(
+    uint8_views: list[torch.Tensor],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    memory_format: torch.memory_format,
+) -> list[torch.Tensor]:
+    """Normalised float views in ``memory_format`` (channels-last on GPU); tiles and patches
+    (N, P, C, h, w) stay contiguous, as channels-last is defined for 4-D tensors only."""
+    return [
+        normalize(view, mean, std).contiguous(
+            memory_format=memory_format if view.ndim == 4 else torch.contiguous_format
+        )
+        for view in uint8_views
+    ]
+
+
+def train_step(
+    model: torch.nn.Module,
+    method: SSLMethod,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    extra: dict[str, Any],
+    use_amp: bool,
+    step: int,
+    total_steps: int,
+) -> MethodOutput:
+    """One optimiser step: forward (bf16 autocast when ``use_amp``) through ``model`` (the
+    method, DDP-wrapped on more than one worker), backward, and the method's hooks."""
+    with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=use_amp):
+        output = model(views, **extra)
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    method.before_optimizer_step(step)
+    optimizer.step()
+    method.after_optimizer_step(step, total_steps)
+    return output
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -255,7 +295,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    use_amp = _use_amp(config, device)
+    use_amp = amp_enabled(config, device)
     # Channels-last lets cuDNN use its fastest (tensor-core) convolutions; on CPU it is no gain.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(config.run.seed)
@@ -347,25 +387,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lr_now = warmup_cosine(step, total_steps, warmup_steps, lr)
             set_lr(optimizer, lr_now, base_lr=lr)
             uint8_views, targets = views_on_device(batch, plan, device, augment_gen)
-            # Tiles and patches add a dimension (N, P, C, h, w): channels-last is for 4-D.
-            views = [
-                normalize(view, mean, std).contiguous(
-                    memory_format=memory_format if view.ndim == 4 else torch.contiguous_format
-                )
-                for view in uint8_views
-            ]
+            views = model_inputs(uint8_views, mean, std, memory_format)
             extra: dict[str, Any] = {"targets": targets} if targets else {}
             if slots is not None:
                 extra["indices"] = torch.tensor([slots[i] for i in batch["id"]], device=device)
             if probe is not None:
                 probe.arm()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                output = model(views, **extra)
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            method.before_optimizer_step(step)
-            optimizer.step()
-            method.after_optimizer_step(step, total_steps)
+            output = train_step(model, method, optimizer, views, extra, use_amp, step, total_steps)
             if probe is not None:
                 probe.step(torch.tensor(batch["label"], device=device), views[0])
             step += 1
