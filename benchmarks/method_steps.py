@@ -6,7 +6,8 @@ method's RECIPES entry (benchmarks/methods.py), on real Fashion-MNIST images. Th
 drawn beforehand by the method's own data-stage plan and cycled, so the figures are the
 step alone: the compute ceiling per method that the Ray pipeline is measured against. On a
 GPU it is also the check that every method trains there: every loss finite, and the loss
-of the last steps below that of the first (the same few batches are revisited).
+of the last steps below that of the first (the same few batches are revisited; the learning
+rate warms up over as many steps as the preset's warm-up in a real epoch).
 
     .venv/bin/python benchmarks/method_steps.py --methods rotation jigsaw --steps 20
     python benchmarks/method_steps.py --device cuda               # every method, on a GPU
@@ -18,7 +19,9 @@ tinted with one random colour each, which the table says.
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from methods import recipe_config
 from pipeline.checkpoint import build_method_for
 from pipeline.config import from_dict
 from pipeline.ingest import ImageSpec, channel_stats, normalize, read_decoded, views_on_device
+from pipeline.shards import load_manifest
 from pipeline.train import amp_enabled, model_inputs, train_step, view_plan
 from ssl_models import METHODS, SSLMethod
 from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
@@ -85,6 +89,10 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
     # One epoch for the whole run: epoch-level work (DeepCluster's k-means) happens once,
     # at step 0, inside the warm-up, and the timed steps are steps alone.
     method.set_schedule(args.steps, args.steps)
+    # The preset's warm-up, counted in the steps of a real epoch: pixel regression (the
+    # denoising autoencoder) diverges under SGD when the rate rises faster.
+    images_per_epoch = min(config.data.limit or math.inf, load_manifest(Path(SHARDS)).rows)
+    warmup = int(config.train.warmup_epochs * images_per_epoch / size)
     all_images = torch.from_numpy(pixels).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -99,7 +107,7 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
             method.take_dataset_features(
                 backbone_features(method, all_images, mean, std), slots, optimizer
             )
-        set_lr(optimizer, warmup_cosine(step, args.steps, args.steps // 10, lr), base_lr=lr)
+        set_lr(optimizer, warmup_cosine(step, args.steps, warmup, lr), base_lr=lr)
         views, extra = batches[step % len(batches)]
         output = train_step(
             method, method, optimizer, views, extra, amp_enabled(config, device), step, args.steps
