@@ -32,7 +32,7 @@ from pipeline.shards import (
     read_labels,
     shard_files,
 )
-from ssl_models.method import PretextViews
+from ssl_models.method import PretextViews, split_columns
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,7 @@ def views_on_device(
         }
     else:
         columns = plan(torch.from_numpy(batch["image"]).to(device, non_blocking=True), gen)
-    count = sum(name.startswith("view_") for name in columns)
-    views = [columns[f"view_{index}"] for index in range(count)]
-    targets = {
-        name.removeprefix("target_"): column
-        for name, column in columns.items()
-        if name.startswith("target_")
-    }
-    return views, targets
+    return split_columns(columns)
 
 
 _ROWS_SCHEMA = pa.schema(

@@ -38,6 +38,14 @@ def encode_views(backbone: nn.Module, views: Sequence[Tensor], *heads: nn.Module
 PretextViews = Callable[[list[Tensor], torch.Generator], dict[str, Tensor]]
 
 
+def split_columns(columns: Mapping[str, Tensor]) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """A data-stage output (``SSLMethod.pretext_views``) -> (the ``view_<i>`` columns in index
+    order, the ``target_<name>`` columns by name); other columns are left out."""
+    views = [columns[f"view_{i}"] for i in range(sum(k.startswith("view_") for k in columns))]
+    targets = {k.removeprefix("target_"): v for k, v in columns.items() if k.startswith("target_")}
+    return views, targets
+
+
 @dataclass
 class MethodOutput:
     loss: Tensor  # scalar to backpropagate

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ssl_models.method import MethodOutput, PretextViews, SSLMethod
+from ssl_models.method import MethodOutput, PretextViews, SSLMethod, split_columns
 from ssl_models.optim import param_groups
 
 _SEP = "__"  # target_<task>__<name>: the task a shipped target belongs to
@@ -65,18 +65,14 @@ class TaskViews:
         ):
             mine = views[start : start + count]
             start += count
-            columns = (
-                transform(mine, generator)
-                if transform is not None
-                else {f"view_{i}": view for i, view in enumerate(mine)}
+            own, targets = (
+                split_columns(transform(mine, generator)) if transform is not None else (mine, {})
             )
-            own = sum(name.startswith("view_") for name in columns)
-            for index in range(own):
-                out[f"view_{sum(shipped) + index}"] = columns[f"view_{index}"]
-            for name, value in columns.items():
-                if name.startswith("target_"):
-                    out[f"target_{task}{_SEP}{name.removeprefix('target_')}"] = value
-            shipped.append(own)
+            for index, view in enumerate(own, start=sum(shipped)):
+                out[f"view_{index}"] = view
+            for name, value in targets.items():
+                out[f"target_{task}{_SEP}{name}"] = value
+            shipped.append(len(own))
         counts = torch.tensor(shipped, device=views[0].device)
         out[f"target_{_COUNTS}"] = counts.expand(len(views[0]), -1).contiguous()
         return out
