@@ -133,6 +133,11 @@ class Config:
     def method_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.method.items() if k != "name"}
 
+    @property
+    def method_options(self) -> dict[str, Any]:
+        """Every option of the method: its defaults, then the config's ``method.*`` keys."""
+        return method_params(self.method_name) | self.method_kwargs
+
 
 SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
 
@@ -295,10 +300,12 @@ def validate(config: Config) -> Config:
         )
     _validate_method(config.method)
     method = METHODS[config.method_name]
-    if method.backbones is not None and config.model.backbone not in method.backbones:
+    backbones = method.allowed_backbones(config.method_options)
+    if backbones is not None and config.model.backbone not in backbones:
         raise ConfigError(
-            f"config key 'model.backbone' must be one of {list(method.backbones)} for method "
+            f"config key 'model.backbone' must be one of {list(backbones)} for method "
             f"{config.method_name!r}, got {config.model.backbone!r}"
+            + ("" if backbones else " (its tasks need different backbones)")
         )
     if augment.local_crops and not method.takes_local_views:
         multi_crop = sorted(name for name, cls in METHODS.items() if cls.takes_local_views)

@@ -61,7 +61,6 @@ from pipeline.shards import load_manifest, validate_shards
 from ssl_models import METHODS, SSLMethod
 from ssl_models.method import MethodOutput
 from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
-from ssl_models.registry import method_params
 
 EDGE_STEPS = 5  # steps averaged for the per-epoch <name>_first_steps / <name>_last_steps
 
@@ -92,16 +91,14 @@ def view_recipes(config: Config, size: int) -> list[ViewRecipe]:
         size=local_side,
         crop_scale=(augment.local_crop_scale_min, augment.local_crop_scale_max),
     )
-    name = config.method_name
-    views = METHODS[name].views_per_image(method_params(name) | config.method_kwargs)
+    views = METHODS[config.method_name].views_per_image(config.method_options)
     return [full] * views + [local] * augment.local_crops
 
 
 def view_plan(config: Config, size: int) -> ViewPlan:
     """The data stage's work per image: :func:`view_recipes`, then the method's pretext
     transform if it is a pretext task."""
-    name = config.method_name
-    pretext = METHODS[name].pretext_views(method_params(name) | config.method_kwargs)
+    pretext = METHODS[config.method_name].pretext_views(config.method_options)
     return ViewPlan(tuple(view_recipes(config, size)), pretext)
 
 
@@ -506,7 +503,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     completed_epochs = check_resumable(directory, config)
     manifest = load_manifest(Path(config.data.train))
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
-    needed = METHODS[config.method_name].input_channels
+    needed = METHODS[config.method_name].needed_channels(config.method_options)
     if needed not in (None, spec.channels):
         raise ValueError(
             f"method {config.method_name!r} needs {needed}-channel images, but "

@@ -102,6 +102,18 @@ class SSLMethod(nn.Module):
         return cls.num_views
 
     @classmethod
+    def allowed_backbones(cls, options: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The ``model.backbone`` names a run with these method ``options`` works with (None:
+        any): ``backbones``, unless the options decide it (multi-task)."""
+        return cls.backbones
+
+    @classmethod
+    def needed_channels(cls, options: Mapping[str, Any]) -> int | None:
+        """The image channels a run with these method ``options`` needs (None: any):
+        ``input_channels``, unless the options decide it (multi-task)."""
+        return cls.input_channels
+
+    @classmethod
     def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews | None:
         """What the data stage makes of each image's augmented global views for this method.
 

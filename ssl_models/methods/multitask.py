@@ -126,6 +126,23 @@ class MultiTask(SSLMethod):
         return sum(task.num_views for task in _task_classes(options["tasks"]))
 
     @classmethod
+    def allowed_backbones(cls, options: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The backbones every task works with (None: any); empty if none suits them all."""
+        allowed = None
+        for task in _task_classes(options["tasks"]):
+            if task.backbones is not None:
+                known = task.backbones if allowed is None else allowed
+                allowed = tuple(b for b in known if b in task.backbones)
+        return allowed
+
+    @classmethod
+    def needed_channels(cls, options: Mapping[str, Any]) -> int | None:
+        needs = {task.input_channels for task in _task_classes(options["tasks"])} - {None}
+        if len(needs) > 1:
+            raise ValueError(f"tasks {list(options['tasks'])} need different channels {needs}")
+        return next(iter(needs), None)
+
+    @classmethod
     def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews:
         tasks = tuple(options["tasks"])
         classes = _task_classes(tasks)

@@ -61,6 +61,15 @@ def test_bad_values_name_the_key(override, names):
         load_config(None, [override])
 
 
+def test_a_multitask_run_takes_only_a_backbone_that_all_its_tasks_work_with():
+    masked = ["method.name=multitask", "method.tasks=[rotation,mae]"]
+    with pytest.raises(ConfigError, match=r"one of \['vit_tiny', 'vit_small'\] .*'resnet18'"):
+        load_config(None, [*masked, "model.backbone=resnet18"])
+    assert load_config(None, [*masked, "model.backbone=vit_tiny"]).model.backbone == "vit_tiny"
+    with pytest.raises(ConfigError, match="its tasks need different backbones"):
+        load_config(None, ["method.name=multitask", "method.tasks=[cpc,mae]"])
+
+
 def test_unknown_key_in_yaml_names_it(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 2\n  lr: 0.1\n")

@@ -187,6 +187,17 @@ def test_a_method_needing_colour_refuses_grayscale_shards_before_ray_starts(
         pretrain(config)
 
 
+def test_a_multitask_run_with_a_colour_task_refuses_grayscale_shards_before_ray_starts(
+    fmnist_small, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("pipeline.train.init_ray", lambda: pytest.fail("Ray was started"))
+    config = _config(
+        fmnist_small, tmp_path, 1, "method.name=multitask", "method.tasks=[rotation,colorization]"
+    )
+    with pytest.raises(ValueError, match="'multitask' needs 3-channel images, but .* 1-channel"):
+        pretrain(config)
+
+
 def test_run_dir_is_absolute_and_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(None, ["run.root=runs", "run.name=abc"])
