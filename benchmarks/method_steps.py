@@ -31,9 +31,9 @@ from pipeline.checkpoint import build_method_for
 from pipeline.config import from_dict
 from pipeline.ingest import ImageSpec, channel_stats, normalize, read_decoded, views_on_device
 from pipeline.shards import load_manifest
-from pipeline.train import amp_enabled, model_inputs, train_step, view_plan
+from pipeline.train import amp_enabled, model_inputs, optimizer_for, train_step, view_plan
 from ssl_models import METHODS, SSLMethod
-from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from ssl_models.optim import set_lr, warmup_cosine
 
 SHARDS = "data/shards/fashion-mnist/train"
 EDGE = 5  # steps averaged for the first and last loss
@@ -56,7 +56,7 @@ def backbone_features(method: SSLMethod, images: torch.Tensor, mean, std) -> tor
 
 def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, object]:
     """Train ``name`` for ``args.steps`` steps on prepared views; losses, speed, memory."""
-    config = from_dict(recipe_config(name, args.set))
+    config = from_dict(recipe_config(name, [f"train.batch_size={args.batch}", *args.set]))
     device = torch.device(args.device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     colour = METHODS[name].input_channels == 3 and gray.shape[1] == 1
@@ -67,15 +67,7 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
     torch.manual_seed(0)
     method = build_method_for(config, spec.channels, len(pixels))
     method = method.to(device=device, memory_format=memory_format)
-    lr = scaled_lr(config.train.base_lr, config.train.batch_size)
-    optimizer = build_optimizer(
-        config.train.optimizer,
-        method.parameter_groups(config.train.weight_decay),
-        lr=lr,
-        weight_decay=config.train.weight_decay,
-        momentum=config.train.momentum,
-        lars_eta=config.train.lars_eta,
-    )
+    optimizer, lr = optimizer_for(config, method)
     plan, gen, size = view_plan(config, spec.size), torch.Generator().manual_seed(0), args.batch
     batches = []
     for start in range(0, args.batches * size, size):

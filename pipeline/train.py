@@ -263,6 +263,21 @@ def model_inputs(
     ]
 
 
+def optimizer_for(config: Config, method: SSLMethod) -> tuple[torch.optim.Optimizer, float]:
+    """The config's optimiser over the method's parameter groups, and its peak learning rate
+    (``train.base_lr`` scaled to the global batch size)."""
+    lr = scaled_lr(config.train.base_lr, config.train.batch_size)
+    optimizer = build_optimizer(
+        config.train.optimizer,
+        method.parameter_groups(config.train.weight_decay),
+        lr=lr,
+        weight_decay=config.train.weight_decay,
+        momentum=config.train.momentum,
+        lars_eta=config.train.lars_eta,
+    )
+    return optimizer, lr
+
+
 def train_step(
     model: torch.nn.Module,
     method: SSLMethod,
@@ -305,15 +320,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(
         method, parallel_strategy_kwargs={"forward_sync_buffers": False}
     )
-    lr = scaled_lr(config.train.base_lr, config.train.batch_size)
-    optimizer = build_optimizer(
-        config.train.optimizer,
-        method.parameter_groups(config.train.weight_decay),
-        lr=lr,
-        weight_decay=config.train.weight_decay,
-        momentum=config.train.momentum,
-        lars_eta=config.train.lars_eta,
-    )
+    optimizer, lr = optimizer_for(config, method)
     mean = torch.tensor(loop_config["mean"], device=device)
     std = torch.tensor(loop_config["std"], device=device)
 

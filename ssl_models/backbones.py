@@ -159,6 +159,10 @@ BACKBONES: dict[str, Callable[[float, int, bool], nn.Module]] = {
     "vit_tiny": _vit_tiny,
     "vit_small": _vit_small,
 }
+# For methods that need one family: tile and patch tasks take any input size (CNNs), masked
+# image modelling needs tokens (ViTs).
+CNN_BACKBONES = ("small_cnn", "resnet18", "resnet50")
+VIT_BACKBONES = ("vit_tiny", "vit_small")
 
 
 def build_backbone(

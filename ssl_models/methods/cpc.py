@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.dist import gather_with_grad, rank
 from ssl_models.method import MethodOutput, PretextViews, SSLMethod
 from ssl_models.patches import overlapping_patches
@@ -149,7 +150,7 @@ class CPC(SSLMethod):
 
     num_views: ClassVar[int] = 1
     # The paper's encoders are ResNets; 8 px patches are no multiple of a ViT's tokens.
-    backbones: ClassVar[tuple[str, ...]] = ("small_cnn", "resnet18", "resnet50")
+    backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES
     whole_images_first: ClassVar[bool] = False  # the backbone sees patches
 
     def __init__(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock
 
+from ssl_models.backbones import VIT_BACKBONES
 from ssl_models.losses.masked_pixels import (
     gather_tokens,
     masked_pixel_loss,
@@ -104,7 +105,7 @@ class MAE(SSLMethod):
     """
 
     num_views = 1
-    backbones = ("vit_tiny", "vit_small")
+    backbones = VIT_BACKBONES
 
     def __init__(
         self,

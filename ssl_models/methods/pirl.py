@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.dist import gather_no_grad
 from ssl_models.losses.nce import nce_loss
 from ssl_models.method import MethodOutput, PretextViews, SSLMethod
@@ -86,7 +87,7 @@ class PIRL(SSLMethod):
     num_views: ClassVar[int] = 2
     uses_image_indices: ClassVar[bool] = True
     # Tiles of 7-64 px: a ViT would need sides that are multiples of its patch size.
-    backbones: ClassVar[tuple[str, ...]] = ("small_cnn", "resnet18", "resnet50")
+    backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES
 
     def __init__(
         self,

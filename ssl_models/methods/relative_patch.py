@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.method import MethodOutput, PretextViews, SSLMethod
 from ssl_models.patches import grid_tiles
 
@@ -162,7 +163,7 @@ class RelativePatch(SSLMethod):
 
     num_views: ClassVar[int] = 1
     # Patches are a third of the image or less, no multiple of a ViT's patch size.
-    backbones: ClassVar[tuple[str, ...]] = ("small_cnn", "resnet18", "resnet50")
+    backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES
     whole_images_first: ClassVar[bool] = False  # the backbone sees tiles
 
     def __init__(

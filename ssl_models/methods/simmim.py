@@ -19,6 +19,7 @@ colour distortion off in the config (``augment.strength=0``, ``augment.jitter_pr
 import torch
 from torch import Tensor, nn
 
+from ssl_models.backbones import VIT_BACKBONES
 from ssl_models.losses.masked_pixels import (
     expand_block_mask,
     masked_pixel_loss,
@@ -50,7 +51,7 @@ class SimMIM(SSLMethod):
     """
 
     num_views = 1
-    backbones = ("vit_tiny", "vit_small")
+    backbones = VIT_BACKBONES
 
     def __init__(
         self,
