@@ -22,10 +22,15 @@ Where this differs, and why:
   data stage draws fresh ones every step (``num_views`` per seed), so each epoch brings new
   samples of every class; the paper found more samples per class better.
 - Its seeds are 32 px patches taken where the gradient is large; here the seed is the image
-  and the run's augmentation recipe gives the base crop. Use crop and flip only
-  (``augment.strength=0``, ``jitter_prob=0``, ``grayscale_prob=0``): these colour
-  transformations replace SimCLR's. Geometric transformations act on that crop, so the
-  uncovered border is reflected (the paper transformed inside the whole image).
+  and the run's augmentation recipe gives the base crop. Use flips only
+  (``augment.crop_scale_min=1``, ``jitter_prob=0``, ``grayscale_prob=0``): these colour
+  transformations replace SimCLR's, and the translations and scalings below move the patch
+  (random crops on top made the task harder and learned slower on Fashion-MNIST).
+  Geometric transformations act on that crop, so the uncovered border is reflected (the
+  paper transformed inside the whole image).
+- A softmax over thousands of surrogate classes gives each class's weights a gradient only
+  when one of its samples is in the batch: with few steps, train with AdamW (SGD kept
+  2,000 classes at chance for 150 steps; ``benchmarks/RESULTS.md``).
 - The principal components are those of the batch's pixels: the data stage sees a batch,
   not the dataset. The paper gives ranges, not distributions: multiplicative parameters
   (scale, factors, powers) are drawn log-uniformly, additive ones uniformly; S and V get
