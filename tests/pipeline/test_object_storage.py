@@ -49,7 +49,7 @@ def test_a_killed_run_in_s3_resumes_from_its_checkpoint_there(s3_env, fmnist_sma
         "model.backbone=resnet18",  # slow enough to be killed mid-run
         "data.limit=1024",
         "train.batch_size=128",
-        "train.epochs=3",
+        "train.epochs=2",
         "train.online_knn_bank=256",
         "train.online_knn_queries=128",
     ):
@@ -78,4 +78,4 @@ def test_a_killed_run_in_s3_resumes_from_its_checkpoint_there(s3_env, fmnist_sma
     latest = max(k for k in keys() if k.endswith("/checkpoint.pt"))
     body = s3.get_object(Bucket=BUCKET, Key=latest)["Body"].read()
     state = torch.load(io.BytesIO(body), weights_only=True)
-    assert state["epoch"] == 3 and state["step"] == 3 * (1024 // 2) // 64
+    assert state["epoch"] == 2 and state["step"] == 2 * (1024 // 2) // 64
