@@ -126,7 +126,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=sorted(METHODS),
+        choices=sorted(METHODS),
+        metavar="METHOD",
+        help="registered methods to time (default: all)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=60, help="steps per method, warm-up included")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the time")
