@@ -29,10 +29,11 @@ from methods import recipe_config
 
 from pipeline.checkpoint import build_method_for
 from pipeline.config import from_dict
-from pipeline.ingest import ImageSpec, channel_stats, normalize, read_decoded, views_on_device
+from pipeline.ingest import ImageSpec, channel_stats, normalize, read_decoded
 from pipeline.shards import load_manifest
 from pipeline.train import amp_enabled, model_inputs, optimizer_for, train_step, view_plan
 from ssl_models import METHODS, SSLMethod
+from ssl_models.method import split_columns
 from ssl_models.optim import set_lr, warmup_cosine
 
 SHARDS = "data/shards/fashion-mnist/train"
@@ -72,7 +73,7 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
     batches = []
     for start in range(0, args.batches * size, size):
         columns = plan(torch.from_numpy(pixels[start : start + size]), gen)
-        views, targets = views_on_device({k: v.numpy() for k, v in columns.items()}, plan, device)
+        views, targets = split_columns({k: v.to(device) for k, v in columns.items()})
         extra: dict[str, object] = {"targets": targets} if targets else {}
         if method.uses_image_indices:
             extra["indices"] = torch.arange(start, start + size, device=device)

@@ -28,6 +28,9 @@ class ConfigError(ValueError):
     """A configuration key is unknown, mistyped or out of range."""
 
 
+DEFAULT_METHOD = "simclr"  # what a config without method.name trains
+
+
 @dataclass
 class RunConfig:
     name: str = "fmnist-simclr"
@@ -118,7 +121,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})
+    method: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_METHOD})
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -326,7 +329,7 @@ def from_dict(values: dict[str, Any]) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"config section '{name}' must be a mapping, got {value!r}")
         if name == "method":
-            kwargs[name] = {"name": "simclr", **value}
+            kwargs[name] = {"name": DEFAULT_METHOD, **value}
         else:
             kwargs[name] = _build_section(typing.get_type_hints(Config)[name], value, name)
     return validate(Config(**kwargs))
@@ -358,8 +361,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"override {item!r} must look like section.key=value")
         parsed.append((dotted, yaml.safe_load(raw) if raw.strip() else None))
     method = values.get("method")
-    current = method.get("name", "simclr") if isinstance(method, dict) else None
-    if any(d.strip() == "method.name" and v != current for d, v in parsed) and current:
+    current = method.get("name", DEFAULT_METHOD) if isinstance(method, dict) else None
+    if current and any(d.strip() == "method.name" and v != current for d, v in parsed):
         values["method"] = {}
     for dotted, value in parsed:
         set_value(values, dotted, value)
