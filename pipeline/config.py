@@ -304,11 +304,15 @@ def validate(config: Config) -> Config:
     _validate_method(config.method)
     method = METHODS[config.method_name]
     backbones = method.allowed_backbones(config.method_options)
+    if backbones == ():
+        raise ConfigError(
+            f"config key 'method.tasks': no model.backbone suits them all for method "
+            f"{config.method_name!r} (its tasks need different backbones)"
+        )
     if backbones is not None and config.model.backbone not in backbones:
         raise ConfigError(
             f"config key 'model.backbone' must be one of {list(backbones)} for method "
             f"{config.method_name!r}, got {config.model.backbone!r}"
-            + ("" if backbones else " (its tasks need different backbones)")
         )
     if augment.local_crops and not method.takes_local_views:
         multi_crop = sorted(name for name, cls in METHODS.items() if cls.takes_local_views)
