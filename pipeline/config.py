@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import locations
 from ssl_models import BACKBONES, METHODS
 from ssl_models.optim import OPTIMIZERS
 from ssl_models.registry import method_params
@@ -398,14 +399,11 @@ def with_absolute_paths(config: Config) -> Config:
     for the driver would point elsewhere on a worker. URIs (s3://, gs://) pass unchanged.
     """
 
-    def absolute(path: str) -> str:
-        return path if "://" in path else str(Path(path).expanduser().resolve())
-
     data = dataclasses.replace(
         config.data,
-        train=absolute(config.data.train),
-        eval_train=absolute(config.data.eval_train),
-        eval_test=absolute(config.data.eval_test),
+        train=locations.absolute(config.data.train),
+        eval_train=locations.absolute(config.data.eval_train),
+        eval_test=locations.absolute(config.data.eval_test),
     )
-    run = dataclasses.replace(config.run, root=absolute(config.run.root))
+    run = dataclasses.replace(config.run, root=locations.absolute(config.run.root))
     return dataclasses.replace(config, data=data, run=run)

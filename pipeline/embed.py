@@ -95,7 +95,7 @@ def embedding_dataset(
         raise ValueError(f"batch_size and actors must be at least 1, got {batch_size}, {actors}")
     state = load_checkpoint(checkpoint)
     spec = ImageSpec(size=state["image_size"], channels=state["channels"])
-    files = [str(path) for path in shard_files(Path(shard_dir))]
+    files = shard_files(shard_dir)
     ds = (
         ray.data.read_parquet(files)
         .select_columns(["id", "image", "label"])
@@ -157,7 +157,7 @@ def export_embeddings(
         raise ValueError(f"{out_dir}: refusing to overwrite, it holds more than Parquet files")
     for path in existing:
         path.unlink()
-    rows = load_manifest(Path(shard_dir)).rows
+    rows = load_manifest(shard_dir).rows
     ledger = IngestLedger.remote(rows)
     try:
         ds = embedding_dataset(

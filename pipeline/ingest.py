@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray.data
 import torch
 from PIL import Image, ImageOps
@@ -29,7 +28,9 @@ from pipeline.shards import (
     SHARD_SCHEMA,
     ShardManifest,
     load_manifest,
+    open_parquet,
     read_labels,
+    read_parquet,
     shard_files,
 )
 from ssl_models.method import PretextViews, split_columns
@@ -202,7 +203,7 @@ def read_shard_rows(
     for path, epoch in zip(batch["path"].to_pylist(), batch["epoch"].to_pylist(), strict=True):
         if epoch <= epochs_done:
             continue
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
         labelled = "label" in parquet.schema_arrow.names  # optional in user-made shards
         table = parquet.read(columns=["id", "image", "label"] if labelled else ["id", "image"])
         labels = (
@@ -231,7 +232,7 @@ def synthetic_batch(ids: list, spec: ImageSpec, plan: ViewPlan) -> dict[str, np.
     return {"id": np.asarray(ids, dtype=object)} | {k: v.numpy() for k, v in columns.items()}
 
 
-def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], list[str]]:
+def _files_for_limit(shard_dir: str, limit: int | None) -> tuple[list[str], list[str]]:
     """The shard files holding the first ``limit`` rows, and the ids past the limit in the
     last of them. Ray's own ``limit`` keeps whichever rows arrive first, which would change
     the training subset from epoch to epoch."""
@@ -239,11 +240,11 @@ def _files_for_limit(shard_dir: Path, limit: int | None) -> tuple[list[str], lis
     for path in shard_files(shard_dir):
         if limit is not None and rows >= limit:
             break
-        files.append(str(path))
-        rows += pq.ParquetFile(path).metadata.num_rows
+        files.append(path)
+        rows += open_parquet(path).metadata.num_rows
     if limit is None or rows <= limit:
         return files, []
-    last_ids = pq.read_table(files[-1], columns=["id"]).column("id").to_pylist()
+    last_ids = read_parquet(files[-1], ["id"]).column("id").to_pylist()
     return files, last_ids[len(last_ids) - (rows - limit) :]
 
 
@@ -270,7 +271,7 @@ def training_dataset(
     ``plan``'s views (and pretext targets); with ``plan=None`` the stage only decodes and
     the views are made on the training device (``views_on_device``).
     """
-    files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
+    files, beyond_limit = _files_for_limit(str(shard_dir), limit)
     passes = []
     for epoch in range(first_epoch + 1, first_epoch + epochs + 1):
         order = list(files)
@@ -298,7 +299,7 @@ def decoded_dataset(
     index, parts = part
     if not 0 <= index < parts:
         raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
-    files, beyond_limit = _files_for_limit(Path(shard_dir), limit)
+    files, beyond_limit = _files_for_limit(str(shard_dir), limit)
     passes = [{"path": path, "epoch": 1} for path in files[index::parts]]
     return _views_of_passes(
         passes, beyond_limit, spec, None, None, batch_size=batch_size, tasks=decode_tasks
@@ -344,12 +345,12 @@ def _views_of_passes(
 
 def image_slots(shard_dir: str | Path, limit: int | None) -> dict[str, int]:
     """id -> position among the first ``limit`` images: the slot of a memory-bank method."""
-    ids, _ = read_labels(Path(shard_dir))
+    ids, _ = read_labels(shard_dir)
     return {image_id: slot for slot, image_id in enumerate(ids[:limit])}
 
 
 def dataset_rows(shard_dir: str | Path, limit: int | None) -> int:
-    rows = load_manifest(Path(shard_dir)).rows
+    rows = load_manifest(shard_dir).rows
     return rows if limit is None else min(rows, limit)
 
 
@@ -381,8 +382,8 @@ def read_decoded(shard_dir: str | Path, spec: ImageSpec, limit: int | None = Non
     ids: list[str] = []
     pixels: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    for path in shard_files(Path(shard_dir)):
-        table = pq.read_table(path, columns=["id", "image", "label"])
+    for path in shard_files(shard_dir):
+        table = read_parquet(path, ["id", "image", "label"])
         if limit is not None:
             table = table.slice(0, limit - len(ids))
         row_ids = table.column("id").to_pylist()

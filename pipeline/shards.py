@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import locations
 from pipeline.sources import ImageRecord, SkipCounter
 
 SHARD_SCHEMA = pa.schema(
@@ -86,24 +87,37 @@ class ShardManifest:
         return manifest
 
 
-def load_manifest(shard_dir: Path) -> ShardManifest:
-    """Read ``shard_dir/manifest.json``."""
-    path = Path(shard_dir) / MANIFEST_NAME
+def load_manifest(shard_dir: str | os.PathLike[str]) -> ShardManifest:
+    """Read ``shard_dir/manifest.json`` (a local directory or an object-storage prefix)."""
+    path = locations.join(shard_dir, MANIFEST_NAME)
     try:
-        text = path.read_text()
-    except OSError as exc:
+        text = locations.read_text(path)
+    except (OSError, locations.LocationError) as exc:
         raise ShardError(f"{path}: no readable manifest; prepare the shards first ({exc})") from exc
     return ShardManifest.from_json(text, path)
 
 
-def shard_files(shard_dir: Path) -> list[Path]:
-    """The manifest's shard files as absolute paths, in order; all must exist."""
-    shard_dir = Path(shard_dir).absolute()
-    paths = [shard_dir / name for name in load_manifest(shard_dir).shards]
-    missing = [p.name for p in paths if not p.is_file()]
+def shard_files(shard_dir: str | os.PathLike[str]) -> list[str]:
+    """The manifest's shard files as absolute locations, in order; all must exist."""
+    shard_dir = locations.absolute(shard_dir)
+    names = load_manifest(shard_dir).shards
+    present = {entry.relative for entry in locations.list_files(shard_dir, recursive=False)}
+    missing = [name for name in names if name not in present]
     if missing:
         raise ShardError(f"{shard_dir}: shard files listed in the manifest are missing: {missing}")
-    return paths
+    return [locations.join(shard_dir, name) for name in names]
+
+
+def open_parquet(location: str) -> pq.ParquetFile:
+    """A Parquet file at a local path or in object storage, opened for reading."""
+    filesystem, path = locations.resolve(location)
+    return pq.ParquetFile(filesystem.open_input_file(path))
+
+
+def read_parquet(location: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole Parquet file (or the given columns) at a local path or in object storage."""
+    filesystem, path = locations.resolve(location)
+    return pq.read_table(path, columns=columns, filesystem=filesystem)
 
 
 class _ShardWriter:
@@ -244,50 +258,53 @@ _COLUMN_TYPES = {
 }
 
 
-def validate_shards(path: Path) -> ShardManifest | None:
-    """Check a shard directory (or one Parquet file); raise ShardError listing every problem.
-
-    Returns the directory's manifest, or None when there is none (or ``path`` is a file).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ShardError(f"{path}: no such file or directory")
-    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+def validate_shards(path: str | os.PathLike[str]) -> ShardManifest | None:
+    """Check a shard directory or prefix (or one Parquet file); raise ShardError listing every
+    problem. Returns the directory's manifest, or None when there is none (or ``path`` is a
+    file)."""
+    path = locations.absolute(path)
+    try:
+        single = locations.is_file(path)
+        entries = [] if single else locations.list_files(path, recursive=False)
+    except locations.LocationError as exc:
+        raise ShardError(f"{path}: no such file or directory ({exc})") from exc
+    files = [path] if single else [e.location for e in entries if e.relative.endswith(".parquet")]
     if not files:
         raise ShardError(f"{path}: no .parquet files")
     problems: list[str] = []
     first_file: dict[str, str] = {}
     rows = 0
     for file in files:
+        file_name = locations.name(file)
         try:
-            parquet = pq.ParquetFile(file)
+            parquet = open_parquet(file)
         except (OSError, pa.ArrowException) as exc:
-            problems.append(f"{file.name}: unreadable Parquet file ({exc})")
+            problems.append(f"{file_name}: unreadable Parquet file ({exc})")
             continue
         schema = parquet.schema_arrow
         for column, (wanted, checks) in _COLUMN_TYPES.items():
             if column not in schema.names:
                 if column in ("id", "image"):
-                    problems.append(f"{file.name}: missing column {column!r} ({wanted})")
+                    problems.append(f"{file_name}: missing column {column!r} ({wanted})")
             elif not any(check(schema.field(column).type) for check in checks):
                 found = schema.field(column).type
-                problems.append(f"{file.name}: column {column!r} must be {wanted}, found {found}")
+                problems.append(f"{file_name}: column {column!r} must be {wanted}, found {found}")
         rows += parquet.metadata.num_rows
         if "id" not in schema.names:
             continue
         for record_id in parquet.read(columns=["id"]).column("id").to_pylist():
             if record_id is None:
-                problems.append(f"{file.name}: column 'id' has a null value")
+                problems.append(f"{file_name}: column 'id' has a null value")
             elif record_id in first_file:
                 problems.append(
-                    f"{file.name}: duplicate id {record_id!r} (also in {first_file[record_id]})"
+                    f"{file_name}: duplicate id {record_id!r} (also in {first_file[record_id]})"
                 )
             else:
-                first_file[record_id] = file.name
+                first_file[record_id] = file_name
     manifest = None
-    if path.is_dir() and (path / MANIFEST_NAME).exists():
+    if not single and any(e.relative == MANIFEST_NAME for e in entries):
         manifest = load_manifest(path)
-        missing = sorted(set(manifest.shards) - {f.name for f in files})
+        missing = sorted(set(manifest.shards) - {locations.name(f) for f in files})
         if missing:
             problems.append(f"{MANIFEST_NAME}: lists shard files that do not exist: {missing}")
         if manifest.rows != rows:
@@ -300,13 +317,13 @@ def validate_shards(path: Path) -> ShardManifest | None:
     return manifest
 
 
-def read_labels(shard_dir: Path) -> tuple[list[str], np.ndarray]:
+def read_labels(shard_dir: str | os.PathLike[str]) -> tuple[list[str], np.ndarray]:
     """Ids and labels (int64, -1 where null or absent) of every row, in shard order."""
     ids: list[str] = []
     labels: list[np.ndarray] = []
-    for path in shard_files(shard_dir):
-        names = pq.read_schema(path).names
-        table = pq.read_table(path, columns=[c for c in ("id", "label") if c in names])
+    for location in shard_files(shard_dir):
+        names = open_parquet(location).schema_arrow.names
+        table = read_parquet(location, [c for c in ("id", "label") if c in names])
         ids.extend(table.column("id").to_pylist())
         if "label" in names:
             filled = pc.fill_null(table.column("label"), -1)

@@ -113,7 +113,7 @@ def sweep(
         raise SpaceError("train.online_knn_bank is 0: a sweep needs the online kNN metric")
     check_space(space, base)
     for shard_dir in dict.fromkeys([config.data.train, config.data.eval_train]):
-        validate_shards(Path(shard_dir))
+        validate_shards(shard_dir)
     directory = sweep_dir(config, settings)
     if resume and not tune.Tuner.can_restore(str(directory)):
         raise FileNotFoundError(f"no sweep to resume at {directory}")

@@ -14,7 +14,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -505,10 +504,10 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     for shard_dir in dict.fromkeys(
         [config.data.train, config.data.eval_train, config.data.eval_test]
     ):
-        validate_shards(Path(shard_dir))  # a bad shard fails here, not an hour into training
+        validate_shards(shard_dir)  # a bad shard fails here, not an hour into training
     directory = run_dir(config)
     completed_epochs = check_resumable(directory, config)
-    manifest = load_manifest(Path(config.data.train))
+    manifest = load_manifest(config.data.train)
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
     needed = METHODS[config.method_name].needed_channels(config.method_options)
     if needed not in (None, spec.channels):

@@ -61,7 +61,7 @@ def test_write_shards_round_trip(tmp_path: Path) -> None:
     assert load_manifest(out) == manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no temp dir left
     assert [pq.ParquetFile(p).metadata.num_rows for p in shard_files(out)] == [16, 16, 16, 2]
-    assert all(p.is_absolute() for p in shard_files(out))
+    assert all(Path(p).is_absolute() for p in shard_files(out))
 
     table = read_back(out)
     assert table.schema == SHARD_SCHEMA
