@@ -27,8 +27,53 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray cluster shared by every test that needs one (4 logical CPUs)."""
+def s3_server():
+    """A real S3-compatible server on loopback (moto in server mode) for the whole session.
+
+    Its endpoint and dummy credentials go into this process's environment before Ray starts
+    (``ray_session`` depends on this fixture), so Ray's workers inherit them and pyarrow,
+    boto3 and Ray Train all reach the server the way they reach S3 in a cloud: through the
+    usual ``AWS_*`` variables.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",  # boto3 and pyarrow both read it
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    yield env
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()
+
+
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's S3 server; returns its ``s3://name`` URI."""
+    import boto3
+
+    name = f"test-bucket-{next(_BUCKETS)}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """A local Ray cluster shared by every test that needs one (4 logical CPUs); its
+    workers see the session's S3 server."""
     import ray
 
     from pipeline.cluster import configure_data_context
