@@ -16,17 +16,17 @@ in the table. Everything a sweep writes lives in ``<run.root>/sweeps/<name>/``:
 from __future__ import annotations
 
 import copy
+import io
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from pipeline import locations
 from pipeline.cluster import init_ray
 from pipeline.config import (
     SAFE_NAME_RULE,
@@ -58,10 +58,11 @@ class SweepSettings:
     name: str | None = None  # default: "<run.name>-sweep"
 
 
-def sweep_dir(config: Config, settings: SweepSettings) -> Path:
-    """Where the sweep's Tune state, trials and results go."""
-    root = Path(with_absolute_paths(config).run.root)
-    return root / "sweeps" / (settings.name or f"{config.run.name}-sweep")
+def sweep_dir(config: Config, settings: SweepSettings) -> str:
+    """Where the sweep's Tune state, trials and results go: a local directory, or a prefix
+    in object storage when ``run.root`` is a bucket URI."""
+    root = with_absolute_paths(config).run.root
+    return locations.join(root, "sweeps", settings.name or f"{config.run.name}-sweep")
 
 
 def trial_concurrency(config: Config, cluster: dict[str, float]) -> int:
@@ -115,16 +116,18 @@ def sweep(
     for shard_dir in dict.fromkeys([config.data.train, config.data.eval_train]):
         validate_shards(shard_dir)
     directory = sweep_dir(config, settings)
-    if resume and not tune.Tuner.can_restore(str(directory)):
+    if resume and not tune.Tuner.can_restore(directory):
         raise FileNotFoundError(f"no sweep to resume at {directory}")
 
     init_ray()
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=base, trials_root=str(directory / "trials")),
+        tune.with_parameters(
+            _run_trial, base=base, trials_root=locations.join(directory, "trials")
+        ),
         {"CPU": 0.01},  # the trial function only waits on its Train controller (0 is refused)
     )
     if resume:
-        tuner = tune.Tuner.restore(str(directory), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(directory, trainable, resume_errored=True)
     else:
         concurrency = settings.concurrency or trial_concurrency(config, ray.cluster_resources())
         searcher = None
@@ -149,14 +152,16 @@ def sweep(
                 max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(
-                name=directory.name,
-                storage_path=str(directory.parent),
+                name=locations.name(directory),
+                storage_path=locations.parent(directory),
                 failure_config=tune.FailureConfig(max_failures=settings.retries),
                 callbacks=list(callbacks),
                 verbose=1,
             ),
         )
-        print(f"sweep {directory.name}: {settings.samples} trials, {concurrency} at a time")
+        print(
+            f"sweep {locations.name(directory)}: {settings.samples} trials, {concurrency} at a time"
+        )
     grid = tuner.fit()
     rows = result_rows(grid, list(space), config.train.epochs)
     write_results(rows, list(space), base, directory)
@@ -198,16 +203,21 @@ def result_rows(grid: tune.ResultGrid, keys: list[str], max_epochs: int) -> list
     return rows
 
 
-def write_results(rows: list[dict], keys: list[str], base: dict, directory: Path) -> None:
-    """The table (printed, CSV, Parquet), the plot and the best trial's config."""
+def write_results(rows: list[dict], keys: list[str], base: dict, directory: str) -> None:
+    """The table (printed, CSV, Parquet), the plot and the best trial's config, written into
+    ``directory`` (local or object storage)."""
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    table.to_csv(directory / "results.csv", index=False)
-    table.to_parquet(directory / "results.parquet", index=False)
+    locations.write_text(locations.join(directory, "results.csv"), table.to_csv(index=False))
+    parquet = io.BytesIO()
+    table.to_parquet(parquet, index=False)
+    locations.write_bytes(locations.join(directory, "results.parquet"), parquet.getvalue())
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    plot_metric(table, keys, directory / "metric_vs_params.png")
+    plot = io.BytesIO()
+    plot_metric(table, keys, plot)
+    locations.write_bytes(locations.join(directory, "metric_vs_params.png"), plot.getvalue())
     scored = [r for r in rows if not math.isnan(r[f"best_{METRIC}"])]
     if not scored:
         print("no trial reported a metric; no best config written")
@@ -215,11 +225,10 @@ def write_results(rows: list[dict], keys: list[str], base: dict, directory: Path
     best = copy.deepcopy(base)
     for key in keys:
         set_value(best, key, _plain(scored[0][key]))
-    best["run"]["name"] = f"{directory.name}-best"
-    path = directory / "best_config.yaml"
-    path.write_text(to_yaml(from_dict(best)))
+    best["run"]["name"] = f"{locations.name(directory)}-best"
+    locations.write_text(locations.join(directory, "best_config.yaml"), to_yaml(from_dict(best)))
     print(f"best trial {scored[0]['trial']}: {METRIC} {scored[0][f'best_{METRIC}']:.4f}")
-    print(f"results, plot and best config in {directory}{os.sep}")
+    print(f"results, plot and best config in {directory}/")
 
 
 def _plain(value: Any) -> Any:
@@ -227,7 +236,7 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def plot_metric(table: Any, keys: list[str], path: Path) -> None:
+def plot_metric(table: Any, keys: list[str], path: Any) -> None:
     """One panel per searched parameter: each trial's best metric against its value."""
     import matplotlib
 

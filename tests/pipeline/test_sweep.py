@@ -4,6 +4,7 @@
 
 import os
 import signal
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -91,7 +92,7 @@ class _InterruptAfterFirstTrial(tune.Callback):
 def test_sweep_runs_asha_writes_results_and_resumes(ray_session, fmnist_small, tmp_path):
     config = _config(fmnist_small, tmp_path)
     settings = SweepSettings(samples=3, concurrency=2, grace_epochs=1, name="s")
-    directory = sweep_dir(config, settings)
+    directory = Path(sweep_dir(config, settings))
 
     first = sweep(config, SPACE, settings, callbacks=[_InterruptAfterFirstTrial()])
     done = [r for r in first if not r["status"].startswith("unfinished")]
@@ -143,6 +144,6 @@ def test_a_failing_trial_is_retried_then_reported_not_dropped(ray_session, fmnis
     rows = sweep(config, space, settings)
     assert len(rows) == 1 and rows[0]["status"].startswith("ERROR"), rows
     assert rows[0]["epochs"] == 0 and rows[0]["failures"] == 2  # first try + 1 retry
-    directory = sweep_dir(config, settings)
+    directory = Path(sweep_dir(config, settings))
     assert "ERROR" in pd.read_csv(directory / "results.csv")["status"][0]
     assert not (directory / "best_config.yaml").exists()
