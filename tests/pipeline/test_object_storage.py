@@ -1,6 +1,7 @@
 """Checkpoints, TensorBoard logs and the data report in S3, and a killed run resuming from
-them, against a real S3-compatible server on loopback (moto in server mode). Pretraining
-runs as the command a user types, with the run root an s3:// URI.
+them, against a real S3-compatible server on loopback (moto in server mode, shared by the
+test session). Pretraining runs as the command a user types, with the run root an s3://
+URI.
 """
 
 import io
@@ -13,35 +14,15 @@ import time
 import boto3
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
-
-BUCKET = "ssl-runs"
-
-
-@pytest.fixture
-def s3_env(monkeypatch):
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",  # boto3 and pyarrow both read it
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield env
-    server.stop()
 
 
 @pytest.mark.slow
-def test_a_killed_run_in_s3_resumes_from_its_checkpoint_there(s3_env, fmnist_small):
-    env = os.environ | s3_env | {"RAY_AUTH_MODE": "disabled"}
+def test_a_killed_run_in_s3_resumes_from_its_checkpoint_there(s3_bucket, fmnist_small):
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}  # with the session's S3 endpoint
+    bucket = s3_bucket.removeprefix("s3://")
     command = [sys.executable, "-m", "pipeline", "pretrain"]
     for override in (
-        f"run.root=s3://{BUCKET}/runs",
+        f"run.root={s3_bucket}/runs",
         "run.name=cloud",
         f"data.train={fmnist_small['train']}",
         f"data.eval_train={fmnist_small['train']}",
@@ -57,7 +38,7 @@ def test_a_killed_run_in_s3_resumes_from_its_checkpoint_there(s3_env, fmnist_sma
     s3 = boto3.client("s3")
 
     def keys() -> list[str]:
-        return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+        return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
 
     # The driver and the local cluster it started share a session: kill them all at once,
     # as if the machine running the driver went away after epoch 1 was saved.
@@ -76,6 +57,6 @@ def test_a_killed_run_in_s3_resumes_from_its_checkpoint_there(s3_env, fmnist_sma
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming cloud from epoch 2" in again.stdout
     latest = max(k for k in keys() if k.endswith("/checkpoint.pt"))
-    body = s3.get_object(Bucket=BUCKET, Key=latest)["Body"].read()
+    body = s3.get_object(Bucket=bucket, Key=latest)["Body"].read()
     state = torch.load(io.BytesIO(body), weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * (1024 // 2) // 64
