@@ -17,8 +17,19 @@ Ray's object store. Time to first step is measured separately for the demo comma
 user runs it: from starting ``python -m pipeline pretrain`` to its first optimiser step.
 Prints one Markdown table per measurement.
 
+Two more modes run the demo command itself (``python -m pipeline pretrain``, the demo
+preset, online kNN off) once per row, back to back, and read rank 0's "epoch N done" lines:
+
+- ``--epochs-compare 3 100``: the same run configured for 3 and for 100 epochs, each stopped
+  (Ctrl-C) after epoch 3; the images/s of epochs 2 and 3 should not depend on how many
+  epochs the run is configured for (the stream's overhead must be flat in epochs);
+- ``--storage-compare``: 3 epochs from the local shards and from the same shards uploaded to
+  an S3 server on loopback (moto), so object storage's cost on the training path shows.
+
     .venv/bin/python benchmarks/training.py
     .venv/bin/python benchmarks/training.py --backbones small_cnn:0.5 --workers 2 --epochs 2
+    .venv/bin/python benchmarks/training.py --epochs-compare 3 100 --limit 20000
+    .venv/bin/python benchmarks/training.py --storage-compare --limit 20000
     # GPU node, ResNet-50 at 224 px (Fashion-MNIST upscaled by the decoder), bf16 autocast:
     .venv/bin/python benchmarks/training.py --backbones resnet50:1 --workers 1 \
         --first-step-runs 0 --set train.use_gpu=true --set data.image_size=224 \
@@ -148,6 +159,120 @@ def seconds_to_first_step(root: Path) -> float:
     raise RuntimeError(f"{' '.join(command)} never reported its first step")
 
 
+EPOCH_DONE = re.compile(r"epoch (\d+) done: loss \S+, ([\d,.]+) img/s")
+
+
+def demo_epoch_rates(root: Path, name: str, overrides: list[str], stop_after: int) -> list[float]:
+    """Run the demo command with ``overrides``; rank 0's images/s of epochs 1..``stop_after``
+    (the run is stopped with Ctrl-C once epoch ``stop_after`` is done, so it shuts its own
+    Ray cluster down before the next run)."""
+    shutil.rmtree(root / name, ignore_errors=True)
+    command = [sys.executable, "-m", "pipeline", "pretrain", "--config", str(DEMO_CONFIG)]
+    for override in [f"run.name={name}", f"run.root={root}", *overrides]:
+        command += ["--set", override]
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
+    rates: list[float] = []
+    tail: list[str] = []
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as process:
+        for line in process.stdout:
+            tail = (tail + [line])[-30:]
+            done = EPOCH_DONE.search(line)
+            if done:
+                rates.append(float(done.group(2).replace(",", "")))
+                print(f"  {name}: {line.strip()[-90:]}", flush=True)
+                if len(rates) >= stop_after:
+                    break
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        process.communicate(timeout=180)
+    if len(rates) < stop_after:
+        raise RuntimeError(
+            f"{' '.join(command)} stopped after {len(rates)} epochs:\n" + "".join(tail)
+        )
+    return rates
+
+
+def _steady(rates: list[float]) -> float:
+    """The median of epochs 2 and 3 (epoch 1 holds the start-up)."""
+    return statistics.median(rates[1:3])
+
+
+def epochs_compare(args: argparse.Namespace) -> None:
+    """Epochs 2-3 images/s of the demo configured for each of ``args.epochs_compare``."""
+    common = [f"data.limit={args.limit}", "train.online_knn_bank=0", *args.set]
+    results = []
+    for epochs in args.epochs_compare:
+        rates = demo_epoch_rates(
+            args.root, f"bench-epochs-{epochs}", [f"train.epochs={epochs}", *common], 3
+        )
+        results.append((epochs, rates))
+    base = _steady(results[0][1])
+    print(
+        "\n| epochs configured | epoch 2 img/s | epoch 3 img/s | epochs 2-3 median "
+        f"| vs {results[0][0]} epochs |"
+    )
+    print("|---|---|---|---|---|")
+    for epochs, rates in results:
+        print(
+            f"| {epochs} | {rates[1]:,.0f} | {rates[2]:,.0f} | {_steady(rates):,.0f} "
+            f"| {_steady(rates) / base:.2f} |",
+            flush=True,
+        )
+
+
+def storage_compare(args: argparse.Namespace) -> None:
+    """Epochs 2-3 images/s of a 3-epoch demo from local shards and from the same shards on
+    a loopback S3 server (moto), in this order."""
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.locations import resolve
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # Before any Ray process starts (each run's own cluster): its workers inherit them.
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        }
+    )
+    try:
+        local = str((DEMO_CONFIG.parent.parent / load_config(DEMO_CONFIG, []).data.train).resolve())
+        uri = "s3://bench-shards/fashion-mnist/train"
+        filesystem, path = resolve(uri)
+        filesystem.create_dir("bench-shards")
+        pyarrow.fs.copy_files(local, path, destination_filesystem=filesystem)
+        common = [
+            f"data.limit={args.limit}",
+            "train.online_knn_bank=0",
+            "train.epochs=3",
+            *args.set,
+        ]
+        results = []
+        for where, shards in (("local disk", local), ("S3 (moto, loopback)", uri)):
+            name = "bench-storage-" + ("s3" if shards == uri else "local")
+            results.append(
+                (where, demo_epoch_rates(args.root, name, [f"data.train={shards}", *common], 3))
+            )
+    finally:
+        server.stop()
+    base = _steady(results[0][1])
+    print("\n| shards on | epoch 2 img/s | epoch 3 img/s | epochs 2-3 median | vs local |")
+    print("|---|---|---|---|---|")
+    for where, rates in results:
+        print(
+            f"| {where} | {rates[1]:,.0f} | {rates[2]:,.0f} | {_steady(rates):,.0f} "
+            f"| {_steady(rates) / base:.2f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,8 +303,28 @@ def main() -> None:
         "train.use_gpu=true --set data.image_size=224 --set model.small_images=false",
     )
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks").absolute())
+    parser.add_argument(
+        "--epochs-compare",
+        nargs="+",
+        type=int,
+        metavar="EPOCHS",
+        help="only run the demo configured for each of these epoch counts (each stopped "
+        "after epoch 3) and compare their epochs 2-3 images/s, e.g. --epochs-compare 3 100",
+    )
+    parser.add_argument(
+        "--storage-compare",
+        action="store_true",
+        help="only compare 3 demo epochs from local shards and from the same shards on a "
+        "loopback S3 server (moto)",
+    )
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
+    if args.epochs_compare or args.storage_compare:
+        if args.epochs_compare:
+            epochs_compare(args)
+        if args.storage_compare:
+            storage_compare(args)
+        return
 
     first_steps = [seconds_to_first_step(args.root) for _ in range(args.first_step_runs)]
     if first_steps:

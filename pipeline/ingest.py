@@ -7,11 +7,12 @@ afresh. Views stay uint8 until the training device, where ``normalize`` casts th
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,8 +194,7 @@ _ROWS_SCHEMA = pa.schema(
 def read_shard_rows(
     batch: pa.Table, skip_ids: list[str], ledger: ActorHandle | None = None
 ) -> pa.Table:
-    """Ray Data batch function: {path, epoch} -> the {id, image, label, epoch} rows of those
-    files.
+    """{path, epoch} -> the {id, image, label, epoch} rows of those files.
 
     Passes that training has already completed (per the ``ledger``) are not read.
     """
@@ -218,6 +218,66 @@ def read_shard_rows(
     if skip_ids:
         table = table.filter(pc.invert(pc.is_in(table["id"], value_set=pa.array(skip_ids))))
     return table
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The (file, epoch) passes a stream makes, in order: epochs ``first_epoch`` + 1 to
+    ``first_epoch`` + ``epochs``, each over ``files`` in its own order, seeded by ``seed`` and
+    the epoch (``shuffle=False``: the given order). Computed where they are read, one epoch at
+    a time, so what a dataset is built from does not grow with the number of epochs."""
+
+    files: tuple[str, ...]
+    epochs: int = 1
+    first_epoch: int = 0
+    seed: int = 0
+    shuffle: bool = True
+
+    def order(self, epoch: int) -> list[str]:
+        """The files in epoch ``epoch``'s order."""
+        order = list(self.files)
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        return order
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        for epoch in range(self.first_epoch + 1, self.first_epoch + self.epochs + 1):
+            for path in self.order(epoch):
+                yield path, epoch
+
+    def lane(self, index: int, lanes: int) -> Iterator[tuple[str, int]]:
+        """Every ``lanes``-th pass from the ``index``-th: lane ``index``'s share, in order."""
+        return itertools.islice(self, index, None, lanes)
+
+
+def lane_batches(
+    batch: dict[str, np.ndarray],
+    passes: Passes,
+    lanes: int,
+    skip_ids: list[str],
+    batch_size: int,
+    spec: ImageSpec,
+    plan: ViewPlan | None,
+    ledger: ActorHandle | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch function: {lane} -> that lane's passes (``Passes.lane``), file by file:
+    each file's rows are read (unless the ``ledger`` says training completed that pass),
+    then decoded and, given a ``plan``, made into views, ``batch_size`` rows at a time. A
+    generator: each batch leaves as soon as it is made, and a lane runs for the whole
+    stream, reading its next file only as its output is taken."""
+    for lane in batch["lane"].tolist():
+        for path, epoch in passes.lane(int(lane), lanes):
+            files = pa.table({"path": [path], "epoch": pa.array([epoch], pa.int32())})
+            rows = read_shard_rows(files, skip_ids, ledger)
+            for start in range(0, len(rows), batch_size):
+                chunk = rows.slice(start, batch_size)
+                columns = {
+                    name: chunk[name].to_numpy(zero_copy_only=False) for name in chunk.column_names
+                }
+                if plan is None:
+                    yield decoded_batch(columns, spec, ledger)
+                else:
+                    yield augment_batch(columns, spec, plan, ledger)
 
 
 def synthetic_batch(ids: list, spec: ImageSpec, plan: ViewPlan) -> dict[str, np.ndarray]:
@@ -263,20 +323,18 @@ def training_dataset(
 ) -> ray.data.Dataset:
     """Lazy Ray dataset of augmented views for ``epochs`` passes (with ids and labels).
 
-    All passes are one stream, each over the shard files in its own seeded order, so the
-    next epoch's decoding overlaps the end of the current one instead of restarting the
-    execution (and its worker processes) at every epoch. Passes are numbered from
-    ``first_epoch`` + 1 (a resumed run continues the numbering and the orders); a ``ledger``
-    (pipeline.ledger) counts each one's delivered and rejected rows. Each row carries the
-    ``plan``'s views (and pretext targets); with ``plan=None`` the stage only decodes and
-    the views are made on the training device (``views_on_device``).
+    All passes are one stream, each over the shard files in its own seeded order
+    (``Passes``), so the next epoch's decoding overlaps the end of the current one instead
+    of restarting the execution (and its worker processes) at every epoch. The stream is
+    built from ``decode_tasks`` lanes, whatever the number of epochs (see
+    ``_views_of_passes``). Passes are numbered from ``first_epoch`` + 1 (a resumed run
+    continues the numbering and the orders); a ``ledger`` (pipeline.ledger) counts each
+    one's delivered and rejected rows. Each row carries the ``plan``'s views (and pretext
+    targets); with ``plan=None`` the stage only decodes and the views are made on the
+    training device (``views_on_device``).
     """
     files, beyond_limit = _files_for_limit(str(shard_dir), limit)
-    passes = []
-    for epoch in range(first_epoch + 1, first_epoch + epochs + 1):
-        order = list(files)
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        passes += [{"path": path, "epoch": epoch} for path in order]
+    passes = Passes(tuple(files), epochs=epochs, first_epoch=first_epoch, seed=seed)
     return _views_of_passes(
         passes, beyond_limit, spec, plan, ledger, batch_size=batch_size, tasks=decode_tasks
     )
@@ -300,14 +358,21 @@ def decoded_dataset(
     if not 0 <= index < parts:
         raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
     files, beyond_limit = _files_for_limit(str(shard_dir), limit)
-    passes = [{"path": path, "epoch": 1} for path in files[index::parts]]
+    passes = Passes(tuple(files[index::parts]), shuffle=False)
     return _views_of_passes(
         passes, beyond_limit, spec, None, None, batch_size=batch_size, tasks=decode_tasks
     )
 
 
+def _block_bytes(spec: ImageSpec, plan: ViewPlan | None, batch_size: int) -> int:
+    """About one output batch's size: the stream's target block size, so each batch made
+    leaves its task at once (Ray's default of 128 MiB would hold a lane's output back)."""
+    sizes = [spec.size] if plan is None else [recipe.size for recipe in plan.recipes]
+    return max(1 << 18, batch_size * spec.channels * sum(size * size for size in sizes))
+
+
 def _views_of_passes(
-    passes: list[dict[str, object]],
+    passes: Passes,
     skip_ids: list[str],
     spec: ImageSpec,
     plan: ViewPlan | None,
@@ -316,31 +381,37 @@ def _views_of_passes(
     batch_size: int,
     tasks: int,
 ) -> ray.data.Dataset:
-    """Read each {path, epoch} pass's rows, then decode them and, given a ``plan``, make
-    the views, in ``tasks`` parallel tasks."""
-    # One read task per file and pass, in this order (read_parquet would drop the repeats);
-    # the first views stream out after one file, not the whole set. No passes (a worker's
-    # empty share of few files): one empty block, an empty dataset.
-    ds = ray.data.from_items(passes, override_num_blocks=max(1, len(passes))).map_batches(
-        read_shard_rows,
-        fn_kwargs={"skip_ids": skip_ids, "ledger": ledger},
+    """Read the ``passes``' rows, then decode them and, given a ``plan``, make the views, in
+    ``tasks`` parallel lanes.
+
+    The dataset is built from one input row per lane, whatever the number of passes: each
+    lane's task works through its share of the passes in order (``lane_batches``) and yields
+    its batches as it goes. One input row per (file, pass) instead made Ray Data's executor
+    hold every pass as a queued input and run a read stage ahead of the decoding; with
+    hundreds of passes queued, finished reads waited behind the backpressure and the
+    scheduling loop polled them without blocking (about half a core on 2 cores, a third of
+    the training speed).
+    """
+    lanes = max(1, min(tasks, len(passes.files) * passes.epochs))
+    ds = ray.data.from_items([{"lane": lane} for lane in range(lanes)], override_num_blocks=lanes)
+    ds = ds.map_batches(
+        lane_batches,
+        fn_kwargs={
+            "passes": passes,
+            "lanes": lanes,
+            "skip_ids": skip_ids,
+            "batch_size": batch_size,
+            "spec": spec,
+            "plan": plan,
+            "ledger": ledger,
+        },
         batch_size=1,
-        batch_format="pyarrow",
-    )
-    fn_kwargs: dict[str, object] = {"spec": spec, "ledger": ledger}
-    if plan is None:
-        fn = decoded_batch
-    else:
-        fn = augment_batch
-        fn_kwargs |= {"plan": plan}
-    return ds.map_batches(
-        fn,
-        fn_kwargs=fn_kwargs,
-        batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=tasks),
+        compute=ray.data.TaskPoolStrategy(size=lanes),
         num_cpus=1,
     )
+    ds.context.target_max_block_size = _block_bytes(spec, plan, batch_size)
+    return ds
 
 
 def image_slots(shard_dir: str | Path, limit: int | None) -> dict[str, int]:
