@@ -1,10 +1,12 @@
 """Parquet shards: the canonical training format, written once by ``prepare``.
 
-A shard directory holds ``part-00000.parquet``, ``part-00001.parquet``, ... (columns ``id``,
-``image``, ``label``, ``source``) and a ``manifest.json`` describing them. The directory is
-built under a temporary sibling name and renamed into place only when complete, so a
-directory with that name and a manifest is always a finished dataset; writing again is then a
-no-op unless ``overwrite`` is asked for.
+A shard directory (a local directory or an object-storage prefix) holds
+``part-00000.parquet``, ``part-00001.parquet``, ... (columns ``id``, ``image``, ``label``,
+``source``) and a ``manifest.json`` describing them. The manifest is always written last, so
+a directory with a manifest is a finished dataset; writing again is then a no-op unless
+``overwrite`` is asked for. :func:`write_part` writes one shard file (``prepare``'s tasks call
+it once per chunk, :func:`write_shards` once per shard in a single process) and
+:func:`manifest_from_parts` merges what the parts hold into the manifest.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import locations
-from pipeline.sources import ImageRecord, SkipCounter
+from pipeline.sources import ImageRecord, SkipCounter, skip_reason
 
 SHARD_SCHEMA = pa.schema(
     [("id", pa.string()), ("image", pa.binary()), ("label", pa.int32()), ("source", pa.string())]
@@ -120,53 +122,171 @@ def read_parquet(location: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns, filesystem=filesystem)
 
 
-class _ShardWriter:
-    """Appends records to numbered part files, cutting a new file every ``rows_per_shard``."""
-
-    def __init__(self, directory: Path, rows_per_shard: int) -> None:
-        self.directory, self.rows_per_shard = directory, rows_per_shard
-        self.names: list[str] = []
-        self.pending: list[ImageRecord] = []
-        self.rows_in_shard = 0
-        self.writer: pq.ParquetWriter | None = None
-
-    def add(self, record: ImageRecord) -> None:
-        self.pending.append(record)
-        if len(self.pending) == min(ROW_GROUP_SIZE, self.rows_per_shard - self.rows_in_shard):
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        if self.writer is None:
-            self.names.append(f"part-{len(self.names):05d}.parquet")
-            self.writer = pq.ParquetWriter(
-                self.directory / self.names[-1],
-                SHARD_SCHEMA,
-                compression="none",  # PNG/JPEG bytes are already compressed
-                use_dictionary=["source"],
-                write_statistics=["id", "label"],  # min/max of image blobs would bloat footers
-            )
-        columns = {name: [getattr(r, name) for r in self.pending] for name in SHARD_SCHEMA.names}
-        self.writer.write_table(pa.Table.from_pydict(columns, schema=SHARD_SCHEMA))
-        self.rows_in_shard += len(self.pending)
-        self.pending = []
-        if self.rows_in_shard == self.rows_per_shard:
-            self.close()
-
-    def close(self) -> None:
-        self._flush()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer, self.rows_in_shard = None, 0
+def part_name(index: int) -> str:
+    """The file name of shard number ``index``: ``part-00003.parquet``."""
+    return f"part-{index:05d}.parquet"
 
 
-def _replaceable(directory: Path) -> bool:
-    """True if ``directory`` holds nothing but shard files, so deleting it loses nothing else."""
-    return all(
-        p.name == MANIFEST_NAME or (p.name.startswith("part-") and p.suffix == ".parquet")
-        for p in directory.iterdir()
+@dataclass
+class PartStats:
+    """What one shard file holds, as merged into the manifest: its name (None when no row was
+    written, and then no file either), rows, distinct (height, width) sizes, whether every
+    image is grayscale, the largest label (-1 when none) and the distinct row sources."""
+
+    shard: str | None
+    rows: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    all_gray: bool = True
+    max_label: int = -1
+    sources: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PartStats:
+        return cls(
+            shard=raw["shard"],
+            rows=int(raw["rows"]),
+            sizes=[(int(h), int(w)) for h, w in raw["sizes"]],
+            all_gray=bool(raw["all_gray"]),
+            max_label=int(raw["max_label"]),
+            sources=list(raw["sources"]),
+        )
+
+
+def _write_row_group(writer: pq.ParquetWriter, records: list[ImageRecord]) -> None:
+    columns = {name: [getattr(r, name) for r in records] for name in SHARD_SCHEMA.names}
+    writer.write_table(pa.Table.from_pydict(columns, schema=SHARD_SCHEMA))
+
+
+def write_part(
+    records: Iterator[ImageRecord],
+    location: str | os.PathLike[str],
+    *,
+    skipped: SkipCounter,
+    limit: int | None = None,
+    seen: set[str] | None = None,
+) -> PartStats:
+    """Write records from ``records`` as one Parquet shard at ``location`` (local or object
+    storage; the file appears whole or not at all) and return what it holds.
+
+    Stops after ``limit`` rows when given (the rest of the iterator is left unread). Records
+    whose image header cannot be read are left out and added to ``skipped``. Raises ShardError
+    on a duplicate id (within the part, or already in ``seen``) or a label outside
+    [0, 2**31). When no record is written, no file is written and ``shard`` is None. The
+    shard is built in memory (one shard's worth of encoded images) and uploaded at the end.
+    """
+    seen = seen if seen is not None else set()
+    stats = PartStats(shard=None)
+    sizes: set[tuple[int, int]] = set()
+    sources: set[str] = set()
+    buffer = pa.BufferOutputStream()
+    writer: pq.ParquetWriter | None = None
+    pending: list[ImageRecord] = []
+    try:
+        for record in records:
+            if record.id in seen:
+                raise ShardError(f"duplicate id {record.id!r} (source {record.source})")
+            if record.label is not None and not 0 <= record.label < 2**31:
+                raise ShardError(f"{record.id}: label {record.label} is not in [0, 2**31)")
+            try:
+                with Image.open(io.BytesIO(record.image)) as header:
+                    size, mode = (header.height, header.width), header.mode
+            except Exception as exc:  # unreadable bytes: leave the row out, keep the reason
+                skipped.add(record.id, skip_reason(exc))
+                continue
+            seen.add(record.id)
+            sizes.add(size)
+            sources.add(record.source)
+            stats.all_gray = stats.all_gray and mode in _GRAY_MODES
+            stats.max_label = max(stats.max_label, -1 if record.label is None else record.label)
+            stats.rows += 1
+            pending.append(record)
+            if len(pending) == ROW_GROUP_SIZE:
+                if writer is None:
+                    writer = _parquet_writer(buffer)
+                _write_row_group(writer, pending)
+                pending = []
+            if limit is not None and stats.rows == limit:
+                break
+        if pending:
+            if writer is None:
+                writer = _parquet_writer(buffer)
+            _write_row_group(writer, pending)
+    finally:
+        if writer is not None:
+            writer.close()
+    if stats.rows:
+        locations.write_bytes(location, buffer.getvalue())
+        stats.shard = locations.name(location)
+    stats.sizes, stats.sources = sorted(sizes), sorted(sources)
+    return stats
+
+
+def _parquet_writer(sink: pa.BufferOutputStream) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        sink,
+        SHARD_SCHEMA,
+        compression="none",  # PNG/JPEG bytes are already compressed
+        use_dictionary=["source"],
+        write_statistics=["id", "label"],  # min/max of image blobs would bloat footers
     )
+
+
+def manifest_from_parts(
+    parts: Iterable[PartStats], source: str, skipped: dict[str, str]
+) -> ShardManifest:
+    """The manifest of the shards described by ``parts`` (in shard order)."""
+    parts = list(parts)
+    sizes = {tuple(size) for part in parts for size in part.sizes}
+    sources = {name for part in parts for name in part.sources}
+    max_label = max((part.max_label for part in parts), default=-1)
+    return ShardManifest(
+        rows=sum(part.rows for part in parts),
+        shards=[part.shard for part in parts if part.shard is not None],
+        num_classes=max_label + 1 if max_label >= 0 else None,
+        channels=1 if all(part.all_gray for part in parts) else 3,
+        image_size=sizes.pop() if len(sizes) == 1 else None,
+        source=source or (", ".join(sorted(sources)) if len(sources) <= 3 else "mixed"),
+        skipped=dict(skipped),
+    )
+
+
+# Bookkeeping of an unfinished ``prepare`` next to its shards (removed once it finishes).
+PLAN_NAME = "_prepare.json"
+PARTS_DIR = "_parts"
+
+
+def _own_file(relative: str) -> bool:
+    """A file a shard directory may hold: shards, the manifest, prepare's bookkeeping, and
+    the temporary names of any of them that a crash left behind."""
+    name = relative.split(".tmp-")[0]
+    return (
+        name in (MANIFEST_NAME, PLAN_NAME)
+        or (name.startswith("part-") and name.endswith(".parquet"))
+        or (name.startswith(f"{PARTS_DIR}/part-") and name.endswith(".json"))
+    )
+
+
+def _replaceable(location: str | os.PathLike[str]) -> bool:
+    """True if ``location`` holds nothing but shard files, so deleting it loses nothing else."""
+    return all(_own_file(e.relative) for e in locations.list_files(location))
+
+
+def remove_shards(location: str | os.PathLike[str]) -> None:
+    """Delete a shard directory's files, the manifest first (so no half-deleted directory
+    ever looks complete). Refuses (ShardError) when it holds files that are not shards."""
+    if not locations.exists(location):
+        return
+    entries = locations.list_files(location)
+    foreign = [e.relative for e in entries if not _own_file(e.relative)]
+    if foreign:
+        raise ShardError(
+            f"{location}: refusing to overwrite, it holds files that are not shards: {foreign[:5]}"
+        )
+    for entry in sorted(entries, key=lambda e: e.relative != MANIFEST_NAME):
+        locations.delete_file(entry.location)
 
 
 def write_shards(
@@ -178,13 +298,15 @@ def write_shards(
     skipped: SkipCounter | None = None,
     overwrite: bool = False,
 ) -> ShardManifest:
-    """Write ``records`` as Parquet shards plus manifest under ``out_dir``; return the manifest.
+    """Write ``records`` as Parquet shards plus manifest under the local ``out_dir``, in this
+    process; return the manifest (``prepare`` is the parallel, object-storage-aware way).
 
     If ``out_dir`` already holds a valid dataset and ``overwrite`` is false, its manifest is
     returned and ``records`` is not touched. Records whose image header cannot be read are
     skipped; the manifest lists them together with whatever ``skipped`` collected upstream.
     Raises ShardError on a duplicate id, a negative label, or when no record is left to write;
-    nothing is then left behind under ``out_dir``.
+    nothing is then left behind under ``out_dir``. The directory is built under a temporary
+    sibling name and renamed into place when complete.
     """
     out_dir = Path(out_dir)
     if rows_per_shard < 1:
@@ -198,47 +320,31 @@ def write_shards(
                 f"{out_dir} exists but is not a complete shard directory; "
                 f"pass overwrite=True to replace it ({exc})"
             ) from exc
-    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(str(out_dir))):
         raise ShardError(f"{out_dir}: refusing to overwrite, it holds files that are not shards")
     skipped = skipped if skipped is not None else SkipCounter()
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        writer = _ShardWriter(tmp_dir, rows_per_shard)
-        seen: set[str] = set()
-        sizes: set[tuple[int, int]] = set()
-        sources: set[str] = set()
-        all_gray, max_label = True, -1
-        for record in records:
-            if record.id in seen:
-                raise ShardError(f"duplicate id {record.id!r} (source {record.source})")
-            if record.label is not None and not 0 <= record.label < 2**31:
-                raise ShardError(f"{record.id}: label {record.label} is not in [0, 2**31)")
-            try:
-                with Image.open(io.BytesIO(record.image)) as header:
-                    size, mode = (header.height, header.width), header.mode
-            except Exception as exc:  # unreadable bytes: leave the row out, keep the reason
-                skipped.add(record.id, f"{type(exc).__name__}: {exc}")
-                continue
-            seen.add(record.id)
-            sizes.add(size)
-            sources.add(record.source)
-            all_gray = all_gray and mode in _GRAY_MODES
-            max_label = max(max_label, -1 if record.label is None else record.label)
-            writer.add(record)
-        writer.close()
-        if not seen:
+        remaining, seen = iter(records), set()
+        parts: list[PartStats] = []
+        while True:
+            part = write_part(
+                remaining,
+                str(tmp_dir / part_name(len(parts))),
+                skipped=skipped,
+                limit=rows_per_shard,
+                seen=seen,
+            )
+            if part.shard is None:
+                break
+            parts.append(part)
+            if part.rows < rows_per_shard:
+                break
+        if not parts:
             raise ShardError(f"{out_dir}: no records to write ({len(skipped)} skipped)")
-        manifest = ShardManifest(
-            rows=len(seen),
-            shards=writer.names,
-            num_classes=max_label + 1 if max_label >= 0 else None,
-            channels=1 if all_gray else 3,
-            image_size=sizes.pop() if len(sizes) == 1 else None,
-            source=source or (", ".join(sorted(sources)) if len(sources) <= 3 else "mixed"),
-            skipped=dict(skipped.reasons),
-        )
+        manifest = manifest_from_parts(parts, source, skipped.reasons)
         # The manifest goes in last, so a directory with one always has every shard.
         (tmp_dir / MANIFEST_NAME).write_text(manifest.to_json())
         if out_dir.exists():

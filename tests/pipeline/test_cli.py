@@ -53,7 +53,8 @@ def test_transfer_needs_both_splits_of_one_dataset(tmp_path, capsys):
     assert "both --train-data and --test-data" in capsys.readouterr().err
 
 
-def test_prepare_a_folder_then_reuse_it(tmp_path, capsys):
+def test_prepare_a_folder_then_reuse_it(ray_session, tmp_path, capsys):
+    """prepare runs as a Ray Data job: on the session's shared Ray instance here."""
     for label in ("cat", "dog"):
         (tmp_path / "images" / label).mkdir(parents=True)
         for index in range(3):

@@ -17,9 +17,13 @@ from pipeline.shards import (
     SHARD_SCHEMA,
     ShardError,
     load_manifest,
+    manifest_from_parts,
+    part_name,
     read_labels,
+    remove_shards,
     shard_files,
     validate_shards,
+    write_part,
     write_shards,
 )
 from pipeline.sources import ImageRecord, SkipCounter
@@ -181,3 +185,36 @@ def test_validate_shards_accepts_good_data_and_checks_manifest(tmp_path: Path) -
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardError, match="no .parquet files"):
         validate_shards(tmp_path / "empty")
+
+
+def test_write_part_stops_at_its_limit_and_writes_nothing_when_empty(tmp_path: Path) -> None:
+    records = iter(make_records(5))
+    skipped = SkipCounter()
+    first = write_part(records, str(tmp_path / part_name(0)), skipped=skipped, limit=3)
+    assert (first.shard, first.rows, first.sizes, first.all_gray) == (
+        part_name(0),
+        3,
+        [(4, 5)],
+        True,
+    )
+    assert [r.id for r in records] == ["toy/00003", "toy/00004"]  # the rest is left unread
+    bad = [ImageRecord("x", b"nope", None, "t")]
+    empty = write_part(iter(bad), str(tmp_path / part_name(1)), skipped=skipped)
+    assert empty.shard is None and not (tmp_path / part_name(1)).exists()
+    assert list(skipped.reasons) == ["x"]
+    manifest = manifest_from_parts([first, empty], "toy", skipped.reasons)
+    assert (manifest.rows, manifest.shards, manifest.num_classes) == (3, [part_name(0)], 3)
+
+
+def test_remove_shards_deletes_only_shard_directories(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    write_shards(make_records(3), out)
+    (out / "_parts").mkdir()
+    (out / "_parts" / "part-00000.json").write_text("{}")
+    remove_shards(str(out))
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+    write_shards(make_records(3), out, overwrite=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ShardError, match="not shards"):
+        remove_shards(str(out))
+    assert (out / MANIFEST_NAME).exists() and (out / "notes.txt").exists()

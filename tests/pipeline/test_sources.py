@@ -19,7 +19,12 @@ from pipeline.sources import (
     SkipCounter,
     SourceError,
     builtin_idx_files,
+    checked_image,
+    chunk_records,
     folder_class_names,
+    plan_folder,
+    plan_list,
+    plan_tar,
     read_cifar10,
     read_idx,
     read_idx_array,
@@ -240,3 +245,67 @@ def test_read_parquet_images_rejects_bad_schema(
     with pytest.raises(SourceError, match=match) as excinfo:
         list(read_parquet_images(path))
     assert str(path) in str(excinfo.value)
+
+
+def test_checked_image_keeps_8_bit_jpeg_and_png_and_converts_odd_modes() -> None:
+    rgb = np.random.default_rng(3).integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format="JPEG")
+    Image.fromarray(rgb).save(png, format="PNG")
+    assert checked_image(jpeg.getvalue()) == jpeg.getvalue()
+    assert checked_image(png.getvalue()) == png.getvalue()
+    rgba = io.BytesIO()
+    Image.new("RGBA", (3, 3), (1, 2, 3, 4)).save(rgba, format="PNG")
+    with Image.open(io.BytesIO(checked_image(rgba.getvalue()))) as image:
+        assert (image.format, image.mode) == ("PNG", "RGB")
+    with pytest.raises(OSError):
+        checked_image(jpeg.getvalue()[:40])
+
+
+def test_plans_cut_sources_into_chunks_with_stable_fingerprints(tmp_path: Path) -> None:
+    for index in range(5):
+        (tmp_path / "img" / "k").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (2, 2), index).save(tmp_path / "img" / "k" / f"{index}.png")
+    (tmp_path / "img" / "readme.md").write_text("x")
+    plan = plan_folder(tmp_path / "img", 2)
+    assert [len(c.spec["entries"]) for c in plan.chunks] == [2, 2, 1]
+    assert plan.skipped == {"readme.md": "not an image extension"}
+    assert plan.fingerprint == plan_folder(tmp_path / "img", 2).fingerprint
+    assert plan.fingerprint != plan_folder(tmp_path / "img", 3).fingerprint
+    (tmp_path / "img" / "k" / "4.png").write_bytes(png_bytes(np.zeros((3, 3), np.uint8)))
+    assert plan.fingerprint != plan_folder(tmp_path / "img", 2).fingerprint
+    skipped = SkipCounter()
+    records = [r for c in plan.chunks for r in chunk_records(c, skipped)]
+    assert [(r.id, r.label) for r in records] == [(f"k/{i}.png", 0) for i in range(5)]
+
+
+def test_plan_list_labels_ids_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "list.csv").write_text(
+        "path,label,id\n../a.png,dog,1\n/abs/b.png,cat,2\nc.png,,3\n"
+    )
+    plan = plan_list(tmp_path / "sub" / "list.csv", 10)
+    assert plan.chunks[0].spec["entries"] == [
+        ["1", str(tmp_path / "a.png"), 1, None],
+        ["2", "/abs/b.png", 0, None],
+        ["3", str(tmp_path / "sub" / "c.png"), None, None],
+    ]
+    (tmp_path / "dup.csv").write_text("uri\na.png\na.png\n")
+    with pytest.raises(SourceError, match="duplicate id 'a.png'"):
+        plan_list(tmp_path / "dup.csv", 10)
+
+
+def test_tar_samples_are_read_by_ray_datas_webdataset_reader(tmp_path: Path) -> None:
+    import tarfile
+
+    members = {"k1.png": png_bytes(np.zeros((2, 2), np.uint8)), "k1.cls": b"4", "k2.cls": b"1"}
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    plan = plan_tar(tmp_path / "s.tar")
+    skipped = SkipCounter()
+    records = list(chunk_records(plan.chunks[0], skipped))
+    assert [(r.id, r.label) for r in records] == [("s/k1", 4)]
+    assert list(skipped.reasons) == ["s/k2"]
