@@ -5,18 +5,25 @@ heads and any method state), optimizer state, the completed epoch and global ste
 learning-rate schedule is a pure function of the step), the torch RNG state, the run's
 config and the input normalisation. Files are written under a temporary name and renamed,
 so a crash mid-save never leaves a file that looks complete.
+
+Reading works on any location (pipeline.locations): a run or checkpoint directory may be a
+local path or an object-storage URI (``s3://bucket/runs/NAME/checkpoint_*``, as Ray Train's
+storage layer writes them).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
+from pipeline import locations
 from pipeline.config import Config, from_dict
 from ssl_models import SSLMethod, build_method
 
@@ -33,32 +40,61 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file, or the one inside a checkpoint directory (tensors only)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def checkpoint_file(path: str | os.PathLike[str]) -> str:
+    """The ``checkpoint.pt`` of a checkpoint directory, or ``path`` itself when it is the
+    file; FileNotFoundError when neither is there."""
+    inside = locations.join(path, CHECKPOINT_FILE)
+    if locations.is_file(inside):
+        return inside
+    if locations.is_file(path):
+        return str(path)
+    raise FileNotFoundError(f"no checkpoint at {inside}")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path:
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint file, or the one inside a checkpoint directory (tensors only), from a
+    local path or an object-storage URI."""
+    data = locations.read_bytes(checkpoint_file(path))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _is_complete(location: str) -> bool:
+    """Whether a checkpoint file has its zip central directory (only its tail is read)."""
+    filesystem, path = locations.resolve(location)
+    try:
+        with filesystem.open_input_file(path) as handle:
+            return zipfile.is_zipfile(handle)
+    except OSError:
+        return False
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str:
     """The newest complete ``checkpoint_*`` directory of a run (Ray Train's names sort by
-    time). A file cut short by a crash while it was copied into the run directory has no
-    zip central directory and is passed over for the one before it."""
-    run_dir = Path(run_dir)
-    candidates = sorted(run_dir.glob("checkpoint_*"), reverse=True)
-    for candidate in candidates:
-        path = candidate / CHECKPOINT_FILE
-        if path.is_file() and zipfile.is_zipfile(path):
-            return candidate
-        if path.exists():
+    time), a local path or a URI like ``run_dir``. A file cut short by a crash while it was
+    copied into the run directory has no zip central directory and is passed over for the
+    one before it."""
+    filesystem, root = locations.resolve(run_dir)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as err:
+        raise FileNotFoundError(f"no checkpoint in {run_dir} ({err})") from err
+    names = sorted(
+        (info.base_name for info in infos if info.type == pafs.FileType.Directory),
+        reverse=True,
+    )
+    for name in (n for n in names if n.startswith("checkpoint_")):
+        candidate = locations.join(str(run_dir), name)
+        path = locations.join(candidate, CHECKPOINT_FILE)
+        if locations.is_file(path):
+            if _is_complete(path):
+                return candidate
             log.warning("skipping incomplete checkpoint %s", candidate)
     raise FileNotFoundError(f"no checkpoint in {run_dir} yet (none is complete)")
 
 
-def method_from_checkpoint(path: str | Path) -> tuple[SSLMethod, Config, dict[str, Any]]:
+def method_from_checkpoint(
+    path: str | os.PathLike[str],
+) -> tuple[SSLMethod, Config, dict[str, Any]]:
     """Rebuild the trained method (eval mode) and its config from a checkpoint."""
     state = load_checkpoint(path)
     config = from_dict(state["config"])
@@ -81,6 +117,14 @@ def build_method_for(config: Config, channels: int, num_images: int | None) -> S
     )
 
 
+def random_init_method(config: Config, state: dict[str, Any]) -> SSLMethod:
+    """The checkpoint's architecture with the run's seed and random weights (eval mode): the
+    floor every protocol is compared with. The same seed gives the same weights in every
+    process, so Ray workers can each build it."""
+    torch.manual_seed(config.run.seed)
+    return build_method_for(config, state["channels"], state.get("num_images")).eval()
+
+
 # What a resumed run must share with the run that wrote its checkpoints: the method's state,
 # the optimizer's state and the step count all depend on them.
 RESUME_KEYS = (
@@ -94,7 +138,7 @@ RESUME_KEYS = (
 )
 
 
-def check_resumable(run_dir: str | Path, config: Config) -> int:
+def check_resumable(run_dir: str | os.PathLike[str], config: Config) -> int:
     """The epochs ``run_dir``'s checkpoints completed (0 for none); raise if they come from
     a run that ``config`` cannot continue.
 

@@ -56,32 +56,78 @@ def _parser() -> argparse.ArgumentParser:
 
     prep = commands.add_parser(
         "prepare",
-        help="convert an image source into Parquet shards",
+        help="convert an image source into Parquet shards (a Ray Data job)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""\
 Convert an image source into Parquet shards (columns id, image, label, source) plus a
-manifest.json. Cached: a split whose manifest exists is reused unless --overwrite.
+manifest.json, as a Ray Data job: reading, decoding, checking and re-encoding run as
+parallel tasks over the cluster's CPUs (RAY_ADDRESS, else a local cluster). JPEG/PNG bytes
+are kept as they are; other formats and odd modes (CMYK, palette, 16-bit, ...) become 8-bit
+PNG; unreadable, truncated and over-large images are skipped and listed with their reason
+in the manifest's `skipped`. Progress is printed every few seconds with an ETA.
 
-SOURCE is one of:
+SOURCE is one of (DIR, PATH and FILE may be local or s3://, gs:// URIs):
   fashion-mnist      Debian package dataset-fashion-mnist (IDX files); train + test splits
   mnist              MNIST IDX files under --root; train + test splits
   cifar10:DIR        CIFAR-10 python batches (data_batch_1..5, test_batch); train + test
-  folder:DIR         an image folder; first-level sub-folders are classes (optional)
-  parquet:PATH       existing Parquet with an `image` column (and optional id, label)
+  folder:DIR         an image folder or bucket prefix; first-level sub-folders are classes
+                     (optional); id = path relative to DIR
+  parquet:PATH       Parquet file(s) with an `image` column (binary, or a Hugging Face
+                     {bytes, path} struct) and optional id, label; id = `id` or FILE/ROW
+  tar:PATH           WebDataset tar shards (a .tar file or a folder/prefix of them): the
+                     image is a sample's jpg/jpeg/png/webp/... member, the label its
+                     cls/label/class member; id = TARNAME/KEY
+  list:FILE          a CSV (with a header) or Parquet list of images: column uri or path
+                     (relative to FILE's folder), optional label (ints, or names numbered
+                     in sorted order) and id (default: the uri)
+
+Ids and labels do not depend on the parallelism: the source is listed in sorted order and
+cut into chunks of --rows-per-shard entries (one per tar file), chunk i -> part-0000i.parquet.
+On a multi-node cluster, local paths (folder, parquet, tar, list and --out) must mean the same
+on every node (a shared filesystem); bucket URIs work everywhere.
+
+Cached and resumable: a split whose manifest exists is reused unless --overwrite. An
+interrupted prepare, run again with the same arguments, keeps the shards it finished
+(OUT/SPLIT/_prepare.json and _parts/ record them) and does only the rest; if the source or
+--rows-per-shard changed meanwhile it refuses unless --overwrite, which starts again. The
+manifest is written last, then the bookkeeping files are removed. --overwrite never deletes
+a directory that holds files other than shards.
 
 Examples:
   python -m pipeline prepare fashion-mnist
   python -m pipeline prepare folder:~/photos --out data/shards/photos --split train
+  python -m pipeline prepare folder:s3://bucket/raw-images/ --out s3://bucket/shards/photos
+  python -m pipeline prepare tar:s3://bucket/wds/ --out s3://bucket/shards/wds --tasks 32
+  python -m pipeline prepare list:images.csv --split val
 """,
     )
     prep.add_argument("source", help="what to convert (see above)")
-    prep.add_argument("--out", type=Path, help="output directory (default data/shards/NAME)")
+    prep.add_argument(
+        "--out",
+        help="output directory or s3:// / gs:// prefix (default data/shards/NAME); each "
+        "split goes to OUT/SPLIT",
+    )
     prep.add_argument(
         "--root", type=Path, help="directory holding IDX files (fashion-mnist, mnist)"
     )
-    prep.add_argument("--split", default="train", help="split name for folder/parquet sources")
-    prep.add_argument("--rows-per-shard", type=int, default=4096)
-    prep.add_argument("--overwrite", action="store_true", help="rewrite existing shards")
+    prep.add_argument(
+        "--split", default="train", help="split name for folder/parquet/tar/list sources"
+    )
+    prep.add_argument(
+        "--rows-per-shard", type=int, default=4096, help="images per shard (default 4096)"
+    )
+    prep.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="parallel Ray tasks (default: the cluster's CPUs)",
+    )
+    prep.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rewrite existing shards, or restart an unfinished prepare from scratch",
+    )
 
     pre = commands.add_parser(
         "pretrain",
@@ -131,9 +177,10 @@ Examples:
     )
     ev.add_argument(
         "--checkpoint",
-        type=Path,
+        type=str,
         required=True,
-        help="a run directory (its latest checkpoint is used) or one checkpoint directory",
+        help="a run directory (its latest checkpoint is used) or one checkpoint directory; "
+        "a local path or an object-storage URI (s3://...)",
     )
     ev.add_argument(
         "--protocol",
@@ -146,8 +193,12 @@ Examples:
     ev.add_argument(
         "--temperature", type=float, help="kNN vote temperature (default eval.knn_temperature)"
     )
-    ev.add_argument("--train-data", type=Path, help="labelled shards to train/bank on (transfer)")
-    ev.add_argument("--test-data", type=Path, help="labelled shards to score on (transfer)")
+    ev.add_argument(
+        "--train-data", type=str, help="labelled shards to train/bank on (transfer; path or URI)"
+    )
+    ev.add_argument(
+        "--test-data", type=str, help="labelled shards to score on (transfer; path or URI)"
+    )
     ev.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs")
     ev.add_argument(
         "--fractions",
@@ -174,9 +225,13 @@ Examples:
       --data data/shards/fashion-mnist/test --out runs/fmnist-simclr/embeddings/test
 """,
     )
-    emb.add_argument("--checkpoint", type=Path, required=True, help="run or checkpoint directory")
-    emb.add_argument("--data", type=Path, required=True, help="shard directory to embed")
-    emb.add_argument("--out", type=Path, required=True, help="output directory (must be empty)")
+    emb.add_argument(
+        "--checkpoint", type=str, required=True, help="run or checkpoint directory (path or URI)"
+    )
+    emb.add_argument("--data", type=str, required=True, help="shard directory to embed (or URI)")
+    emb.add_argument(
+        "--out", type=str, required=True, help="output directory or URI (must be empty)"
+    )
     emb.add_argument("--actors", type=int, default=1, help="encoder actors (default 1)")
     emb.add_argument("--batch-size", type=int, default=512, help="images per inference batch")
     emb.add_argument("--overwrite", action="store_true", help="replace Parquet files in --out")
@@ -196,7 +251,9 @@ Examples:
   python -m pipeline retrieval --checkpoint runs/fmnist-simclr --out r.png --projector 1000
 """,
     )
-    pics.add_argument("--checkpoint", type=Path, required=True, help="run or checkpoint directory")
+    pics.add_argument(
+        "--checkpoint", type=str, required=True, help="run or checkpoint directory (path or URI)"
+    )
     pics.add_argument("--out", type=Path, required=True, help="PNG to write")
     pics.add_argument("--queries", type=int, default=8, help="query images (rows)")
     pics.add_argument("--k", type=int, default=8, help="neighbours per query (columns)")
@@ -236,8 +293,8 @@ Examples:
   python -m pipeline report runs/fmnist-simclr runs/fmnist-byol --out runs/report
 """,
     )
-    rep.add_argument("runs", nargs="+", type=Path, help="run directories")
-    rep.add_argument("--out", type=Path, default=Path("runs/report"), help="output directory")
+    rep.add_argument("runs", nargs="+", type=str, help="run directories (paths or URIs)")
+    rep.add_argument("--out", type=str, default="runs/report", help="output directory or URI")
 
     sweep = commands.add_parser(
         "tune",
@@ -305,18 +362,25 @@ prints kNN top-1 on the 10k test images next to the raw-pixel and random-init fl
     return parser
 
 
-def _resolve_checkpoint(path: Path) -> Path:
+def _resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory or file as given, else the run directory's latest checkpoint
+    (local paths and object-storage URIs alike)."""
+    from pipeline import locations
     from pipeline.checkpoint import CHECKPOINT_FILE, latest_checkpoint
 
-    return path if (path / CHECKPOINT_FILE).is_file() or path.is_file() else latest_checkpoint(path)
+    path = locations.absolute(path)
+    if locations.is_file(locations.join(path, CHECKPOINT_FILE)) or locations.is_file(path):
+        return path
+    return latest_checkpoint(path)
 
 
-def _save_results(checkpoint: Path, context, results: dict) -> None:
-    """Merge protocol results into the run's eval.json (the checkpoint's parent)."""
+def _save_results(checkpoint: str, context, results: dict, run: str | None = None) -> None:
+    """Merge protocol results into the run's eval.json (the checkpoint's parent, or ``run``)."""
+    from pipeline import locations
     from pipeline.report import write_eval
 
     write_eval(
-        checkpoint.parent,
+        run or locations.parent(checkpoint),
         {
             "protocols": results,
             "method": context.config.method_name,
@@ -326,28 +390,29 @@ def _save_results(checkpoint: Path, context, results: dict) -> None:
     )
 
 
-def _evaluate(checkpoint: Path, floors: bool, save: bool) -> str:
+def _evaluate(checkpoint: str, floors: bool, save: bool, run: str | None = None) -> str:
     """The kNN table that ends ``pretrain`` and ``demo``; with ``save``, also recorded in the
-    run's eval.json."""
+    run's eval.json (the checkpoint's parent, or ``run``)."""
     from pipeline.evaluate import evaluate_checkpoint, load_eval_context
     from pipeline.protocols import knn_results
 
     checkpoint = _resolve_checkpoint(checkpoint)
-    context = load_eval_context(checkpoint)
-    report = evaluate_checkpoint(context, floors=floors)
-    if save:
-        _save_results(checkpoint, context, knn_results(report))
-    return f"checkpoint: {checkpoint}\n{report.table()}"
+    with load_eval_context(checkpoint) as context:
+        report = evaluate_checkpoint(context, floors=floors)
+        accounts = "\n".join(context.accounts.values())
+        if save:
+            _save_results(checkpoint, context, knn_results(report), run)
+    return f"checkpoint: {checkpoint}\n{accounts}\n{report.table()}"
 
 
 def _evaluate_protocols(args: argparse.Namespace) -> str:
+    from pipeline import locations
     from pipeline.evaluate import load_eval_context
     from pipeline.protocols import ProtocolSettings, label_subsets, results_table, run_protocols
 
     if (args.train_data is None) != (args.test_data is None):
         raise ValueError("transfer needs both --train-data and --test-data (one dataset's splits)")
     checkpoint = _resolve_checkpoint(args.checkpoint)
-    context = load_eval_context(checkpoint, args.train_data, args.test_data)
     settings = ProtocolSettings(
         k=args.k,
         temperature=args.temperature,
@@ -356,14 +421,25 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
         finetune_epochs=args.finetune_epochs,
     )
     # prepare writes a dataset's splits to DATASET/<split>, so the parent names the dataset.
-    suffix = f"@{args.test_data.resolve().parent.name}" if args.test_data else ""
-    results = run_protocols(context, args.protocol, settings, suffix)
-    _save_results(checkpoint, context, results)
-    if "finetune" in args.protocol:  # the label subsets, by image id, for reproduction
-        subsets = label_subsets(context, settings.fractions)
-        ids = {name: [context.train.ids[i] for i in rows] for name, rows in subsets.items()}
-        (checkpoint.parent / f"finetune_subsets{suffix}.json").write_text(json.dumps(ids) + "\n")
-    return f"checkpoint: {checkpoint}\ntest split: {context.test_name}\n{results_table(results)}"
+    suffix = (
+        f"@{locations.name(locations.parent(locations.absolute(args.test_data)))}"
+        if args.test_data
+        else ""
+    )
+    with load_eval_context(checkpoint, args.train_data, args.test_data) as context:
+        results = run_protocols(context, args.protocol, settings, suffix)
+        _save_results(checkpoint, context, results)
+        if "finetune" in args.protocol:  # the label subsets, by image id, for reproduction
+            subsets = label_subsets(context, settings.fractions)
+            locations.write_text(
+                locations.join(locations.parent(checkpoint), f"finetune_subsets{suffix}.json"),
+                json.dumps(subsets) + "\n",
+            )
+        accounts = "\n".join(context.accounts.values())
+        test_name = context.test_name
+    return (
+        f"checkpoint: {checkpoint}\ntest split: {test_name}\n{accounts}\n{results_table(results)}"
+    )
 
 
 def _embed(args: argparse.Namespace) -> str:
@@ -388,39 +464,63 @@ def _embed(args: argparse.Namespace) -> str:
 
 
 def _retrieval(args: argparse.Namespace) -> str:
-    from pipeline.evaluate import load_eval_context
-    from pipeline.pictures import add_projector, nearest_neighbours, retrieval_grid
+    """Only the shown images are decoded here: the queries (and the projector's sample)
+    from the head of the test split, the neighbours fetched by id after a streamed kNN
+    search of the train split's features."""
+    import numpy as np
+    import torch
+
+    from pipeline import locations
+    from pipeline.evaluate import (
+        BANK_CHUNK,
+        extract_features,
+        images_by_id,
+        load_eval_context,
+    )
+    from pipeline.ingest import read_decoded
+    from pipeline.knn import RunningTopK
+    from pipeline.pictures import add_projector, retrieval_grid
 
     checkpoint = _resolve_checkpoint(args.checkpoint)
-    context = load_eval_context(checkpoint)
-    test = context.features(context.method, context.test)
-    neighbours = nearest_neighbours(
-        test[: args.queries],
-        context.features(context.method, context.train),
-        args.k,
-        exclude_self=False,
-    ).numpy()
-    queries = slice(0, args.queries)
-    path = retrieval_grid(
-        context.test.pixels[queries],
-        context.train.pixels[neighbours],
-        args.out,
-        query_labels=context.test.labels[queries],
-        neighbour_labels=context.train.labels[neighbours],
-    )
-    if args.projector:
-        from tensorboardX import SummaryWriter
+    with load_eval_context(checkpoint) as context:
+        mean, std = context.mean_std
+        sample = read_decoded(context.test_dir, context.spec, max(args.queries, args.projector))
+        test = extract_features(context.method.features, sample.pixels, mean, std)
+        bank = context.features("trained", "train")
+        top = RunningTopK(test[: args.queries], args.k)
+        offset = 0
+        for features, _ in bank.batches(BANK_CHUNK):
+            top.update(features, torch.arange(offset, offset + len(features)))
+            offset += len(features)
+        if top.seen < args.k:
+            raise ValueError(f"--k {args.k} is more than the {top.seen} train images")
+        ids_of = bank.ids_at(top.values.flatten().tolist())
+        neighbour_ids = [[ids_of[p] for p in row] for row in top.values.tolist()]
+        images = images_by_id(
+            context.train_dir, sorted({i for row in neighbour_ids for i in row}), context.spec
+        )
+        queries = slice(0, args.queries)
+        path = retrieval_grid(
+            sample.pixels[queries],
+            np.stack([np.stack([images[i][0] for i in row]) for row in neighbour_ids]),
+            args.out,
+            query_labels=sample.labels[queries],
+            neighbour_labels=np.array([[images[i][1] for i in row] for row in neighbour_ids]),
+        )
+        if args.projector:
+            from tensorboardX import SummaryWriter
 
-        sample = slice(0, args.projector)
-        with SummaryWriter(str(checkpoint.parent / "tensorboard")) as writer:
-            add_projector(
-                writer,
-                test[sample],
-                context.test.labels[sample].tolist(),
-                context.test.pixels[sample],
-                tag="test",
-                step=int(context.state["epoch"]),
-            )
+            projected = slice(0, args.projector)
+            logdir = locations.join(locations.parent(checkpoint), "tensorboard")
+            with SummaryWriter(logdir) as writer:
+                add_projector(
+                    writer,
+                    test[projected],
+                    sample.labels[projected].tolist(),
+                    sample.pixels[projected],
+                    tag="test",
+                    step=int(context.state["epoch"]),
+                )
     return f"wrote {path}"
 
 
@@ -440,26 +540,32 @@ def _preview(args: argparse.Namespace) -> str:
 
 
 def _report(args: argparse.Namespace) -> str:
+    from pipeline import locations
     from pipeline.report import build_report
 
     table, chart = build_report(args.runs, args.out)
-    return f"{table}\n\nwrote {args.out / 'report.md'} and {chart}"
+    return f"{table}\n\nwrote {locations.join(args.out, 'report.md')} and {chart}"
 
 
 def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, evaluate: bool) -> None:
+    from pipeline import locations
     from pipeline.config import load_config
     from pipeline.train import pretrain, run_dir
 
     config = load_config(config_path, overrides)
     result = pretrain(config)
-    print(f"run directory: {run_dir(config)}")
+    run = run_dir(config)
+    print(f"run directory: {run}")
     if evaluate and result.checkpoint is not None:
-        # as_directory fetches a checkpoint kept in object storage into a local temp dir.
-        with result.checkpoint.as_directory() as local:
-            table = _evaluate(Path(local), floors, save="://" not in config.run.root)
-        print(table.replace(local, result.checkpoint.path))
-        if "://" not in config.run.root:
-            (Path(run_dir(config)) / "knn.txt").write_text(table + "\n")
+        # The run may live in object storage: the checkpoint is read from there, and
+        # eval.json and knn.txt are written there too.
+        try:
+            checkpoint = _resolve_checkpoint(run)
+        except FileNotFoundError:
+            checkpoint = result.checkpoint.path
+        table = _evaluate(checkpoint, floors, save=True, run=run)
+        print(table)
+        locations.write_text(locations.join(run, "knn.txt"), table + "\n")
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -493,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 split=args.split,
                 rows_per_shard=args.rows_per_shard,
                 overwrite=args.overwrite,
+                tasks=args.tasks,
             ).items():
                 print(
                     f"{split}: {manifest.rows} images in {len(manifest.shards)} shards, "

@@ -11,23 +11,23 @@ counts both, so the export accounts for every row.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
 from ray.actor import ActorHandle
 
-from pipeline.checkpoint import load_checkpoint, method_from_checkpoint
-from pipeline.evaluate import extract_features
+from pipeline import locations
+from pipeline.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
+from pipeline.evaluate import extract_features, raw_pixel_features
 from pipeline.ingest import ImageSpec, decode_batch
 from pipeline.ledger import IngestLedger
-from pipeline.shards import load_manifest, shard_files
+from pipeline.shards import load_manifest, open_parquet, read_parquet, shard_files
 
 _PASS = 1  # the ledger counts per pass; an export is a single pass over the shards
 
@@ -50,12 +50,36 @@ def _decode_rows(
     }
 
 
-class EmbedActor:
-    """Holds one checkpoint's encoder (eval mode) and embeds decoded batches."""
+ENCODERS = ("trained", "random_init", "raw_pixels")
 
-    def __init__(self, checkpoint: str) -> None:
+
+def _embedding_table(ids: np.ndarray, features: np.ndarray, labels: np.ndarray) -> pa.Table:
+    # A fixed-size list, not Ray's tensor extension type, so any Parquet reader can use it.
+    embedding = pa.FixedSizeListArray.from_arrays(
+        np.ascontiguousarray(features, np.float32).reshape(-1), features.shape[1]
+    )
+    return pa.table(
+        {
+            "id": pa.array(ids.tolist(), pa.string()),
+            "embedding": embedding,
+            "label": pa.array(labels, pa.int64()),
+        }
+    )
+
+
+class EmbedActor:
+    """Holds one checkpoint's encoder (eval mode) and embeds decoded batches.
+
+    ``encoder="random_init"`` holds the same architecture with the run's seed and random
+    weights instead (the floor of every protocol)."""
+
+    def __init__(self, checkpoint: str, encoder: str = "trained") -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        method, _, state = method_from_checkpoint(checkpoint)
+        method, config, state = method_from_checkpoint(checkpoint)
+        if encoder == "random_init":
+            method = random_init_method(config, state)
+        elif encoder != "trained":
+            raise ValueError(f"encoder must be 'trained' or 'random_init', got {encoder!r}")
         self.method = method.to(self.device)
         self.mean, self.std = torch.tensor(state["mean"]), torch.tensor(state["std"])
 
@@ -68,48 +92,61 @@ class EmbedActor:
             ).numpy()
         else:  # every row of the batch was rejected
             features = np.zeros((0, self.method.feature_dim), np.float32)
-        # A fixed-size list, not Ray's tensor extension type, so any Parquet reader can use it.
-        embedding = pa.FixedSizeListArray.from_arrays(features.reshape(-1), features.shape[1])
-        return pa.table(
-            {
-                "id": pa.array(batch["id"].tolist(), pa.string()),
-                "embedding": embedding,
-                "label": pa.array(batch["label"], pa.int64()),
-            }
-        )
+        return _embedding_table(batch["id"], features, batch["label"])
+
+
+def raw_pixel_rows(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Ray Data batch function: decoded {id, image, label} -> the raw-pixel floor's
+    "embedding": flattened, L2-normalised pixels (``pipeline.evaluate.raw_pixel_features``)."""
+    images = batch["image"]
+    features = (
+        raw_pixel_features(images).numpy()
+        if len(images)
+        else np.zeros((0, int(np.prod(images.shape[1:]))), np.float32)
+    )
+    return _embedding_table(batch["id"], features, batch["label"])
 
 
 def embedding_dataset(
-    checkpoint: str | Path,
-    shard_dir: str | Path,
+    checkpoint: str | os.PathLike[str],
+    shard_dir: str | os.PathLike[str],
     *,
     batch_size: int = 512,
     actors: int = 1,
     ledger: ActorHandle | None = None,
+    encoder: str = "trained",
 ) -> ray.data.Dataset:
     """Lazy dataset of {id, embedding (float32, unit norm), label (-1 if unknown)} for the
-    decodable images of ``shard_dir``; rejected rows are logged and, with a ``ledger``
-    (``IngestLedger``), counted under pass 1 with id and reason. Up to ``actors`` encoder
-    copies run, one GPU each when the cluster has GPUs."""
+    decodable images of ``shard_dir`` (a local directory or an object-storage URI);
+    rejected rows are logged and, with a ``ledger`` (``IngestLedger``), counted under pass 1
+    with id and reason. Up to ``actors`` encoder copies run, one GPU each when the cluster
+    has GPUs. ``encoder`` picks the features: the checkpoint's ``trained`` encoder, the
+    ``random_init`` floor (same architecture, run seed) or ``raw_pixels`` (flattened,
+    L2-normalised pixels, computed in the decode tasks)."""
     if batch_size < 1 or actors < 1:
         raise ValueError(f"batch_size and actors must be at least 1, got {batch_size}, {actors}")
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    checkpoint = locations.absolute(checkpoint)
     state = load_checkpoint(checkpoint)
     spec = ImageSpec(size=state["image_size"], channels=state["channels"])
     files = shard_files(shard_dir)
-    ds = (
-        ray.data.read_parquet(files)
-        .select_columns(["id", "image", "label"])
-        .map_batches(
-            _decode_rows,
-            fn_kwargs={"spec": spec, "ledger": ledger},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            num_cpus=1,
-        )
+    filesystem, _ = locations.resolve(files[0]) if files else (None, None)
+    paths = [locations.resolve(f)[1] for f in files]
+    ds = ray.data.read_parquet(
+        paths, filesystem=filesystem, columns=["id", "image", "label"]
+    ).map_batches(
+        _decode_rows,
+        fn_kwargs={"spec": spec, "ledger": ledger},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        num_cpus=1,
     )
+    if encoder == "raw_pixels":
+        return ds.map_batches(raw_pixel_rows, batch_size=batch_size, batch_format="numpy")
     return ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"checkpoint": str(Path(checkpoint).absolute())},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "encoder": encoder},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         # Asked of the cluster, not the driver: the driver may well have no GPU.
         num_gpus=1 if ray.cluster_resources().get("GPU", 0) > 0 else 0,
@@ -133,58 +170,72 @@ class EmbedSummary:
         return len(self.rejects)
 
 
+def _parquet_files(location: str | os.PathLike[str]) -> list[str]:
+    """The Parquet files directly under a location (none when it is not there)."""
+    if not locations.exists(location):
+        return []
+    return [
+        entry.location
+        for entry in locations.list_files(location, recursive=False)
+        if entry.relative.endswith(".parquet")
+    ]
+
+
 def export_embeddings(
-    checkpoint: str | Path,
-    shard_dir: str | Path,
-    out_dir: str | Path,
+    checkpoint: str | os.PathLike[str],
+    shard_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
     *,
     batch_size: int = 512,
     actors: int = 1,
     overwrite: bool = False,
 ) -> EmbedSummary:
-    """Write ``embedding_dataset`` as Parquet files under ``out_dir`` and account for every row.
+    """Write ``embedding_dataset`` as Parquet files under ``out_dir`` (a local directory or an
+    object-storage URI; so may the checkpoint and the shards be) and account for every row.
 
     An ``out_dir`` that already holds files is refused, so two runs never mix; with
     ``overwrite`` its Parquet files are replaced (anything else there is still refused).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    out_dir = locations.absolute(out_dir)
+    if locations.is_file(out_dir):
         raise ValueError(f"{out_dir}: the output must be a directory, this is a file")
-    existing = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    existing = locations.list_files(out_dir, recursive=False) if locations.exists(out_dir) else []
     if existing and not overwrite:
         raise ValueError(f"{out_dir} already holds files; pass overwrite=True to replace them")
-    if any(path.suffix != ".parquet" or not path.is_file() for path in existing):
+    if any(not entry.relative.endswith(".parquet") for entry in existing):
         raise ValueError(f"{out_dir}: refusing to overwrite, it holds more than Parquet files")
-    for path in existing:
-        path.unlink()
+    for entry in existing:
+        locations.delete_file(entry.location)
     rows = load_manifest(shard_dir).rows
     ledger = IngestLedger.remote(rows)
     try:
         ds = embedding_dataset(
             checkpoint, shard_dir, batch_size=batch_size, actors=actors, ledger=ledger
         )
-        ds.write_parquet(str(out_dir.absolute()))
+        filesystem, path = locations.resolve(out_dir)
+        ds.write_parquet(path, filesystem=filesystem)
         counts = ray.get(ledger.report.remote())[_PASS]
     finally:
         ray.kill(ledger)
-    files = sorted(out_dir.glob("*.parquet"))
-    written = sum(pq.ParquetFile(path).metadata.num_rows for path in files)
+    files = _parquet_files(out_dir)
+    written = sum(open_parquet(location).metadata.num_rows for location in files)
     rejects = [(r["id"], r["reason"]) for r in counts["rejects"]]
     if written != counts["delivered"] or written + len(rejects) != rows:
         raise RuntimeError(
             f"{out_dir}: {rows} rows read but {written} written and {len(rejects)} rejected "
             f"({counts['delivered']} decoded)"
         )
-    dim = pq.read_schema(files[0]).field("embedding").type.list_size if files else 0
+    dim = open_parquet(files[0]).schema_arrow.field("embedding").type.list_size if files else 0
     return EmbedSummary(rows_read=rows, rows_written=written, rejects=rejects, dim=dim)
 
 
-def read_embeddings(out_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """An export's ids, float32 embeddings (N, D) and int64 labels, sorted by id."""
-    files = sorted(Path(out_dir).glob("*.parquet"))
+def read_embeddings(out_dir: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """An export's ids, float32 embeddings (N, D) and int64 labels, sorted by id (the whole
+    export in memory: for inspection and tests, not for evaluation at scale)."""
+    files = _parquet_files(out_dir)
     if not files:
         raise ValueError(f"{out_dir}: no embedding Parquet files (run the embed export first)")
-    table = pa.concat_tables(pq.read_table(path) for path in files)
+    table = pa.concat_tables(read_parquet(location) for location in files)
     table = table.sort_by("id")
     column = table.column("embedding").combine_chunks()
     embeddings = column.flatten().to_numpy().reshape(len(table), column.type.list_size)

@@ -5,24 +5,37 @@ bank entries, and each neighbour votes for its label with weight exp(similarity 
 the monitor used by InstDisc, DINO, solo-learn and lightly (k=200, T=0.1 by default).
 The two floors next to it say whether the encoder learned anything: kNN on raw pixels, and
 kNN on the same architecture with random weights.
+
+Evaluation at scale never holds a split in one process: ``EvalContext.features`` runs Ray
+Data batch inference and writes the features as Parquet once, and ``evaluate_checkpoint``
+streams the bank past the queries (pipeline.knn). The in-memory functions here
+(``load_labelled``, ``extract_features``, ``knn_accuracy``) serve bounded uses such as the
+online kNN monitor of pretraining.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.checkpoint import build_method_for, method_from_checkpoint
+from pipeline import locations
+from pipeline.checkpoint import method_from_checkpoint, random_init_method
 from pipeline.config import Config
-from pipeline.ingest import DecodedImages, ImageSpec, normalize, read_decoded
+from pipeline.features import FeatureSplit, scratch_location, write_features
+from pipeline.ingest import DecodedImages, ImageSpec, decode_batch, normalize, read_decoded
+from pipeline.shards import load_manifest, open_parquet, read_labels, shard_files
 from ssl_models.method import SSLMethod
 
 
@@ -137,22 +150,47 @@ class KNNReport:
         return "\n".join(lines)
 
 
+ENCODER_FEATURES = ("trained", "random_init", "raw_pixels")
+
+
+def _checked_labels(shard_dir: str, labels: np.ndarray) -> np.ndarray:
+    unlabelled = int((labels < 0).sum())
+    if unlabelled:
+        raise ValueError(f"{shard_dir}: {unlabelled} images have no label; evaluation needs labels")
+    if not len(labels):
+        raise ValueError(f"{shard_dir}: no images")
+    return labels
+
+
 @dataclass
 class EvalContext:
-    """A checkpoint's frozen method and the labelled splits it is judged on, loaded once.
+    """A checkpoint's frozen method and the labelled splits it is judged on.
 
-    ``train`` is the kNN bank / probe training split and ``test`` the queries: by default the
-    run's data.eval_train and data.eval_test; other shard directories give transfer to
-    another dataset, decoded to the checkpoint's image size and channels.
+    ``train_dir`` is the kNN bank / probe training split and ``test_dir`` the queries: by
+    default the run's data.eval_train and data.eval_test; other shard directories give
+    transfer to another dataset, decoded to the checkpoint's image size and channels. Each
+    location may be a local path or an object-storage URI.
+
+    No split is decoded into this process: ``features`` runs Ray Data batch inference
+    (pipeline.embed) once per encoder and split and writes the result as Parquet under a
+    scratch location (pipeline.features), which every protocol then streams; only the
+    splits' labels (and the train split's ids, for fine-tuning subsets) are read here.
+    ``close`` deletes the scratch files.
     """
 
     method: SSLMethod
     config: Config
     state: dict[str, Any]
-    train: DecodedImages
-    test: DecodedImages
+    checkpoint: str
+    train_dir: str
+    test_dir: str
     test_name: str
-    _features: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
+    batch_size: int = 512
+    actors: int = 1
+    accounts: dict[str, str] = field(default_factory=dict)
+    _features: dict[tuple[str, str], FeatureSplit] = field(default_factory=dict, repr=False)
+    _scratch: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+    _scratch_dir: str | None = field(default=None, repr=False)
 
     @property
     def spec(self) -> ImageSpec:
@@ -163,45 +201,122 @@ class EvalContext:
         return torch.tensor(self.state["mean"]), torch.tensor(self.state["std"])
 
     @property
-    def num_classes(self) -> int:
-        return int(max(self.train.labels.max(), self.test.labels.max())) + 1
+    def run_dir(self) -> str:
+        """The run directory: the checkpoint directory's parent."""
+        return locations.parent(self.checkpoint)
 
-    def features(self, method: SSLMethod, images: DecodedImages) -> Tensor:
-        """``method``'s frozen features of one split, extracted once per context (the
-        protocols share them)."""
-        key = (id(method), id(images))
+    @functools.cached_property
+    def train_ids_labels(self) -> tuple[list[str], np.ndarray]:
+        """The train split's ids and labels (O(N) small values; no image is read)."""
+        ids, labels = read_labels(self.train_dir)
+        return ids, _checked_labels(self.train_dir, labels)
+
+    @functools.cached_property
+    def test_labels(self) -> np.ndarray:
+        return _checked_labels(self.test_dir, read_labels(self.test_dir)[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.train_ids_labels[1].max(), self.test_labels.max())) + 1
+
+    def split_dir(self, split: str) -> str:
+        return {"train": self.train_dir, "test": self.test_dir}[split]
+
+    def features(self, encoder: str, split: str) -> FeatureSplit:
+        """``encoder``'s features ('trained', 'random_init' or 'raw_pixels') of ``split``
+        ('train' or 'test'), computed once by Ray Data batch inference, streamed through this
+        process into Parquet, and shared by the protocols. Every row is accounted for:
+        written + rejected == the split's rows, else RuntimeError."""
+        if encoder not in ENCODER_FEATURES:
+            raise ValueError(f"encoder must be one of {ENCODER_FEATURES}, got {encoder!r}")
+        key = (encoder, self.split_dir(split))  # a split used as both is embedded once
         if key not in self._features:
-            mean, std = self.mean_std
-            self._features[key] = extract_features(
-                method.eval().features, images.pixels, mean, std, self.config.eval.batch_size
+            import ray
+
+            from pipeline.cluster import init_ray
+            from pipeline.embed import embedding_dataset
+            from pipeline.ledger import IngestLedger
+
+            init_ray()
+            if self._scratch_dir is None:
+                remote_run = self.run_dir if locations.is_remote(self.checkpoint) else None
+                self._scratch_dir = self._scratch.enter_context(scratch_location(remote_run))
+            shard_dir = self.split_dir(split)
+            rows = load_manifest(shard_dir).rows
+            ledger = IngestLedger.remote(rows)
+            try:
+                ds = embedding_dataset(
+                    self.checkpoint,
+                    shard_dir,
+                    batch_size=self.batch_size,
+                    actors=self.actors,
+                    ledger=ledger,
+                    encoder=encoder,
+                )
+                out = locations.join(self._scratch_dir, f"{encoder}-{split}")
+                written = write_features(ds.iter_batches(batch_format="pyarrow"), out)
+                counts = ray.get(ledger.report.remote()).get(1, {"delivered": 0, "rejects": []})
+            finally:
+                ray.kill(ledger)
+            written.rejects = [(r["id"], r["reason"]) for r in counts["rejects"]]
+            if written.rows != counts["delivered"] or written.rows + written.rejected != rows:
+                raise RuntimeError(
+                    f"{shard_dir}: {rows} rows but {written.rows} embedded and "
+                    f"{written.rejected} rejected"
+                )
+            self.accounts[split] = (
+                f"{shard_dir}: {rows} rows = {written.rows} embedded + {written.rejected} rejected"
             )
+            self._features[key] = written
         return self._features[key]
 
     @functools.cached_property
     def untrained(self) -> SSLMethod:
         """The same architecture with the run's seed and random weights: the floor."""
-        torch.manual_seed(self.config.run.seed)
-        method = build_method_for(self.config, self.spec.channels, self.state.get("num_images"))
-        return method.eval()
+        return random_init_method(self.config, self.state)
 
     def label(self) -> str:
         model = self.config.model
         return f"{self.config.method_name} {model.backbone} w{model.width:g}"
 
+    def close(self) -> None:
+        """Delete the scratch features."""
+        self._features.clear()
+        self._scratch_dir = None
+        self._scratch.close()
+
+    def __enter__(self) -> EvalContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def load_eval_context(
-    path: str | Path, train_dir: str | Path | None = None, test_dir: str | Path | None = None
+    path: str | os.PathLike[str],
+    train_dir: str | os.PathLike[str] | None = None,
+    test_dir: str | os.PathLike[str] | None = None,
+    *,
+    batch_size: int = 512,
+    actors: int = 1,
 ) -> EvalContext:
-    """Load a checkpoint and decode its labelled evaluation splits (or the given ones)."""
+    """Load a checkpoint (a checkpoint directory or file, local or a URI) and name its
+    labelled evaluation splits (or the given ones); nothing is decoded yet."""
+    path = locations.absolute(path)
     method, config, state = method_from_checkpoint(path)
-    spec = ImageSpec(size=state["image_size"], channels=state["channels"])
-    test_dir = test_dir or config.data.eval_test
-    train = load_labelled(train_dir or config.data.eval_train, spec)
-    return EvalContext(method, config, state, train, load_labelled(test_dir, spec), str(test_dir))
+    test = locations.absolute(test_dir or config.data.eval_test)
+    train = locations.absolute(train_dir or config.data.eval_train)
+    return EvalContext(
+        method, config, state, path, train, test, str(test_dir or config.data.eval_test),
+        batch_size=batch_size, actors=actors,
+    )  # fmt: skip
+
+
+BANK_CHUNK = 4096  # bank rows per similarity matmul in the streamed kNN
 
 
 def evaluate_checkpoint(
-    path: str | Path | EvalContext,
+    path: str | os.PathLike[str] | EvalContext,
     *,
     floors: bool = False,
     k: int | None = None,
@@ -209,33 +324,61 @@ def evaluate_checkpoint(
 ) -> KNNReport:
     """kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
 
-    With ``floors``, also the raw-pixel floor and the random-init floor (same architecture,
+    The queries' features are held (Q x D); the bank streams past them in chunks keeping
+    each query's running top-k (pipeline.knn), so memory does not grow with the bank. With
+    ``floors``, also the raw-pixel floor and the random-init floor (same architecture,
     untrained weights, same normalisation), which a useful encoder must beat.
     """
+    from pipeline.knn import streamed_knn_accuracy
+
     context = path if isinstance(path, EvalContext) else load_eval_context(path)
-    k = k or context.config.eval.knn_k
-    temperature = temperature or context.config.eval.knn_temperature
-    bank_labels = torch.from_numpy(context.train.labels)
-    query_labels = torch.from_numpy(context.test.labels)
+    try:
+        k = k or context.config.eval.knn_k
+        temperature = temperature or context.config.eval.knn_temperature
+        num_classes = context.num_classes
 
-    def score(name: str, bank_features: Tensor, query_features: Tensor) -> KNNRow:
-        acc = knn_accuracy(bank_features, bank_labels, query_features, query_labels, k, temperature)
-        return KNNRow(name, acc["top1"], acc["top5"], feature_spread(query_features))
+        def row(name: str, encoder: str) -> KNNRow:
+            queries, labels = context.features(encoder, "test").load()
+            bank = context.features(encoder, "train").batches(BANK_CHUNK)
+            acc = streamed_knn_accuracy(bank, queries, labels, k, temperature, num_classes)
+            return KNNRow(name, acc["top1"], acc["top5"], feature_spread(queries))
 
-    def encoder_row(name: str, method: SSLMethod) -> KNNRow:
-        return score(
-            name, context.features(method, context.train), context.features(method, context.test)
-        )
+        model = context.config.model
+        rows = [row(f"SSL {context.label()}, epoch {context.state['epoch']}", "trained")]
+        if floors:
+            rows.append(row("raw pixels", "raw_pixels"))
+            rows.append(row(f"random-init {model.backbone} w{model.width:g}", "random_init"))
+        return KNNReport(rows, k, temperature, context.test_name)
+    finally:
+        if not isinstance(path, EvalContext):
+            context.close()
 
-    model = context.config.model
-    rows = [encoder_row(f"SSL {context.label()}, epoch {context.state['epoch']}", context.method)]
-    if floors:
-        raw = raw_pixel_features
-        rows.append(score("raw pixels", raw(context.train.pixels), raw(context.test.pixels)))
-        rows.append(
-            encoder_row(f"random-init {model.backbone} w{model.width:g}", context.untrained)
-        )
-    return KNNReport(rows, k, temperature, context.test_name)
+
+def images_by_id(
+    shard_dir: str | os.PathLike[str], ids: list[str], spec: ImageSpec
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Decode only the images with the given ids: {id: (uint8 (C, S, S), label)}. Each shard
+    row group's id column is read, and the images of row groups holding a wanted id."""
+    wanted = set(ids)
+    found: dict[str, tuple[np.ndarray, int]] = {}
+    for location in shard_files(shard_dir):
+        parquet = open_parquet(location)
+        for group in range(parquet.metadata.num_row_groups):
+            group_ids = parquet.read_row_group(group, columns=["id"]).column("id").to_pylist()
+            if wanted.isdisjoint(group_ids):
+                continue
+            table = parquet.read_row_group(group, columns=["id", "image", "label"])
+            table = table.filter(pc.is_in(table["id"], value_set=pa.array(sorted(wanted))))
+            row_ids = table.column("id").to_pylist()
+            labels = table.column("label").fill_null(-1).to_numpy()
+            images = np.asarray(table.column("image").to_pylist(), dtype=object)
+            decoded = decode_batch(row_ids, images, spec)
+            for slot, position in enumerate(decoded.kept):
+                found[row_ids[position]] = (decoded.pixels[slot], int(labels[position]))
+            wanted -= set(row_ids)
+            if not wanted:
+                return found
+    return found
 
 
 def feature_spread(features: Tensor) -> float:

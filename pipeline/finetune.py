@@ -6,22 +6,32 @@ labels, fine-tune the whole network on them with only random resized crop and ho
 (no colour distortion), and report accuracy on the full, unaugmented test split. Training
 uses SGD with Nesterov momentum 0.9 and a cosine schedule; biases and normalisation
 parameters get no weight decay, as in pretraining (ssl_models.optim.param_groups).
+
+At scale (``finetune_accuracy_streamed``) the subset is picked by id from the split's labels
+(ids and labels only, O(N) small values), its images stream through Ray Data each epoch
+and the test split is scored batch by batch; one loop serves both forms.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline import locations
 from pipeline.augment import ViewRecipe, random_views
-from pipeline.evaluate import topk_accuracy
-from pipeline.ingest import normalize
-from pipeline.linear_probe import new_head
+from pipeline.ingest import ImageSpec, decoded_batch, normalize
+from pipeline.linear_probe import TopkHits, new_head
+from pipeline.shards import shard_files
 from ssl_models.optim import param_groups, set_lr, warmup_cosine
 
 
@@ -61,6 +71,70 @@ def _check_split(pixels: np.ndarray, labels: np.ndarray, split: str) -> None:
         )
 
 
+ImageBatches = Iterable[tuple[Tensor, Tensor]]
+
+
+def _finetune(
+    backbone: nn.Module,
+    feature_dim: int,
+    num_classes: int,
+    image_size: int,
+    epoch_batches: Callable[[int, torch.Generator], ImageBatches],
+    steps_per_epoch: int,
+    test_batches: Callable[[], ImageBatches],
+    mean: Tensor | Sequence[float],
+    std: Tensor | Sequence[float],
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: torch.device | str,
+) -> dict[str, float]:
+    """The fine-tuning loop: ``epochs`` passes of ``epoch_batches(epoch, gen)`` (uint8 images
+    (B, C, S, S) and labels), each image cropped and flipped with ``gen``, then the test
+    batches scored unaugmented; both sources may be in memory or streamed."""
+    if epochs < 1 or lr <= 0:
+        raise ValueError(f"need epochs >= 1, lr > 0; got {epochs}, {lr}")
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    encoder = copy.deepcopy(backbone).requires_grad_(True)
+    model = nn.Sequential(encoder, new_head(feature_dim, num_classes, gen)).to(device)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device)
+    optimizer = torch.optim.SGD(
+        param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True
+    )
+    recipe = ViewRecipe(
+        size=image_size, crop_scale=(0.08, 1.0), jitter_prob=0.0, grayscale_prob=0.0
+    )
+    use_amp = device.type == "cuda"
+    total = epochs * steps_per_epoch
+
+    model.train()
+    step = 0
+    for epoch in range(epochs):
+        for images, labels in epoch_batches(epoch, gen):
+            set_lr(optimizer, warmup_cosine(min(step, total - 1), total, 0, lr))
+            views = normalize(random_views(images.to(device), recipe, gen), mean, std)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = F.cross_entropy(model(views).float(), labels.long().to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    if step == 0:
+        raise ValueError("fine-tuning got no complete training batch")
+
+    model.eval()
+    hits = TopkHits()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        for images, labels in test_batches():
+            scores = model(normalize(images.to(device), mean, std)).float().cpu()
+            hits.add(scores, labels)
+    return hits.accuracy()
+
+
 def finetune_accuracy(
     backbone: nn.Module,
     feature_dim: int,
@@ -78,7 +152,8 @@ def finetune_accuracy(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Test top-1 / top-5 after fine-tuning a copy of ``backbone`` plus a new linear head.
+    """Test top-1 / top-5 after fine-tuning a copy of ``backbone`` plus a new linear head,
+    on images held in memory (``finetune_accuracy_streamed`` streams them through Ray Data).
 
     ``backbone`` maps normalised images to (N, ``feature_dim``) features
     (``SSLMethod.backbone``) and is left untouched. Train images are uint8 (N, C, H, H),
@@ -98,46 +173,110 @@ def finetune_accuracy(
         raise ValueError(
             f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
         )
-    device = torch.device(device)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    gen = torch.Generator().manual_seed(seed)
-    encoder = copy.deepcopy(backbone).requires_grad_(True)
-    model = nn.Sequential(encoder, new_head(feature_dim, num_classes, gen)).to(device)
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
-    std = torch.as_tensor(std, dtype=torch.float32, device=device)
-    optimizer = torch.optim.SGD(
-        param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True
-    )
-    recipe = ViewRecipe(
-        size=train_pixels.shape[-1], crop_scale=(0.08, 1.0), jitter_prob=0.0, grayscale_prob=0.0
-    )
-    use_amp = device.type == "cuda"
     labels = torch.from_numpy(train_labels).long()
     steps_per_epoch = max(1, len(train_pixels) // batch_size)
-    total = epochs * steps_per_epoch
 
-    model.train()
-    for epoch in range(epochs):
+    def epoch_batches(epoch: int, gen: torch.Generator) -> ImageBatches:
         order = torch.randperm(len(train_pixels), generator=gen)
         for step in range(steps_per_epoch):
-            set_lr(optimizer, warmup_cosine(epoch * steps_per_epoch + step, total, 0, lr))
             rows = order[step * batch_size : (step + 1) * batch_size]
-            images = torch.from_numpy(train_pixels[rows.numpy()]).to(device)
-            views = normalize(random_views(images, recipe, gen), mean, std)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(model(views).float(), labels[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            yield torch.from_numpy(train_pixels[rows.numpy()]), labels[rows]
 
-    model.eval()
-    scores = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+    def test_batches() -> ImageBatches:
         for start in range(0, len(test_pixels), batch_size):
-            images = torch.from_numpy(test_pixels[start : start + batch_size]).to(device)
-            scores.append(model(normalize(images, mean, std)).float().cpu())
-    scores_all, targets = torch.cat(scores), torch.from_numpy(test_labels).long()
-    return {
-        "top1": topk_accuracy(scores_all, targets, 1),
-        "top5": topk_accuracy(scores_all, targets, 5),
-    }
+            rows = slice(start, start + batch_size)
+            yield torch.from_numpy(test_pixels[rows]), torch.from_numpy(test_labels[rows])
+
+    return _finetune(
+        backbone, feature_dim, num_classes, train_pixels.shape[-1], epoch_batches,
+        steps_per_epoch, test_batches, mean, std,
+        epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+    )  # fmt: skip
+
+
+def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """Ray Data batch function: the rows whose id is in ``ids`` (before any decoding)."""
+    return batch.filter(pc.is_in(batch["id"], value_set=ids))
+
+
+def subset_rows(shard_dir: str, ids: Sequence[str]) -> ray.data.Dataset:
+    """The encoded {id, image, label} rows of ``shard_dir`` whose id is in ``ids``, read once
+    and held by Ray's object store (spilled to disk when large), not by the driver: each
+    epoch decodes them afresh, so only the subset's encoded bytes are kept."""
+    files = shard_files(shard_dir)
+    filesystem, _ = locations.resolve(files[0])
+    paths = [locations.resolve(f)[1] for f in files]
+    return (
+        ray.data.read_parquet(paths, filesystem=filesystem, columns=["id", "image", "label"])
+        .map_batches(
+            _keep_ids,
+            fn_kwargs={"ids": pa.array(list(ids), pa.string())},
+            batch_format="pyarrow",
+        )
+        .materialize()
+    )
+
+
+def _image_batches(
+    ds: ray.data.Dataset, batch_size: int, *, drop_last: bool = False, **shuffle: Any
+) -> ImageBatches:
+    for batch in ds.iter_batches(
+        batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle
+    ):
+        yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"].astype(np.int64))
+
+
+def finetune_accuracy_streamed(
+    backbone: nn.Module,
+    feature_dim: int,
+    train_rows: ray.data.Dataset,
+    train_count: int,
+    test: ray.data.Dataset,
+    spec: ImageSpec,
+    num_classes: int,
+    mean: Tensor | Sequence[float],
+    std: Tensor | Sequence[float],
+    *,
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 0.05,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    shuffle_buffer: int = 4096,
+) -> dict[str, float]:
+    """``finetune_accuracy`` with the images streamed through Ray Data: ``train_rows`` are
+    the label subset's encoded rows (``subset_rows``, ``train_count`` of them), decoded
+    afresh each epoch and shuffled with a seeded local buffer; ``test`` is a decoded
+    dataset ({id, image, label}, e.g. ``ingest.decoded_dataset``) scored batch by batch.
+    Same recipe: crop + flip drawn in the driver's loop, incomplete batches dropped (a
+    subset smaller than a batch is one batch)."""
+    if train_count < 1:
+        raise ValueError("train_pixels is empty")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
+        )
+    batch_size = min(batch_size, train_count)
+    decoded = train_rows.map_batches(
+        decoded_batch, fn_kwargs={"spec": spec}, batch_size=256, batch_format="numpy"
+    ).select_columns(["image", "label"])
+
+    def epoch_batches(epoch: int, gen: torch.Generator) -> ImageBatches:
+        return _image_batches(
+            decoded.randomize_block_order(seed=seed * 1000 + epoch),
+            batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=max(shuffle_buffer, batch_size),
+            local_shuffle_seed=seed * 1000 + epoch,
+        )
+
+    def test_batches() -> ImageBatches:
+        return _image_batches(test.select_columns(["image", "label"]), batch_size)
+
+    return _finetune(
+        backbone, feature_dim, num_classes, spec.size, epoch_batches,
+        max(1, train_count // batch_size), test_batches, mean, std,
+        epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+    )  # fmt: skip

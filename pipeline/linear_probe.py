@@ -10,10 +10,16 @@ Features are standardised with the train split's per-dimension mean and std firs
 scales differ by orders of magnitude between backbones (and between ReLU and L2-normalised
 outputs), so without it each backbone needs its own learning rate; SimCLR and solo-learn get
 the same effect from a BatchNorm without affine parameters in front of the classifier.
+
+At scale the features never sit in one process: ``linear_probe_accuracy_streamed`` takes
+them from Parquet written once by the embedding job (pipeline.features), the statistics
+from one streamed pass, and streams shuffled batches each epoch through the same SGD loop
+(``fit_linear_head``) as the in-memory ``train_linear_probe``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.evaluate import topk_accuracy
+from pipeline.features import FeatureSplit
 from ssl_models.optim import set_lr, warmup_cosine
 
 
@@ -56,6 +63,92 @@ def new_head(in_dim: int, num_classes: int, gen: torch.Generator) -> nn.Linear:
     return head
 
 
+class Moments:
+    """Per-dimension mean and std of features that arrive batch by batch (float64 sums of
+    values and squares, shifted by the first batch's mean for accuracy)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: Tensor | None = None
+        self.total: Tensor | None = None
+        self.squares: Tensor | None = None
+
+    def add(self, features: Tensor) -> None:
+        x = features.detach().cpu().double()
+        if not len(x):
+            return
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.total = torch.zeros_like(self.shift)
+            self.squares = torch.zeros_like(self.shift)
+        x = x - self.shift
+        self.total += x.sum(0)
+        self.squares += (x * x).sum(0)
+        self.count += len(x)
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        """Mean and population std (float64); a constant dimension's std is 1 (only centred)."""
+        if self.count == 0 or self.shift is None:
+            raise ValueError("no features to standardise")
+        centred = self.total / self.count
+        std = (self.squares / self.count - centred**2).clamp(min=0).sqrt()
+        std = torch.where(std > 1e-6 * std.max().clamp(min=1e-12), std, 1.0)
+        return self.shift + centred, std
+
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+def fit_linear_head(
+    epoch_batches: Callable[[torch.Generator], Batches],
+    rows: int,
+    mean: Tensor,
+    std: Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> nn.Linear:
+    """The probe's one SGD loop: ``epochs`` passes over ``epoch_batches(gen)`` (raw features
+    (B, D) and labels; the source shuffles with ``gen``), standardised with ``mean`` / ``std``
+    (float64, D), SGD Nesterov 0.9 with cosine decay from ``lr`` over
+    ``epochs * ceil(rows / batch_size)`` steps, cross entropy. Returns the layer on the CPU
+    with the standardisation folded in, so it applies to raw features."""
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    dim = len(mean)
+    head = new_head(dim, num_classes, gen).to(device)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
+    total = epochs * -(-rows // batch_size)
+    step = 0
+    for _ in range(epochs):
+        for features, labels in epoch_batches(gen):
+            set_lr(optimizer, warmup_cosine(min(step, total - 1), total, 0, lr))
+            x = ((features.double() - mean) / std).float().to(device)
+            loss = F.cross_entropy(head(x), labels.long().to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+    # w . (f - mean) / std + b  ==  (w / std) . f + (b - (w / std) . mean)
+    probe = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        weight = head.weight.detach().cpu().double() / std
+        probe.weight.copy_(weight)
+        probe.bias.copy_(head.bias.detach().cpu().double() - weight @ mean)
+    return probe
+
+
 def train_linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -68,49 +161,114 @@ def train_linear_probe(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> nn.Linear:
-    """Train a linear classifier on frozen features (N, D); return it on the CPU.
+    """Train a linear classifier on frozen features (N, D) held in memory; return it on the CPU.
 
     Inputs are standardised per dimension with the train split's statistics (a constant
     dimension is only centred), and the returned layer has that folded into its weights, so
     it applies to raw features as they come from the backbone. SGD with Nesterov momentum
     0.9, cosine decay from ``lr`` to 0 over ``epochs`` reshuffled passes, cross entropy; the
     seed fixes the initial weights and batch order, so the result is deterministic on CPU.
+    ``train_linear_probe_streamed`` runs the same loop on features streamed from Parquet.
     """
     check_labelled(train_features, train_labels, num_classes, "train")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(
-            f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
-        )
-    x = train_features.detach().cpu().double()
-    mean, std = x.mean(0), x.std(0, unbiased=False)
-    std = torch.where(std > 1e-6 * std.max().clamp(min=1e-12), std, 1.0)
-    x = ((x - mean) / std).float().to(device)
-    y = train_labels.long().to(device)
+    moments = Moments()
+    moments.add(train_features)
+    x = train_features.detach().cpu()
+    y = train_labels.detach().cpu()
 
-    gen = torch.Generator().manual_seed(seed)
-    head = new_head(x.shape[1], num_classes, gen).to(device)
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    def epoch_batches(gen: torch.Generator) -> Batches:
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            rows = order[start : start + batch_size]
+            yield x[rows], y[rows]
+
+    return fit_linear_head(
+        epoch_batches,
+        len(x),
+        *moments.mean_std(),
+        num_classes,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        device=device,
     )
-    steps_per_epoch = -(-len(x) // batch_size)
-    total = epochs * steps_per_epoch
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=gen).to(device)
-        for step in range(steps_per_epoch):
-            set_lr(optimizer, warmup_cosine(epoch * steps_per_epoch + step, total, 0, lr))
-            batch = order[step * batch_size : (step + 1) * batch_size]
-            loss = F.cross_entropy(head(x[batch]), y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
 
-    # w . (f - mean) / std + b  ==  (w / std) . f + (b - (w / std) . mean)
-    probe = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        weight = head.weight.detach().cpu().double() / std
-        probe.weight.copy_(weight)
-        probe.bias.copy_(head.bias.detach().cpu().double() - weight @ mean)
-    return probe
+
+def train_linear_probe_streamed(
+    train: FeatureSplit,
+    num_classes: int,
+    *,
+    shuffle_buffer: int = 65536,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> nn.Linear:
+    """``train_linear_probe`` on features written as Parquet (``pipeline.features``): the
+    standardisation statistics come from one streamed pass, then each epoch streams the
+    row groups in a seeded random order through a ``shuffle_buffer``-row shuffle buffer, so
+    the driver holds at most about a buffer and a row group of features."""
+    if train.rows == 0:
+        raise ValueError("train_features is empty")
+    moments = Moments()
+    for features, labels in train.batches(batch_size):
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"train_labels must lie in [0, {num_classes}), "
+                f"got {int(labels.min())}..{int(labels.max())}"
+            )
+        moments.add(features)
+
+    def epoch_batches(gen: torch.Generator) -> Batches:
+        return train.batches(batch_size, gen=gen, shuffle_buffer=shuffle_buffer)
+
+    return fit_linear_head(
+        epoch_batches,
+        train.rows,
+        *moments.mean_std(),
+        num_classes,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        device=device,
+    )
+
+
+class TopkHits:
+    """Top-1 / top-5 hit counts accumulated over scored batches."""
+
+    def __init__(self) -> None:
+        self.rows = self.top1 = self.top5 = 0
+
+    def add(self, scores: Tensor, labels: Tensor) -> None:
+        labels = labels.long().view(-1, 1)
+        ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
+        self.top1 += int((ranked[:, :1] == labels).any(1).sum())
+        self.top5 += int((ranked == labels).any(1).sum())
+        self.rows += len(labels)
+
+    def accuracy(self, top5: bool = True) -> dict[str, float]:
+        if not self.rows:
+            raise ValueError("no rows were scored")
+        result = {"top1": self.top1 / self.rows}
+        if top5:
+            result["top5"] = self.top5 / self.rows
+        return result
+
+
+@torch.no_grad()
+def score_batches(probe: nn.Module, batches: Batches) -> TopkHits:
+    """The probe's hits over (features, labels) batches."""
+    hits = TopkHits()
+    for features, labels in batches:
+        hits.add(probe(features.float().cpu()), labels.cpu())
+    return hits
 
 
 def linear_probe_accuracy(
@@ -141,4 +299,23 @@ def linear_probe_accuracy(
         "top1": topk_accuracy(test_scores, test_labels.cpu(), 1),
         "top5": topk_accuracy(test_scores, test_labels.cpu(), 5),
         "train_top1": topk_accuracy(train_scores, train_labels.cpu(), 1),
+    }
+
+
+def linear_probe_accuracy_streamed(
+    train: FeatureSplit, test: FeatureSplit, num_classes: int, **settings: Any
+) -> dict[str, float]:
+    """``linear_probe_accuracy`` on features written as Parquet: trained with
+    :func:`train_linear_probe_streamed` (``settings``), scored batch by batch."""
+    if test.rows == 0:
+        raise ValueError("test_features is empty")
+    if test.dim != train.dim:
+        raise ValueError(f"test_features have {test.dim} dimensions, train_features {train.dim}")
+    probe = train_linear_probe_streamed(train, num_classes, **settings)
+    batch_size = settings.get("batch_size", 256)
+    test_hits = score_batches(probe, test.batches(batch_size))
+    train_hits = score_batches(probe, train.batches(batch_size))
+    return {
+        **test_hits.accuracy(),
+        "train_top1": train_hits.accuracy(top5=False)["top1"],
     }

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from pipeline.evaluate import EvalContext, KNNReport, evaluate_checkpoint, raw_pixel_features
-from pipeline.finetune import balanced_subset, finetune_accuracy
-from pipeline.linear_probe import linear_probe_accuracy
+from pipeline.evaluate import EvalContext, KNNReport, evaluate_checkpoint
+from pipeline.finetune import balanced_subset, finetune_accuracy_streamed, subset_rows
+from pipeline.ingest import decoded_dataset
+from pipeline.linear_probe import linear_probe_accuracy_streamed
 from ssl_models.method import SSLMethod
 
 PROTOCOLS = ("knn", "linear", "finetune")
@@ -39,6 +39,7 @@ class ProtocolSettings:
     fractions: tuple[float, ...] = (0.01, 0.1)
     finetune_epochs: int = 30
     finetune_lr: float = 0.05
+    probe_shuffle_buffer: int = 65536  # rows of features the probe's shuffle buffer holds
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -47,10 +48,12 @@ def fraction_name(fraction: float) -> str:
     return f"finetune_{fraction * 100:g}pct"
 
 
-def label_subsets(context: EvalContext, fractions: tuple[float, ...]) -> dict[str, np.ndarray]:
-    """Each fine-tuning fraction's class-balanced rows of the train split (seeded by run.seed)."""
+def label_subsets(context: EvalContext, fractions: tuple[float, ...]) -> dict[str, list[str]]:
+    """Each fine-tuning fraction's class-balanced image ids of the train split (seeded by
+    run.seed), drawn from the split's ids and labels alone."""
     seed = context.config.run.seed
-    return {fraction_name(f): balanced_subset(context.train.labels, f, seed) for f in fractions}
+    ids, labels = context.train_ids_labels
+    return {fraction_name(f): [ids[i] for i in balanced_subset(labels, f, seed)] for f in fractions}
 
 
 def knn_results(report: KNNReport) -> dict[str, dict[str, float]]:
@@ -65,48 +68,55 @@ def knn_results(report: KNNReport) -> dict[str, dict[str, float]]:
 def run_protocols(
     context: EvalContext, protocols: list[str], settings: ProtocolSettings, suffix: str = ""
 ) -> dict[str, dict[str, float]]:
-    """Run ``protocols`` on the context's splits; returns {key: {"top1", "top5", ...}}."""
+    """Run ``protocols`` on the context's splits; returns {key: {"top1", "top5", ...}}.
+
+    Features stream from the context (computed once per encoder and split, shared by kNN
+    and the probe); fine-tuning streams the subset's and the test split's images through
+    Ray Data. No split is held in this process."""
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
     seed = context.config.run.seed
-    encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained}
     results: dict[str, dict[str, float]] = {}
     if "knn" in protocols:
         report = evaluate_checkpoint(
             context, floors=True, k=settings.k, temperature=settings.temperature
         )
         results.update(knn_results(report))
-    train_labels = torch.from_numpy(context.train.labels)
-    test_labels = torch.from_numpy(context.test.labels)
     if "linear" in protocols:
-        features = {
-            tag: (context.features(method, context.train), context.features(method, context.test))
-            for tag, method in encoders.items()
-        }
-        pixels = (context.train.pixels, context.test.pixels)
-        features["_raw_pixels"] = tuple(raw_pixel_features(p) for p in pixels)
-        for tag, (train_features, test_features) in features.items():
-            results[f"linear{tag}"] = linear_probe_accuracy(
-                train_features,
-                train_labels,
-                test_features,
-                test_labels,
+        for tag, encoder in (
+            ("", "trained"),
+            ("_random_init", "random_init"),
+            ("_raw_pixels", "raw_pixels"),
+        ):
+            results[f"linear{tag}"] = linear_probe_accuracy_streamed(
+                context.features(encoder, "train"),
+                context.features(encoder, "test"),
+                context.num_classes,
                 epochs=settings.probe_epochs,
                 lr=settings.probe_lr,
                 seed=seed,
                 device=settings.device,
+                shuffle_buffer=settings.probe_shuffle_buffer,
             )
     subsets = label_subsets(context, settings.fractions) if "finetune" in protocols else {}
-    for name, rows in subsets.items():
+    if subsets:
+        from pipeline.cluster import init_ray
+
+        init_ray()
+    encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained}
+    for name, ids in subsets.items():
+        train_rows = subset_rows(context.train_dir, ids)
+        test = decoded_dataset(context.test_dir, context.spec)
         for tag, method in encoders.items():
-            results[f"{name}{tag}"] = finetune_accuracy(
+            results[f"{name}{tag}"] = finetune_accuracy_streamed(
                 method.backbone,
                 method.feature_dim,
-                context.train.pixels[rows],
-                context.train.labels[rows],
-                context.test.pixels,
-                context.test.labels,
+                train_rows,
+                len(ids),
+                test,
+                context.spec,
+                context.num_classes,
                 *context.mean_std,
                 epochs=settings.finetune_epochs,
                 lr=settings.finetune_lr,

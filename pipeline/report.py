@@ -16,14 +16,15 @@ new results into it; ``build_report`` reads it from each run.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from pipeline import locations
 
 EVAL_FILE = "eval.json"
 FIGSIZE = (8.0, 4.5)  # inches; the PNG is FIGSIZE * DPI pixels
@@ -57,45 +58,41 @@ def _check(results: Any, where: str) -> None:
             )
 
 
-def read_eval(run_dir: str | Path) -> dict[str, Any]:
-    """A run's eval.json, checked; ValueError naming the run when missing or malformed."""
-    path = Path(run_dir) / EVAL_FILE
-    if not path.is_file():
-        raise ValueError(f"run {run_dir}: no {EVAL_FILE}; evaluate the run first")
+def read_eval(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run's eval.json (a local run directory or an object-storage URI), checked;
+    ValueError naming the run when missing or malformed."""
+    path = locations.join(run_dir, EVAL_FILE)
     try:
-        results = json.loads(path.read_text())
+        text = locations.read_text(path)
+    except (FileNotFoundError, locations.LocationError) as err:
+        raise ValueError(f"run {run_dir}: no {EVAL_FILE}; evaluate the run first") from err
+    try:
+        results = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
     _check(results, str(path))
     return results
 
 
-def write_eval(run_dir: str | Path, results: dict[str, Any]) -> Path:
-    """Merge ``results`` (eval.json's shape) into the run's eval.json; returns its path.
+def write_eval(run_dir: str | os.PathLike[str], results: dict[str, Any]) -> str:
+    """Merge ``results`` (eval.json's shape) into the run's eval.json; returns its location.
 
     A protocol in ``results`` replaces that protocol's old metrics whole (a rerun's numbers
     are not mixed with the last run's); other protocols and absent fields are kept. The file
-    is replaced atomically, so a reader never sees half of it. Concurrent writers to one run
-    are not serialised: the last one's merge wins.
+    is replaced atomically (``locations.write_text``: a local rename, or an object that
+    appears only once complete), so a reader never sees half of it. Concurrent writers to
+    one run are not serialised: the last one's merge wins. A local run directory must exist;
+    an object-storage run is any prefix.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not locations.is_remote(run_dir) and not locations.is_dir(run_dir):
         raise ValueError(f"run directory {run_dir} does not exist")
     _check(results, f"results for {run_dir}")
-    path = run_dir / EVAL_FILE
-    merged = read_eval(run_dir) if path.exists() else {}
+    path = locations.join(run_dir, EVAL_FILE)
+    merged = read_eval(run_dir) if locations.exists(path) else {}
     protocols = {**merged.get("protocols", {}), **results.get("protocols", {})}
     merged.update(results)
     merged["protocols"] = protocols
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{EVAL_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(merged, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    locations.write_text(path, json.dumps(merged, indent=2) + "\n")
     return path
 
 
@@ -125,7 +122,7 @@ def _table(names: list[str], runs: list[dict[str, Any]], protocols: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-def _chart(names: list[str], runs: list[dict[str, Any]], protocols: list[str], path: Path) -> None:
+def _chart(names: list[str], runs: list[dict[str, Any]], protocols: list[str], path: str) -> None:
     """Grouped bars: protocols along x, one bar per run; a run lacking a protocol has none."""
     figure = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
@@ -142,16 +139,22 @@ def _chart(names: list[str], runs: list[dict[str, Any]], protocols: list[str], p
     axes.set_ylabel("top-1 accuracy")
     axes.set_ylim(0, 1.05)
     axes.legend(title="run", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    figure.savefig(path, dpi=DPI)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI, format="png")
+    locations.write_bytes(path, buffer.getvalue())
 
 
-def build_report(run_dirs: list[Path], out_dir: Path) -> tuple[str, Path]:
-    """Compare local runs by every protocol any of them was evaluated on.
+def build_report(
+    run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
+) -> tuple[str, str]:
+    """Compare runs (local directories or object-storage URIs) by every protocol any of
+    them was evaluated on.
 
     Returns the Markdown table (one row per run, named as given; one top-1 column per
     protocol in order of first appearance; "-" where a run lacks it; best per column in bold)
-    and the path of ``report.png`` (FIGSIZE * DPI pixels); writes both, and ``report.md``
-    (the table under a caption, above the chart), into ``out_dir``.
+    and the location of ``report.png`` (FIGSIZE * DPI pixels); writes both, and
+    ``report.md`` (the table under a caption, above the chart), into ``out_dir`` (a local
+    directory or a URI).
     """
     if not run_dirs:
         raise ValueError("build_report needs at least one run directory")
@@ -163,10 +166,11 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> tuple[str, Path]:
     if not protocols:
         raise ValueError(f"no run in {names} has any protocol results in {EVAL_FILE}")
     table = _table(names, runs, protocols)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    chart = out_dir / "report.png"
+    chart = locations.join(out_dir, "report.png")
     _chart(names, runs, protocols, chart)
     caption = "Top-1 accuracy by evaluation protocol (best per column in bold).\n\n"
-    (out_dir / "report.md").write_text(f"{caption}{table}\n![top-1 by protocol](report.png)\n")
+    locations.write_text(
+        locations.join(out_dir, "report.md"),
+        f"{caption}{table}\n![top-1 by protocol](report.png)\n",
+    )
     return table, chart

@@ -85,11 +85,36 @@ def test_a_checkpoint_cut_short_is_passed_over_for_the_one_before(tmp_path):
     for directory, epoch in ((older, 1), (newer, 2)):
         directory.mkdir()
         save_checkpoint(directory, {"epoch": epoch, "weights": torch.arange(1000.0)})
-    assert latest_checkpoint(tmp_path) == newer
+    assert latest_checkpoint(tmp_path) == str(newer)
     whole = (newer / "checkpoint.pt").read_bytes()
     (newer / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # a crash mid-copy
-    assert latest_checkpoint(tmp_path) == older
+    assert latest_checkpoint(tmp_path) == str(older)
     assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 1
     (older / "checkpoint.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .* \(none is complete\)"):
         latest_checkpoint(tmp_path)
+
+
+def test_checkpoints_in_object_storage_resolve_load_and_resume(s3_bucket, tmp_path):
+    from pipeline import locations
+
+    config = from_dict({"run": {"name": "r"}, "method": {"name": "simclr"}})
+    run = f"{s3_bucket}/runs/r"
+    assert check_resumable(run, config) == 0  # nothing there yet
+    for day, epoch in ((1, 1), (2, 2), (3, 3)):
+        save_checkpoint(tmp_path, {"config": config.to_dict(), "epoch": epoch})
+        data = (tmp_path / "checkpoint.pt").read_bytes()
+        if day == 3:
+            data = data[: len(data) // 2]  # the newest was cut short while it was uploaded
+        name = f"checkpoint_2026-01-0{day}_00-00-00.000000"
+        locations.write_bytes(f"{run}/{name}/checkpoint.pt", data)
+    locations.write_text(f"{run}/eval.json", "{}")  # other files of the run are ignored
+    latest = latest_checkpoint(run)
+    assert latest == f"{run}/checkpoint_2026-01-02_00-00-00.000000"
+    assert load_checkpoint(latest)["epoch"] == 2
+    assert load_checkpoint(f"{latest}/checkpoint.pt")["epoch"] == 2
+    assert check_resumable(run, config) == 2
+    with pytest.raises(ValueError, match=r"train.optimizer: 'lars' -> 'sgd'"):
+        check_resumable(run, _with(config, "train", optimizer="sgd"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(f"{run}/checkpoint_2026-01-09_00-00-00.000000")

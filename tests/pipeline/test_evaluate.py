@@ -69,3 +69,52 @@ def test_feature_spread_detects_collapse():
     collapsed = torch.ones(2000, 64) + 1e-4 * torch.randn(2000, 64, generator=gen)
     assert abs(feature_spread(spread_out) - 1.0) < 0.05
     assert feature_spread(collapsed) < 0.01
+
+
+def _random_bank(rows: int, dim: int, classes: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(rows, dim, generator=gen), dim=1)
+    return features, torch.randint(0, classes, (rows,), generator=gen)
+
+
+@pytest.mark.parametrize(("k", "chunk"), [(200, 97), (5, 1000), (50, 13), (300, 64)])
+def test_chunked_knn_equals_the_in_memory_knn(k, chunk):
+    from pipeline.knn import RunningTopK, streamed_knn_accuracy, streamed_knn_scores
+
+    bank, bank_labels = _random_bank(1000, 16, 7, seed=0)
+    queries, query_labels = _random_bank(150, 16, 7, seed=1)
+    chunks = [(bank[s : s + chunk], bank_labels[s : s + chunk]) for s in range(0, 1000, chunk)]
+    expected = knn_predict(bank, bank_labels, queries, 7, k=k, temperature=0.1)
+    streamed = streamed_knn_scores(chunks, queries, k=k, temperature=0.1, query_block=40)
+    torch.testing.assert_close(streamed, expected, rtol=1e-4, atol=1e-5)
+    assert streamed_knn_accuracy(chunks, queries, query_labels, k, 0.1) == knn_accuracy(
+        bank, bank_labels, queries, query_labels, k, 0.1
+    )
+    # Ties-insensitive: the k best similarities are the same multiset, whichever tied row won.
+    top = RunningTopK(queries, min(k, 1000), query_block=40)
+    for features, _ in chunks:
+        top.update(features, torch.zeros(len(features), dtype=torch.int64))
+    reference = (queries @ bank.T).topk(min(k, 1000), dim=1).values
+    torch.testing.assert_close(top.similarities, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_knn_with_duplicate_rows_scores_like_the_in_memory_knn():
+    from pipeline.knn import streamed_knn_scores
+
+    # Every bank row twice with the same label: exact ties, whose order must not matter.
+    bank, labels = _random_bank(200, 8, 4, seed=2)
+    bank, labels = torch.cat([bank, bank]), torch.cat([labels, labels])
+    queries, _ = _random_bank(30, 8, 4, seed=3)
+    chunks = [(bank[s : s + 33], labels[s : s + 33]) for s in range(0, 400, 33)]
+    expected = knn_predict(bank, labels, queries, 4, k=20, temperature=0.1)
+    torch.testing.assert_close(streamed_knn_scores(chunks, queries, k=20), expected)
+
+
+def test_streamed_knn_refuses_an_unlabelled_or_empty_bank():
+    from pipeline.knn import streamed_knn_scores
+
+    queries, _ = _random_bank(3, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="unlabelled"):
+        streamed_knn_scores([(queries, torch.tensor([0, -1, 1]))], queries)
+    with pytest.raises(ValueError, match="empty"):
+        streamed_knn_scores([], queries)

@@ -1,5 +1,6 @@
 """The evaluation commands end to end on a small checkpoint: protocols, transfer, pictures,
-report. The checkpoint is written directly (untrained weights), so no Ray is needed."""
+report, on local paths and in object storage. The checkpoint is written directly (untrained
+weights); features and images stream through the session's Ray instance."""
 
 import json
 from collections import Counter
@@ -14,6 +15,8 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.ingest import ImageSpec, channel_stats, read_decoded
 from pipeline.shards import read_labels
+
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def _write_run(fmnist_small: dict[str, Path], run: Path, method: str = "simclr") -> Path:
@@ -125,3 +128,51 @@ def test_report_names_a_run_that_was_never_evaluated(tmp_path, capsys):
     (tmp_path / "fresh").mkdir()
     assert main(["report", str(tmp_path / "fresh")]) == 2
     assert "no eval.json" in capsys.readouterr().err
+
+
+def _upload(local: Path, uri: str) -> None:
+    from pipeline import locations
+
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        locations.write_bytes(f"{uri}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
+@pytest.mark.slow
+def test_evaluate_embed_and_report_with_everything_in_object_storage(
+    run, fmnist_small, s3_bucket, capsys
+):
+    from pipeline import locations
+    from pipeline.embed import read_embeddings
+
+    # The run (its checkpoint), the data and every output live in the bucket.
+    checkpoint = next(run.glob("checkpoint_*"))
+    s3_run = f"{s3_bucket}/runs/simclr-run"
+    _upload(checkpoint, f"{s3_run}/{checkpoint.name}")
+    data = f"{s3_bucket}/data/fmnist-s3"
+    for split in ("train", "test"):
+        _upload(fmnist_small[split], f"{data}/{split}")
+
+    args = ["evaluate", "--checkpoint", s3_run, "--protocol", "knn", "linear"]
+    args += ["--probe-epochs", "2", "--train-data", f"{data}/train", "--test-data", f"{data}/test"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # Every row of both splits accounted for: embedded + rejected == rows.
+    assert f"{data}/train: 2048 rows = 2048 embedded + 0 rejected" in out
+    assert f"{data}/test: 512 rows = 512 embedded + 0 rejected" in out
+    saved = json.loads(locations.read_text(f"{s3_run}/eval.json"))
+    assert {"knn@fmnist-s3", "knn_raw_pixels@fmnist-s3", "linear@fmnist-s3"} <= set(
+        saved["protocols"]
+    )
+    assert saved["protocols"]["linear@fmnist-s3"]["top1"] > 0.3
+    leftover = locations.list_files(s3_run)
+    assert [e.relative for e in leftover if "eval_scratch" in e.relative] == []  # removed
+
+    out_dir = f"{s3_bucket}/embeddings/test"
+    assert main(["embed", "--checkpoint", s3_run, "--data", f"{data}/test", "--out", out_dir]) == 0
+    assert "512 embeddings" in capsys.readouterr().out
+    ids, embeddings, labels = read_embeddings(out_dir)
+    assert len(set(ids)) == len(ids) == 512 and embeddings.shape[0] == 512
+
+    assert main(["report", s3_run, "--out", f"{s3_bucket}/report"]) == 0
+    assert "knn@fmnist-s3" in locations.read_text(f"{s3_bucket}/report/report.md")
+    assert locations.read_bytes(f"{s3_bucket}/report/report.png")[:4] == b"\x89PNG"

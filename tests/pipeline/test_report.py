@@ -1,6 +1,7 @@
 """Run comparison: the eval.json contract, the exact Markdown table and the bar chart."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_runs_that_print_equal_are_both_bold(tmp_path):
 
 def test_chart_is_a_png_of_the_figure_size_with_colour(two_runs, tmp_path):
     _, chart = build_report(two_runs, tmp_path / "out")
-    assert chart == tmp_path / "out" / "report.png"
+    assert chart == str(tmp_path / "out" / "report.png")
     with Image.open(chart) as png:
         assert png.format == "PNG"
         assert png.size == (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI)) == (800, 450)
@@ -70,7 +71,7 @@ def test_write_eval_merges_protocols_and_fields(tmp_path):
     write_eval(tmp_path, {"protocols": {"linear": {"top1": 0.6}}, "method": "simclr"})
     # A rerun of knn replaces its metrics whole: the old top5 does not linger.
     path = write_eval(tmp_path, {"protocols": {"knn": {"top1": 0.55}}, "epochs": 20})
-    assert json.loads(path.read_text()) == {
+    assert json.loads(Path(path).read_text()) == {
         "protocols": {"knn": {"top1": 0.55}, "linear": {"top1": 0.6}},
         "epochs": 20,
         "method": "simclr",
@@ -109,3 +110,18 @@ def test_missing_or_broken_eval_json_names_the_run(tmp_path):
         write_eval(tmp_path / "nowhere", {"protocols": {}})
     with pytest.raises(ValueError, match="twice"):
         build_report([good, good], tmp_path / "out")
+
+
+def test_eval_json_and_report_in_object_storage(s3_bucket, tmp_path):
+    run = f"{s3_bucket}/runs/a"
+    write_eval(run, {"protocols": {"knn": {"top1": 0.5}}, "epochs": 1})
+    write_eval(run, {"protocols": {"linear": {"top1": 0.6}}})
+    assert read_eval(run)["protocols"] == {"knn": {"top1": 0.5}, "linear": {"top1": 0.6}}
+    table, chart = build_report([run], f"{s3_bucket}/report")
+    assert chart == f"{s3_bucket}/report/report.png" and "0.6000" in table
+    from pipeline import locations
+
+    assert locations.read_bytes(chart)[:4] == b"\x89PNG"
+    assert "top-1" in locations.read_text(f"{s3_bucket}/report/report.md")
+    with pytest.raises(ValueError, match="no eval.json"):
+        read_eval(f"{s3_bucket}/runs/missing")
