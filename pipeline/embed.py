@@ -7,11 +7,16 @@ cluster has one), turns the images into L2-normalised features exactly as
 ``pipeline.evaluate.extract_features`` does for kNN (Wu et al. 2018, arXiv:1805.01978).
 Every input row is either embedded or rejected with its id and reason; an ``IngestLedger``
 counts both, so the export accounts for every row.
+
+Evaluation wants several encoders' features of the same split (the trained encoder, the
+random-init floor, the raw pixels): ``features_dataset`` gives them all from one pass, each
+image decoded once and embedded by every encoder the actor holds, one column per encoder.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +30,10 @@ from ray.actor import ActorHandle
 from pipeline import locations
 from pipeline.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
 from pipeline.evaluate import extract_features, raw_pixel_features
-from pipeline.ingest import ImageSpec, decode_batch
+from pipeline.ingest import ImageSpec, decode_batch, shard_rows_dataset
 from pipeline.ledger import IngestLedger
-from pipeline.shards import load_manifest, open_parquet, read_parquet, shard_files
+from pipeline.shards import load_manifest, open_parquet, read_parquet
+from ssl_models.method import SSLMethod
 
 _PASS = 1  # the ledger counts per pass; an export is a single pass over the shards
 
@@ -53,58 +59,92 @@ def _decode_rows(
 ENCODERS = ("trained", "random_init", "raw_pixels")
 
 
-def _embedding_table(ids: np.ndarray, features: np.ndarray, labels: np.ndarray) -> pa.Table:
+def embedding_column(encoder: str) -> str:
+    """The column holding ``encoder``'s features in a multi-encoder pass
+    (``features_dataset``): ``embedding_trained``, ``embedding_random_init``, ..."""
+    return f"embedding_{encoder}"
+
+
+def _embedding_array(features: np.ndarray) -> pa.FixedSizeListArray:
     # A fixed-size list, not Ray's tensor extension type, so any Parquet reader can use it.
-    embedding = pa.FixedSizeListArray.from_arrays(
+    return pa.FixedSizeListArray.from_arrays(
         np.ascontiguousarray(features, np.float32).reshape(-1), features.shape[1]
     )
-    return pa.table(
-        {
-            "id": pa.array(ids.tolist(), pa.string()),
-            "embedding": embedding,
-            "label": pa.array(labels, pa.int64()),
-        }
-    )
+
+
+def _features_table(batch: dict[str, np.ndarray], features: dict[str, np.ndarray]) -> pa.Table:
+    """{id, <one column per features entry>, label}: the columns in ``features``' order."""
+    columns: dict[str, pa.Array] = {"id": pa.array(batch["id"].tolist(), pa.string())}
+    columns.update({name: _embedding_array(values) for name, values in features.items()})
+    columns["label"] = pa.array(batch["label"], pa.int64())
+    return pa.table(columns)
+
+
+def _raw_pixels(images: np.ndarray) -> np.ndarray:
+    """The raw-pixel floor's features of a decoded batch (also of an empty one)."""
+    if not len(images):
+        return np.zeros((0, int(np.prod(images.shape[1:]))), np.float32)
+    return raw_pixel_features(images).numpy()
+
+
+def _check_encoders(encoders: Sequence[str]) -> None:
+    unknown = [e for e in encoders if e not in ENCODERS]
+    if unknown or not encoders or len(set(encoders)) != len(encoders):
+        raise ValueError(f"encoders must be distinct ones of {ENCODERS}, got {list(encoders)!r}")
 
 
 class EmbedActor:
-    """Holds one checkpoint's encoder (eval mode) and embeds decoded batches.
+    """Holds a checkpoint's encoders (eval mode) and embeds decoded batches with each.
 
     ``encoder="random_init"`` holds the same architecture with the run's seed and random
-    weights instead (the floor of every protocol)."""
+    weights instead (the floor of every protocol). ``columns`` ({encoder: output column})
+    asks for several encoders at once, e.g. the trained and the random-init encoder and the
+    raw pixels; each image then goes through every one of them, and each encoder's
+    features land in its own column. By default the one ``encoder`` writes ``embedding``."""
 
-    def __init__(self, checkpoint: str, encoder: str = "trained") -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        encoder: str = "trained",
+        columns: Mapping[str, str] | None = None,
+    ) -> None:
+        self.columns = dict(columns) if columns is not None else {encoder: "embedding"}
+        _check_encoders(list(self.columns))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         method, config, state = method_from_checkpoint(checkpoint)
-        if encoder == "random_init":
-            method = random_init_method(config, state)
-        elif encoder != "trained":
-            raise ValueError(f"encoder must be 'trained' or 'random_init', got {encoder!r}")
-        self.method = method.to(self.device)
+        self.methods: dict[str, SSLMethod] = {}
+        if "trained" in self.columns:
+            self.methods["trained"] = method.to(self.device)
+        if "random_init" in self.columns:
+            self.methods["random_init"] = random_init_method(config, state).to(self.device)
         self.mean, self.std = torch.tensor(state["mean"]), torch.tensor(state["std"])
+
+    @property
+    def method(self) -> SSLMethod:
+        """The first network encoder held (the only one with the default ``columns``)."""
+        return next(iter(self.methods.values()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = len(batch["id"])
-        if rows:  # one pass per batch: Ray Data already sized it
-            encoder = self.method.features
-            features = extract_features(
-                encoder, batch["image"], self.mean, self.std, rows, self.device
-            ).numpy()
-        else:  # every row of the batch was rejected
-            features = np.zeros((0, self.method.feature_dim), np.float32)
-        return _embedding_table(batch["id"], features, batch["label"])
+        features: dict[str, np.ndarray] = {}
+        for encoder, column in self.columns.items():
+            if encoder == "raw_pixels":
+                features[column] = _raw_pixels(batch["image"])
+                continue
+            method = self.methods[encoder]
+            if rows:  # one pass per batch: Ray Data already sized it
+                features[column] = extract_features(
+                    method.features, batch["image"], self.mean, self.std, rows, self.device
+                ).numpy()
+            else:  # every row of the batch was rejected
+                features[column] = np.zeros((0, method.feature_dim), np.float32)
+        return _features_table(batch, features)
 
 
-def raw_pixel_rows(batch: dict[str, np.ndarray]) -> pa.Table:
+def raw_pixel_rows(batch: dict[str, np.ndarray], column: str = "embedding") -> pa.Table:
     """Ray Data batch function: decoded {id, image, label} -> the raw-pixel floor's
     "embedding": flattened, L2-normalised pixels (``pipeline.evaluate.raw_pixel_features``)."""
-    images = batch["image"]
-    features = (
-        raw_pixel_features(images).numpy()
-        if len(images)
-        else np.zeros((0, int(np.prod(images.shape[1:]))), np.float32)
-    )
-    return _embedding_table(batch["id"], features, batch["label"])
+    return _features_table(batch, {column: _raw_pixels(batch["image"])})
 
 
 def embedding_dataset(
@@ -123,30 +163,62 @@ def embedding_dataset(
     has GPUs. ``encoder`` picks the features: the checkpoint's ``trained`` encoder, the
     ``random_init`` floor (same architecture, run seed) or ``raw_pixels`` (flattened,
     L2-normalised pixels, computed in the decode tasks)."""
-    if batch_size < 1 or actors < 1:
-        raise ValueError(f"batch_size and actors must be at least 1, got {batch_size}, {actors}")
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    return _embedding_pass(
+        checkpoint, shard_dir, {encoder: "embedding"}, batch_size, actors, ledger
+    )
+
+
+def features_dataset(
+    checkpoint: str | os.PathLike[str],
+    shard_dir: str | os.PathLike[str],
+    encoders: Sequence[str],
+    *,
+    batch_size: int = 512,
+    actors: int = 1,
+    ledger: ActorHandle | None = None,
+) -> ray.data.Dataset:
+    """``embedding_dataset`` for several encoders in one pass: {id, embedding_<encoder> for
+    each of ``encoders`` (``embedding_column``), label}. Each image is read and decoded
+    once, and the actors hold every network encoder asked for (the raw pixels need none),
+    so the features of an evaluation's encoders cost one pass over the split; the ledger
+    still counts each row once under pass 1."""
+    _check_encoders(list(encoders))
+    columns = {encoder: embedding_column(encoder) for encoder in encoders}
+    return _embedding_pass(checkpoint, shard_dir, columns, batch_size, actors, ledger)
+
+
+def _embedding_pass(
+    checkpoint: str | os.PathLike[str],
+    shard_dir: str | os.PathLike[str],
+    columns: dict[str, str],
+    batch_size: int,
+    actors: int,
+    ledger: ActorHandle | None,
+) -> ray.data.Dataset:
+    if batch_size < 1 or actors < 1:
+        raise ValueError(f"batch_size and actors must be at least 1, got {batch_size}, {actors}")
     checkpoint = locations.absolute(checkpoint)
     state = load_checkpoint(checkpoint)
     spec = ImageSpec(size=state["image_size"], channels=state["channels"])
-    files = shard_files(shard_dir)
-    filesystem, _ = locations.resolve(files[0]) if files else (None, None)
-    paths = [locations.resolve(f)[1] for f in files]
-    ds = ray.data.read_parquet(
-        paths, filesystem=filesystem, columns=["id", "image", "label"]
-    ).map_batches(
+    ds = shard_rows_dataset(shard_dir, ["id", "image", "label"]).map_batches(
         _decode_rows,
         fn_kwargs={"spec": spec, "ledger": ledger},
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=1,
     )
-    if encoder == "raw_pixels":
-        return ds.map_batches(raw_pixel_rows, batch_size=batch_size, batch_format="numpy")
+    if list(columns) == ["raw_pixels"]:  # no network: the decode tasks do it (fused)
+        return ds.map_batches(
+            raw_pixel_rows,
+            fn_kwargs={"column": columns["raw_pixels"]},
+            batch_size=batch_size,
+            batch_format="numpy",
+        )
     return ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "encoder": encoder},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "columns": columns},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         # Asked of the cluster, not the driver: the driver may well have no GPU.
         num_gpus=1 if ray.cluster_resources().get("GPU", 0) > 0 else 0,

@@ -6,9 +6,10 @@ the monitor used by InstDisc, DINO, solo-learn and lightly (k=200, T=0.1 by defa
 The two floors next to it say whether the encoder learned anything: kNN on raw pixels, and
 kNN on the same architecture with random weights.
 
-Evaluation at scale never holds a split in one process: ``EvalContext.features`` runs Ray
-Data batch inference and writes the features as Parquet once, and ``evaluate_checkpoint``
-streams the bank past the queries (pipeline.knn). The in-memory functions here
+Evaluation at scale never holds a split in one process: ``EvalContext.features_for`` runs
+one Ray Data batch-inference pass per split for every encoder the protocols need and writes
+the features as Parquet once, and ``evaluate_checkpoint`` streams the bank past the queries
+(pipeline.knn). The in-memory functions here
 (``load_labelled``, ``extract_features``, ``knn_accuracy``) serve bounded uses such as the
 online kNN monitor of pretraining.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import Tensor
 from pipeline import locations
 from pipeline.checkpoint import method_from_checkpoint, random_init_method
 from pipeline.config import Config
-from pipeline.features import FeatureSplit, scratch_location, write_features
+from pipeline.features import FeatureSplit, scratch_location
 from pipeline.ingest import DecodedImages, ImageSpec, decode_batch, normalize, read_decoded
 from pipeline.shards import load_manifest, open_parquet, read_labels, shard_files
 from ssl_models.method import SSLMethod
@@ -153,6 +154,11 @@ class KNNReport:
 ENCODER_FEATURES = ("trained", "random_init", "raw_pixels")
 
 
+def _check_encoder(encoder: str) -> None:
+    if encoder not in ENCODER_FEATURES:
+        raise ValueError(f"encoder must be one of {ENCODER_FEATURES}, got {encoder!r}")
+
+
 def _checked_labels(shard_dir: str, labels: np.ndarray) -> np.ndarray:
     unlabelled = int((labels < 0).sum())
     if unlabelled:
@@ -171,11 +177,13 @@ class EvalContext:
     transfer to another dataset, decoded to the checkpoint's image size and channels. Each
     location may be a local path or an object-storage URI.
 
-    No split is decoded into this process: ``features`` runs Ray Data batch inference
-    (pipeline.embed) once per encoder and split and writes the result as Parquet under a
-    scratch location (pipeline.features), which every protocol then streams; only the
-    splits' labels (and the train split's ids, for fine-tuning subsets) are read here.
-    ``close`` deletes the scratch files.
+    No split is decoded into this process: ``features_for`` runs Ray Data batch inference
+    (pipeline.embed) once per split for every encoder asked for, or ``request``ed earlier,
+    and not computed yet (one decode of each image, the network encoders side by side in
+    the actors) and writes the result as Parquet under a scratch location
+    (pipeline.features), which every protocol then streams; only the splits' labels (and
+    the train split's ids, for fine-tuning subsets) are read here. ``close`` deletes the
+    scratch files.
     """
 
     method: SSLMethod
@@ -189,6 +197,8 @@ class EvalContext:
     actors: int = 1
     accounts: dict[str, str] = field(default_factory=dict)
     _features: dict[tuple[str, str], FeatureSplit] = field(default_factory=dict, repr=False)
+    _requested: list[str] = field(default_factory=list, repr=False)
+    _passes: int = field(default=0, repr=False)
     _scratch: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
     _scratch_dir: str | None = field(default=None, repr=False)
 
@@ -222,53 +232,83 @@ class EvalContext:
     def split_dir(self, split: str) -> str:
         return {"train": self.train_dir, "test": self.test_dir}[split]
 
+    def request(self, encoders: Iterable[str]) -> None:
+        """Note encoders whose features will be wanted: the next pass over a split computes
+        them too, so that the protocols' encoders share one pass per split. Nothing runs
+        until features are asked for."""
+        for encoder in encoders:
+            _check_encoder(encoder)
+            if encoder not in self._requested:
+                self._requested.append(encoder)
+
     def features(self, encoder: str, split: str) -> FeatureSplit:
         """``encoder``'s features ('trained', 'random_init' or 'raw_pixels') of ``split``
-        ('train' or 'test'), computed once by Ray Data batch inference, streamed through this
-        process into Parquet, and shared by the protocols. Every row is accounted for:
-        written + rejected == the split's rows, else RuntimeError."""
-        if encoder not in ENCODER_FEATURES:
-            raise ValueError(f"encoder must be one of {ENCODER_FEATURES}, got {encoder!r}")
-        key = (encoder, self.split_dir(split))  # a split used as both is embedded once
-        if key not in self._features:
-            import ray
+        ('train' or 'test'): ``features_for(split, [encoder])[encoder]``."""
+        return self.features_for(split, [encoder])[encoder]
 
-            from pipeline.cluster import init_ray
-            from pipeline.embed import embedding_dataset
-            from pipeline.ledger import IngestLedger
+    def features_for(self, split: str, encoders: Iterable[str]) -> dict[str, FeatureSplit]:
+        """Each of ``encoders``' features ('trained', 'random_init', 'raw_pixels') of
+        ``split`` ('train' or 'test'). Those not computed yet, together with every
+        ``request``ed one, are computed in one Ray Data batch-inference pass over the split,
+        streamed through this process into Parquet (one column per encoder) and shared by
+        the protocols. Every row is accounted for: written + rejected == the split's rows,
+        else RuntimeError."""
+        encoders = list(dict.fromkeys(encoders))
+        for encoder in encoders:
+            _check_encoder(encoder)
+        shard_dir = self.split_dir(split)  # a split used as both is embedded once
+        missing = [
+            e
+            for e in dict.fromkeys([*encoders, *self._requested])
+            if (e, shard_dir) not in self._features
+        ]
+        if missing:
+            self._embed(split, shard_dir, missing)
+        return {encoder: self._features[(encoder, shard_dir)] for encoder in encoders}
 
-            init_ray()
-            if self._scratch_dir is None:
-                remote_run = self.run_dir if locations.is_remote(self.checkpoint) else None
-                self._scratch_dir = self._scratch.enter_context(scratch_location(remote_run))
-            shard_dir = self.split_dir(split)
-            rows = load_manifest(shard_dir).rows
-            ledger = IngestLedger.remote(rows)
-            try:
-                ds = embedding_dataset(
-                    self.checkpoint,
-                    shard_dir,
-                    batch_size=self.batch_size,
-                    actors=self.actors,
-                    ledger=ledger,
-                    encoder=encoder,
-                )
-                out = locations.join(self._scratch_dir, f"{encoder}-{split}")
-                written = write_features(ds.iter_batches(batch_format="pyarrow"), out)
-                counts = ray.get(ledger.report.remote()).get(1, {"delivered": 0, "rejects": []})
-            finally:
-                ray.kill(ledger)
-            written.rejects = [(r["id"], r["reason"]) for r in counts["rejects"]]
-            if written.rows != counts["delivered"] or written.rows + written.rejected != rows:
-                raise RuntimeError(
-                    f"{shard_dir}: {rows} rows but {written.rows} embedded and "
-                    f"{written.rejected} rejected"
-                )
-            self.accounts[split] = (
-                f"{shard_dir}: {rows} rows = {written.rows} embedded + {written.rejected} rejected"
+    def _embed(self, split: str, shard_dir: str, encoders: list[str]) -> None:
+        """One pass over ``shard_dir``: every one of ``encoders``' features, into the cache."""
+        import ray
+
+        from pipeline.cluster import init_ray
+        from pipeline.embed import embedding_column, features_dataset
+        from pipeline.features import write_feature_columns
+        from pipeline.ledger import IngestLedger
+
+        init_ray()
+        if self._scratch_dir is None:
+            remote_run = self.run_dir if locations.is_remote(self.checkpoint) else None
+            self._scratch_dir = self._scratch.enter_context(scratch_location(remote_run))
+        rows = load_manifest(shard_dir).rows
+        ledger = IngestLedger.remote(rows)
+        columns = [embedding_column(encoder) for encoder in encoders]
+        try:
+            ds = features_dataset(
+                self.checkpoint,
+                shard_dir,
+                encoders,
+                batch_size=self.batch_size,
+                actors=self.actors,
+                ledger=ledger,
             )
-            self._features[key] = written
-        return self._features[key]
+            self._passes += 1
+            out = locations.join(self._scratch_dir, f"{split}-{self._passes}")
+            written = write_feature_columns(ds.iter_batches(batch_format="pyarrow"), out, columns)
+            counts = ray.get(ledger.report.remote()).get(1, {"delivered": 0, "rejects": []})
+        finally:
+            ray.kill(ledger)
+        rejects = [(r["id"], r["reason"]) for r in counts["rejects"]]
+        some = written[columns[0]]
+        if some.rows != counts["delivered"] or some.rows + len(rejects) != rows:
+            raise RuntimeError(
+                f"{shard_dir}: {rows} rows but {some.rows} embedded and {len(rejects)} rejected"
+            )
+        self.accounts[split] = (
+            f"{shard_dir}: {rows} rows = {some.rows} embedded + {len(rejects)} rejected"
+        )
+        for encoder, column in zip(encoders, columns, strict=True):
+            written[column].rejects = list(rejects)
+            self._features[(encoder, shard_dir)] = written[column]
 
     @functools.cached_property
     def untrained(self) -> SSLMethod:
@@ -282,6 +322,7 @@ class EvalContext:
     def close(self) -> None:
         """Delete the scratch features."""
         self._features.clear()
+        self._requested.clear()
         self._scratch_dir = None
         self._scratch.close()
 
@@ -336,6 +377,8 @@ def evaluate_checkpoint(
         k = k or context.config.eval.knn_k
         temperature = temperature or context.config.eval.knn_temperature
         num_classes = context.num_classes
+        # Every row's encoder in one pass per split (the floors ride along with the encoder).
+        context.request(["trained", "raw_pixels", "random_init"] if floors else ["trained"])
 
         def row(name: str, encoder: str) -> KNNRow:
             queries, labels = context.features(encoder, "test").load()

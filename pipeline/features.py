@@ -2,7 +2,8 @@
 
 Evaluation never holds a split's features in one process. An embedding dataset
 (``pipeline.embed.embedding_dataset``: Ray Data batch inference) streams through the driver
-once and is written as row groups of ``{id, embedding, label}`` under a temporary location
+once and is written as row groups of ``{id, embedding, label}`` (or, from one pass for
+several encoders, one embedding column per encoder) under a temporary location
 (a local temp directory, or under the run when the run lives in object storage); the
 protocols then read it back batch by batch: kNN streams the bank past its queries, the
 linear probe takes its standardisation statistics from one pass and streams shuffled
@@ -15,7 +16,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +32,12 @@ ROW_GROUP_ROWS = 8192  # rows per written row group: the unit of reading back an
 FEATURE_FILE = "features.parquet"
 
 
-def embedding_columns(table: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-    """A {embedding, label} table's float32 features (N, D) and int64 labels (N,)."""
-    column = table.column("embedding")
+def embedding_columns(
+    table: pa.Table | pa.RecordBatch, column_name: str = "embedding"
+) -> tuple[np.ndarray, np.ndarray]:
+    """A {embedding, label} table's float32 features (N, D) and int64 labels (N,); the
+    features from the column ``column_name``."""
+    column = table.column(column_name)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     dim = column.type.list_size
@@ -46,13 +50,17 @@ def embedding_columns(table: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.
 class FeatureSplit:
     """One encoder's features of one split: Parquet ``files`` of {id, embedding, label},
     ``rows`` written, the ``rejects`` (id, reason) of rows that could not be decoded, and the
-    dimension. ``peak_rows`` is the most rows any read held at once (bounded-memory check)."""
+    dimension. ``peak_rows`` is the most rows any read held at once (bounded-memory check).
+
+    The features are the files' ``column``; files written by one multi-encoder pass hold a
+    column per encoder, and each encoder's ``FeatureSplit`` reads only its own."""
 
     files: list[str]
     rows: int
     dim: int
     rejects: list[tuple[str, str]] = field(default_factory=list)
     peak_rows: int = 0
+    column: str = "embedding"
 
     @property
     def rejected(self) -> int:
@@ -87,8 +95,8 @@ class FeatureSplit:
         for location, group in units:
             if location not in opened:
                 opened = {location: open_parquet(location)}  # one file open at a time
-            table = opened[location].read_row_group(group, columns=["embedding", "label"])
-            yield embedding_columns(table)
+            table = opened[location].read_row_group(group, columns=[self.column, "label"])
+            yield embedding_columns(table, self.column)
 
     def batches(
         self,
@@ -144,8 +152,10 @@ class FeatureSplit:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def delete(self) -> None:
+        """Delete the files (shared with the other encoders of the pass that wrote them)."""
         for location in self.files:
-            locations.delete_file(location)
+            if locations.exists(location):
+                locations.delete_file(location)
 
 
 def write_features(
@@ -158,14 +168,32 @@ def write_features(
     """Stream {id, embedding, label} tables (e.g. an embedding dataset's
     ``iter_batches(batch_format="pyarrow")``) into ``out_dir/features.parquet`` (local or a
     URI), ``row_group_rows`` rows per row group; only one row group is held at a time."""
+    return write_feature_columns(
+        batches, out_dir, ["embedding"], rejects=rejects, row_group_rows=row_group_rows
+    )["embedding"]
+
+
+def write_feature_columns(
+    batches: Iterable[pa.Table],
+    out_dir: str,
+    columns: Sequence[str],
+    *,
+    rejects: list[tuple[str, str]] | None = None,
+    row_group_rows: int = ROW_GROUP_ROWS,
+) -> dict[str, FeatureSplit]:
+    """``write_features`` for tables of {id, <one embedding column per encoder>, label}
+    (``pipeline.embed.features_dataset``): one file, ``out_dir/features.parquet``, holding
+    every one of ``columns``, and one ``FeatureSplit`` per column reading just that one
+    (a row group of a column at a time)."""
     location = locations.join(out_dir, FEATURE_FILE)
     filesystem, path = locations.resolve(location)
     if not locations.is_remote(location):  # object storage needs no directories (nor markers)
         filesystem.create_dir(os.path.dirname(path) or path, recursive=True)
     writer: pq.ParquetWriter | None = None
     pending: list[pa.Table] = []
-    pending_rows = rows = dim = 0
+    pending_rows = rows = 0
     schema = None
+    wanted = ["id", *columns, "label"]
 
     def flush() -> None:
         nonlocal writer, pending, pending_rows
@@ -182,10 +210,9 @@ def write_features(
         for table in batches:
             if not len(table):
                 continue
-            table = table.select(["id", "embedding", "label"])
+            table = table.select(wanted)
             if schema is None:
                 schema = table.schema
-                dim = schema.field("embedding").type.list_size
             pending.append(table.cast(schema))
             pending_rows += len(table)
             rows += len(table)
@@ -195,7 +222,16 @@ def write_features(
     finally:
         if writer is not None:
             writer.close()
-    return FeatureSplit([location] if rows else [], rows, dim, list(rejects or []))
+    return {
+        column: FeatureSplit(
+            [location] if rows else [],
+            rows,
+            schema.field(column).type.list_size if schema is not None else 0,
+            list(rejects or []),
+            column=column,
+        )
+        for column in columns
+    }
 
 
 @contextlib.contextmanager

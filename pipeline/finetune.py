@@ -27,11 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline import locations
 from pipeline.augment import ViewRecipe, random_views
-from pipeline.ingest import ImageSpec, decoded_batch, normalize
+from pipeline.ingest import ImageSpec, decoded_batch, normalize, shard_rows_dataset
 from pipeline.linear_probe import TopkHits, new_head
-from pipeline.shards import shard_files
 from ssl_models.optim import param_groups, set_lr, warmup_cosine
 
 
@@ -204,11 +202,8 @@ def subset_rows(shard_dir: str, ids: Sequence[str]) -> ray.data.Dataset:
     """The encoded {id, image, label} rows of ``shard_dir`` whose id is in ``ids``, read once
     and held by Ray's object store (spilled to disk when large), not by the driver: each
     epoch decodes them afresh, so only the subset's encoded bytes are kept."""
-    files = shard_files(shard_dir)
-    filesystem, _ = locations.resolve(files[0])
-    paths = [locations.resolve(f)[1] for f in files]
     return (
-        ray.data.read_parquet(paths, filesystem=filesystem, columns=["id", "image", "label"])
+        shard_rows_dataset(shard_dir, ["id", "image", "label"])
         .map_batches(
             _keep_ids,
             fn_kwargs={"ids": pa.array(list(ids), pa.string())},

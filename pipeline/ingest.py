@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from ray.actor import ActorHandle
 
+from pipeline import locations
 from pipeline.augment import ViewRecipe, random_views
 from pipeline.shards import (
     SHARD_SCHEMA,
@@ -338,6 +339,15 @@ def training_dataset(
     return _views_of_passes(
         passes, beyond_limit, spec, plan, ledger, batch_size=batch_size, tasks=decode_tasks
     )
+
+
+def shard_rows_dataset(shard_dir: str, columns: Sequence[str]) -> ray.data.Dataset:
+    """Lazy Ray dataset of ``columns`` of every row of the shards in ``shard_dir`` (a local
+    directory or an object-storage prefix), read by Ray Data's Parquet reader in tasks."""
+    files = shard_files(shard_dir)
+    filesystem = locations.resolve(files[0])[0] if files else None
+    paths = [locations.resolve(location)[1] for location in files]
+    return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(list(columns))
 
 
 def decoded_dataset(

@@ -26,6 +26,12 @@ from pipeline.linear_probe import linear_probe_accuracy_streamed
 from ssl_models.method import SSLMethod
 
 PROTOCOLS = ("knn", "linear", "finetune")
+# The frozen features each protocol reads (fine-tuning trains the backbones on images).
+PROTOCOL_ENCODERS = {
+    "knn": ("trained", "raw_pixels", "random_init"),
+    "linear": ("trained", "random_init", "raw_pixels"),
+    "finetune": (),
+}
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,13 @@ def run_protocols(
 ) -> dict[str, dict[str, float]]:
     """Run ``protocols`` on the context's splits; returns {key: {"top1", "top5", ...}}.
 
-    Features stream from the context (computed once per encoder and split, shared by kNN
-    and the probe); fine-tuning streams the subset's and the test split's images through
-    Ray Data. No split is held in this process."""
+    Features stream from the context (every encoder the protocols need computed in one
+    pass per split, shared by kNN and the probe); fine-tuning streams the subset's and the
+    test split's images through Ray Data. No split is held in this process."""
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
+    context.request(e for protocol in protocols for e in PROTOCOL_ENCODERS[protocol])
     seed = context.config.run.seed
     results: dict[str, dict[str, float]] = {}
     if "knn" in protocols:

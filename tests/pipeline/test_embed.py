@@ -10,7 +10,14 @@ from PIL import Image
 
 from pipeline.checkpoint import build_method_for, method_from_checkpoint, save_checkpoint
 from pipeline.config import from_dict
-from pipeline.embed import EmbedActor, export_embeddings, read_embeddings
+from pipeline.embed import (
+    ENCODERS,
+    EmbedActor,
+    embedding_column,
+    export_embeddings,
+    raw_pixel_rows,
+    read_embeddings,
+)
 from pipeline.evaluate import extract_features
 from pipeline.ingest import ImageSpec, read_decoded
 from pipeline.shards import write_shards
@@ -126,3 +133,34 @@ def test_overwrite_spares_a_directory_with_other_files(shards, checkpoint, tmp_p
 def test_reading_an_empty_export_names_the_directory(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}: no embedding Parquet files"):
         read_embeddings(tmp_path)
+
+
+def test_one_actor_holding_every_encoder_embeds_as_the_single_encoder_passes_do(checkpoint):
+    # One pass of the evaluation: each decoded batch goes through the trained and the
+    # random-init encoder and the raw pixels, each into its own column, with exactly the
+    # features that a pass per encoder gives.
+    rng = np.random.default_rng(1)
+    batch = {
+        "id": np.asarray([f"img-{i}" for i in range(9)], dtype=object),
+        "image": rng.integers(0, 256, (9, 1, SIZE, SIZE), np.uint8),
+        "label": np.arange(9, dtype=np.int64) % 4,
+    }
+    columns = {encoder: embedding_column(encoder) for encoder in ENCODERS}
+    table = EmbedActor(str(checkpoint), columns=columns)(batch)
+    assert table.column_names == ["id", *columns.values(), "label"]
+    assert table.column("id").to_pylist() == batch["id"].tolist()
+    assert table.column("label").to_pylist() == batch["label"].tolist()
+    for encoder, column in columns.items():
+        single = (
+            raw_pixel_rows(batch)
+            if encoder == "raw_pixels"
+            else EmbedActor(str(checkpoint), encoder=encoder)(batch)
+        )
+        np.testing.assert_array_equal(
+            table.column(column).combine_chunks().flatten().to_numpy(),
+            single.column("embedding").combine_chunks().flatten().to_numpy(),
+        )
+    empty = {key: value[:0] for key, value in batch.items()}
+    assert EmbedActor(str(checkpoint), columns=columns)(empty).num_rows == 0
+    with pytest.raises(ValueError, match="encoders must be distinct ones of"):
+        EmbedActor(str(checkpoint), columns={"pixels": "embedding"})
