@@ -568,9 +568,11 @@ def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, eval
         locations.write_text(locations.join(run, "knn.txt"), table + "\n")
 
 
-def _tune(args: argparse.Namespace) -> None:
+def _tune(args: argparse.Namespace) -> int:
+    """Run the sweep; exit status 1 when every trial errored (nothing was learned)."""
+    from pipeline import locations
     from pipeline.config import load_config
-    from pipeline.sweep import SweepSettings, sweep
+    from pipeline.sweep import SweepSettings, sweep, sweep_dir
     from tune_spaces import load_space
 
     config = load_config(args.config, args.overrides)
@@ -583,7 +585,16 @@ def _tune(args: argparse.Namespace) -> None:
         retries=args.retries,
         name=args.name,
     )
-    sweep(config, space, settings, resume=args.resume)
+    rows = sweep(config, space, settings, resume=args.resume)
+    if rows and all(row["status"].startswith("ERROR") for row in rows):
+        results = locations.join(sweep_dir(config, settings), "results.csv")
+        print(
+            f"error: all {len(rows)} trials failed; their tracebacks are above, "
+            f"their parameters in {results}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -616,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                 ](args)
             )
         elif args.command == "tune":
-            _tune(args)
+            return _tune(args)
         elif args.command == "demo":
             from pipeline.prepare import prepare
 

@@ -53,6 +53,17 @@ def test_transfer_needs_both_splits_of_one_dataset(tmp_path, capsys):
     assert "both --train-data and --test-data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("statuses", "code"), [(["ERROR: X", "ERROR: Y"], 1), (["ERROR: X", "completed"], 0)]
+)
+def test_a_sweep_whose_every_trial_failed_exits_non_zero(statuses, code, capsys, monkeypatch):
+    rows = [{"status": status} for status in statuses]
+    monkeypatch.setattr("pipeline.sweep.sweep", lambda *args, **kwargs: rows)
+    assert main(["tune", "--space", "simclr", "--set", "run.root=/tmp/sweeps"]) == code
+    err = capsys.readouterr().err
+    assert ("all 2 trials failed" in err and "/tmp/sweeps/sweeps/" in err) == (code == 1)
+
+
 def test_prepare_a_folder_then_reuse_it(ray_session, tmp_path, capsys):
     """prepare runs as a Ray Data job: on the session's shared Ray instance here."""
     for label in ("cat", "dog"):

@@ -119,6 +119,8 @@ def test_raw_images_to_an_evaluated_run_and_a_sweep_all_in_a_bucket(
 
     tune = ["tune", "--config", "configs/fmnist_simclr_demo.yaml", "--space", "simclr"]
     tune += ["--samples", "2", "--concurrency", "1", "--name", "sweep"]
+    # The space's batch sizes reach 512; the bucket's split holds a few hundred images.
+    tune += ["--space-set", "train.batch_size={choice: [64, 128]}"]
     overrides = [*common, "run.name=cloud-sweep", "train.epochs=1", "train.num_workers=1"]
     assert main([*tune, *sum((["--set", o] for o in overrides), [])]) == 0
     sweep = f"{runs}/sweeps/sweep"
