@@ -18,7 +18,14 @@ from PIL import Image
 
 from pipeline import locations
 from pipeline.prepare import Progress, default_out, prepare
-from pipeline.shards import MANIFEST_NAME, PLAN_NAME, ShardError, read_parquet, shard_files
+from pipeline.shards import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    PLAN_NAME,
+    ShardError,
+    read_parquet,
+    shard_files,
+)
 from pipeline.sources import SourceError
 
 RNG = np.random.default_rng(0)
@@ -177,6 +184,52 @@ def test_an_interrupted_prepare_resumes_without_redoing_finished_chunks(ray_sess
     assert sorted(p.name for p in split_dir.iterdir()) == [MANIFEST_NAME, *manifest.shards]
     # finished now: reused as it is
     assert prepare(source, out, rows_per_shard=2, progress=quiet)["train"] == manifest
+
+
+@pytest.mark.slow
+def test_a_prepare_into_s3_killed_mid_way_and_run_again_gives_the_same_manifest(
+    ray_session, s3_bucket, tmp_path
+):
+    """A real SIGKILL of the `prepare` driver (attached to the session's cluster) while
+    chunks land in the bucket; the rerun ends with the uninterrupted run's manifest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    make_plain_folder(tmp_path / "images", 160)
+    source = f"folder:{tmp_path / 'images'}"
+    reference = prepare(source, tmp_path / "ref", rows_per_shard=1, progress=quiet)["train"]
+    out = f"{s3_bucket}/shards/killed"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "pipeline", "prepare", source, "--out", out]
+    driver = subprocess.Popen(
+        [*command, "--rows-per-shard", "1", "--tasks", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    records = f"{out}/train/{PARTS_DIR}"
+    deadline = time.monotonic() + 120
+    while driver.poll() is None and time.monotonic() < deadline:
+        if locations.is_dir(records) and len(locations.list_files(records)) >= 5:
+            break
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not locations.exists(f"{out}/train/{MANIFEST_NAME}"), "finished before the kill"
+    assert locations.exists(f"{out}/train/{PLAN_NAME}")
+
+    manifest = prepare(source, out, rows_per_shard=1, tasks=2, progress=quiet)["train"]
+    assert manifest == reference
+    ids = [i for i, _ in id_labels(f"{out}/train")]
+    assert len(ids) == len(set(ids)) == 160
+    assert id_labels(f"{out}/train") == id_labels(str(tmp_path / "ref" / "train"))
+    left = {e.relative for e in locations.list_files(f"{out}/train")}
+    assert left == {MANIFEST_NAME, *manifest.shards}
 
 
 def test_an_unfinished_prepare_of_another_plan_is_refused(ray_session, tmp_path):
