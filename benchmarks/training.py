@@ -225,6 +225,7 @@ def epochs_compare(args: argparse.Namespace) -> None:
 def storage_compare(args: argparse.Namespace) -> None:
     """Epochs 2-3 images/s of a 3-epoch demo from local shards and from the same shards on
     a loopback S3 server (moto), in this order."""
+    import boto3
     import pyarrow.fs
     from moto.server import ThreadedMotoServer
 
@@ -245,8 +246,8 @@ def storage_compare(args: argparse.Namespace) -> None:
     try:
         local = str((DEMO_CONFIG.parent.parent / load_config(DEMO_CONFIG, []).data.train).resolve())
         uri = "s3://bench-shards/fashion-mnist/train"
+        boto3.client("s3").create_bucket(Bucket="bench-shards")
         filesystem, path = resolve(uri)
-        filesystem.create_dir("bench-shards")
         pyarrow.fs.copy_files(local, path, destination_filesystem=filesystem)
         common = [
             f"data.limit={args.limit}",

@@ -374,6 +374,12 @@ def decoded_dataset(
     )
 
 
+# Batches the stream may hold ahead of training (a block is about one batch). Bounded, so the
+# decoding runs at training's pace from the first epoch: unbounded, a short run decodes its
+# whole stream during epoch 1 and a long one spends its first epochs filling the object store.
+READ_AHEAD_BLOCKS = 32
+
+
 def _block_bytes(spec: ImageSpec, plan: ViewPlan | None, batch_size: int) -> int:
     """About one output batch's size: the stream's target block size, so each batch made
     leaves its task at once (Ray's default of 128 MiB would hold a lane's output back)."""
@@ -400,7 +406,11 @@ def _views_of_passes(
     hold every pass as a queued input and run a read stage ahead of the decoding; with
     hundreds of passes queued, finished reads waited behind the backpressure and the
     scheduling loop polled them without blocking (about half a core on 2 cores, a third of
-    the training speed).
+    the training speed; pipeline.cluster.IdleWhileBackpressured rests the loop meanwhile).
+
+    The stream holds at most ``READ_AHEAD_BLOCKS`` blocks ahead of training (an object
+    store limit in its execution options, which the trainer keeps), so decoding runs at
+    training's pace from the first epoch, whatever the number of epochs.
     """
     lanes = max(1, min(tasks, len(passes.files) * passes.epochs))
     ds = ray.data.from_items([{"lane": lane} for lane in range(lanes)], override_num_blocks=lanes)
@@ -420,7 +430,12 @@ def _views_of_passes(
         compute=ray.data.TaskPoolStrategy(size=lanes),
         num_cpus=1,
     )
-    ds.context.target_max_block_size = _block_bytes(spec, plan, batch_size)
+    block_bytes = _block_bytes(spec, plan, batch_size)
+    ds.context.target_max_block_size = block_bytes
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(
+        object_store_memory=READ_AHEAD_BLOCKS * block_bytes
+    )
     return ds
 
 

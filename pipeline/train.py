@@ -493,6 +493,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         writer.close()
 
 
+def own_execution_options(datasets: dict[str, ray.data.Dataset]) -> ray.train.DataConfig:
+    """Train's dataset config keeping each dataset's own execution options (the training
+    stream's read-ahead bound, pipeline.ingest); by default Train replaces them with the
+    driver's, and the stream would run ahead of training without limit."""
+    return ray.train.DataConfig(
+        execution_options={name: ds.context.execution_options for name, ds in datasets.items()}
+    )
+
+
 def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.train.Result:
     """Pretrain ``config``'s method; resumes when the run directory already has checkpoints.
 
@@ -576,6 +585,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
             callbacks=list(callbacks),
         ),
         datasets=datasets,
+        dataset_config=own_execution_options(datasets),
     )
     try:
         return trainer.fit()

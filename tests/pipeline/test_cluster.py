@@ -188,3 +188,32 @@ def test_a_submitted_job_survives_losing_its_training_node(fmnist_small, tmp_pat
         assert [report[e]["delivered"] for e in ("1", "2", "3")] == [1024] * 3
     finally:
         cluster.close()
+
+
+class _Operator:
+    def __init__(self, backpressured: bool) -> None:
+        self._in_task_output_backpressure = backpressured
+
+
+class _Executor:
+    def __init__(self, *backpressured: bool) -> None:
+        self._topology = {_Operator(b): None for b in backpressured}
+
+
+def test_the_scheduling_loop_rests_only_while_output_waits_behind_backpressure(monkeypatch):
+    import ray.data
+
+    from pipeline import cluster
+
+    rests: list[float] = []
+    monkeypatch.setattr(cluster.time, "sleep", rests.append)
+    callback = cluster.IdleWhileBackpressured()
+    callback.on_execution_step(_Executor(False, False))
+    assert rests == []  # the loop is blocking in ray.wait or dispatching: no rest
+    callback.on_execution_step(_Executor(False, True))
+    assert rests == [cluster.BACKPRESSURE_REST_S]
+
+    cluster.configure_data_context()
+    cluster.configure_data_context()
+    registered = ray.data.DataContext.get_current().custom_execution_callback_classes
+    assert registered.count(cluster.IdleWhileBackpressured) == 1

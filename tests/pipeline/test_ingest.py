@@ -127,6 +127,37 @@ def test_lanes_deliver_each_pass_once_and_stream_before_a_lane_ends(ray_session,
     assert len(ids) == 3 * 1300 and Counter(ids) == Counter(expected * 3)
 
 
+@pytest.mark.slow
+def test_the_stream_runs_a_bounded_distance_ahead_of_a_slow_consumer(ray_session, fmnist_small):
+    """However many passes remain, decoding stops a bounded number of bytes ahead of what
+    training took: a short run does not decode its whole stream during epoch 1, a long
+    one does not fill the object store, so each epoch costs the same."""
+    import time
+
+    import pipeline.ingest as ingest
+    from pipeline.ledger import IngestLedger
+
+    spec, epochs, batch = ImageSpec(size=28, channels=1), 40, 100
+    ledger = IngestLedger.remote(2048)
+    ds = training_dataset(
+        fmnist_small["train"], spec, None, epochs=epochs, batch_size=batch, ledger=ledger
+    )
+    block = ingest._block_bytes(spec, None, batch)
+    assert ds.context.execution_options.resource_limits.object_store_memory == (
+        ingest.READ_AHEAD_BLOCKS * block
+    )
+    taken = 0
+    for taken_batches, rows in enumerate(ds.iter_batches(batch_size=batch, batch_format="numpy")):
+        taken += len(rows["id"])
+        if taken_batches == 5:
+            time.sleep(4)  # a slow training step: the stream would run on unchecked
+            break
+    decoded = sum(p["delivered"] for p in ray.get(ledger.report.remote()).values())
+    ray.kill(ledger)
+    ahead_rows = ingest.READ_AHEAD_BLOCKS * block // (28 * 28)
+    assert taken < decoded <= taken + 2 * ahead_rows < epochs * 2048 // 2
+
+
 def test_a_resumed_stream_skips_completed_passes_unread(ray_session, monkeypatch, tmp_path):
     """After a restart, passes the ledger marks completed are not read at all."""
     import pipeline.ingest as ingest

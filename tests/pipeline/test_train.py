@@ -218,3 +218,16 @@ def test_view_recipes_are_the_methods_global_views_then_the_local_crops(monkeypa
     assert views[2].crop_scale == (0.05, 0.3) and views[2].brightness == views[0].brightness
     config = load_config(None, ["augment.local_crops=1", "augment.local_size=16"])
     assert view_recipes(config, 224)[-1].size == 16
+
+
+def test_train_keeps_the_training_streams_read_ahead_bound(ray_session, fmnist_small):
+    """Train replaces a dataset's execution options with the driver's unless told; the
+    training stream's object-store bound must reach the executor that Train builds."""
+    from pipeline.ingest import ImageSpec, training_dataset
+    from pipeline.train import own_execution_options
+
+    stream = training_dataset(fmnist_small["train"], ImageSpec(28, 1), None, epochs=5)
+    bound = stream.context.execution_options.resource_limits.object_store_memory
+    assert bound < 1 << 30
+    resolved = own_execution_options({"train": stream})._resolve_execution_options("train")
+    assert resolved.resource_limits.object_store_memory == bound
