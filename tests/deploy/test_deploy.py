@@ -36,6 +36,9 @@ def test_cluster_launcher_configs_pass_rays_checks(name):
     assert set(types) == {"head", "cpu", "gpu"} and config["head_node_type"] == "head"
     for worker in ("cpu", "gpu"):
         assert types[worker]["min_workers"] == 0 < types[worker]["max_workers"]
+    for node_type in types.values():  # every node reaches the bucket with its own identity
+        node = node_type["node_config"]
+        assert node.get("IamInstanceProfile") or node["serviceAccounts"][0]["email"]
     gpu = types["gpu"]["node_config"]
     assert gpu.get("InstanceType", "g").startswith(("g", "p")) or gpu["guestAccelerators"]
     assert any(o.startswith("--shm-size=") for o in config["docker"]["run_options"])
@@ -73,16 +76,21 @@ def test_rayjob_runs_a_valid_pretrain_command_on_an_autoscaling_private_cluster(
     config_path = argv[argv.index("--config") + 1]
     overrides = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
     load_config(ROOT / config_path, overrides)  # the job's config is valid as written
+    locations = {key: value for key, value in (o.split("=", 1) for o in overrides)}
+    for key in ("data.train", "data.eval_train", "data.eval_test", "run.root"):
+        assert locations[key].startswith("s3://"), f"{key}: pods share no filesystem"
 
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"] == "2.60.0" and cluster["enableInTreeAutoscaling"]
     assert cluster["authOptions"] == {"mode": "token"}
     assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert cluster["headGroupSpec"]["template"]["spec"]["serviceAccountName"] == "ray-ssl"
     groups = {group["groupName"]: group for group in cluster["workerGroupSpecs"]}
     assert set(groups) == {"cpu", "gpu"}
     for group in groups.values():
         assert group["minReplicas"] == 0 < group["maxReplicas"]
         pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == "ray-ssl"  # the bucket's credentials
         assert pod["volumes"][0]["emptyDir"]["medium"] == "Memory"
         assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/dev/shm"
     gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
