@@ -133,6 +133,32 @@ def test_folder_to_s3_same_shards_for_any_parallelism(ray_session, s3_bucket, tm
     assert id_labels(f"{out1}/train") == id_labels(f"{out3}/train")
 
 
+def test_a_bucket_prefix_of_raw_images_prepares_like_the_local_folder(
+    ray_session, s3_bucket, tmp_path
+):
+    """`prepare folder:s3://bucket/raw/`: listed and read from the bucket, the same rows,
+    ids, labels, bytes and skip reasons as the folder on local disk."""
+    groups = make_folder(tmp_path / "images")
+    for path in sorted((tmp_path / "images").rglob("*")):
+        if path.is_file():
+            relative = path.relative_to(tmp_path / "images").as_posix()
+            locations.write_bytes(f"{s3_bucket}/raw/{relative}", path.read_bytes())
+    local = prepare(f"folder:{tmp_path / 'images'}", tmp_path / "local", progress=quiet)
+    remote = prepare(f"folder:{s3_bucket}/raw/", f"{s3_bucket}/shards", progress=quiet)
+    assert remote["train"].rows == len(groups["good"]) + len(groups["odd"])
+    assert remote["train"].skipped == local["train"].skipped
+    assert (remote["train"].num_classes, remote["train"].shards) == (
+        local["train"].num_classes,
+        local["train"].shards,
+    )
+    same = ["id", "image", "label"]  # each row's "source" names where it came from
+    assert (
+        rows(f"{s3_bucket}/shards/train")
+        .select(same)
+        .equals(rows(str(tmp_path / "local" / "train")).select(same))
+    )
+
+
 def _interrupt_after(chunks: int):
     class Interrupted(Exception):
         pass
