@@ -134,6 +134,15 @@ def is_dir(location: str | os.PathLike[str]) -> bool:
 
 def read_bytes(location: str | os.PathLike[str]) -> bytes:
     """The whole file; FileNotFoundError when it is not there."""
+    text = str(location)
+    if not is_uri(text):  # the OS directly: prepare reads every image through here
+        try:
+            with open(os.path.expanduser(text), "rb") as file:
+                return file.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{location}: no such file") from None
+        except OSError as err:
+            raise LocationError(f"{location}: cannot read it ({err})") from err
     filesystem, path = resolve(location)
     try:
         with filesystem.open_input_stream(path) as stream:
