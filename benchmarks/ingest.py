@@ -98,7 +98,9 @@ def time_ours(images: list[bytes], spec: ImageSpec, recipe: ViewRecipe, batch: i
     for start in range(0, len(images), batch):
         chunk = np.array(images[start : start + batch], dtype=object)
         ids = np.arange(start, start + len(chunk))
-        out = augment_batch({"id": ids, "image": chunk}, spec, ViewPlan((recipe,) * 2))
+        labels = np.full(len(chunk), -1, np.int64)  # unlabelled, as a stream's rows may be
+        batch_in = {"id": ids, "image": chunk, "label": labels}
+        out = augment_batch(batch_in, spec, ViewPlan((recipe,) * 2))
         assert out["view_1"].shape == (len(chunk), spec.channels, spec.size, spec.size)
     return len(images) / (time.perf_counter() - started)
 
