@@ -29,7 +29,12 @@ from ray.actor import ActorHandle
 
 from pipeline import locations
 from pipeline.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
-from pipeline.evaluate import extract_features, raw_pixel_features
+from pipeline.evaluate import (
+    ENCODER_FEATURES,
+    check_encoder,
+    extract_features,
+    raw_pixel_features,
+)
 from pipeline.ingest import ImageSpec, decode_batch, shard_rows_dataset
 from pipeline.ledger import IngestLedger
 from pipeline.shards import load_manifest, open_parquet, read_parquet
@@ -56,7 +61,7 @@ def _decode_rows(
     }
 
 
-ENCODERS = ("trained", "random_init", "raw_pixels")
+ENCODERS = ENCODER_FEATURES  # the features an evaluation can ask for
 
 
 def embedding_column(encoder: str) -> str:
@@ -163,8 +168,7 @@ def embedding_dataset(
     has GPUs. ``encoder`` picks the features: the checkpoint's ``trained`` encoder, the
     ``random_init`` floor (same architecture, run seed) or ``raw_pixels`` (flattened,
     L2-normalised pixels, computed in the decode tasks)."""
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    check_encoder(encoder)
     return _embedding_pass(
         checkpoint, shard_dir, {encoder: "embedding"}, batch_size, actors, ledger
     )

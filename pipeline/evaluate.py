@@ -154,7 +154,8 @@ class KNNReport:
 ENCODER_FEATURES = ("trained", "random_init", "raw_pixels")
 
 
-def _check_encoder(encoder: str) -> None:
+def check_encoder(encoder: str) -> None:
+    """ValueError unless ``encoder`` is one of ``ENCODER_FEATURES``."""
     if encoder not in ENCODER_FEATURES:
         raise ValueError(f"encoder must be one of {ENCODER_FEATURES}, got {encoder!r}")
 
@@ -237,7 +238,7 @@ class EvalContext:
         them too, so that the protocols' encoders share one pass per split. Nothing runs
         until features are asked for."""
         for encoder in encoders:
-            _check_encoder(encoder)
+            check_encoder(encoder)
             if encoder not in self._requested:
                 self._requested.append(encoder)
 
@@ -255,7 +256,7 @@ class EvalContext:
         else RuntimeError."""
         encoders = list(dict.fromkeys(encoders))
         for encoder in encoders:
-            _check_encoder(encoder)
+            check_encoder(encoder)
         shard_dir = self.split_dir(split)  # a split used as both is embedded once
         missing = [
             e

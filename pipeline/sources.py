@@ -422,8 +422,7 @@ def plan_folder(root: str | os.PathLike[str], rows_per_shard: int) -> SourcePlan
     path, which is its id. Images in a first-level sub-folder are labelled with the index of
     that folder's name among :func:`folder_class_names`; images directly under the root are
     unlabelled; files without an image extension are skipped with that reason."""
-    # One name per folder: "s3://bucket/raw/" and "s3://bucket/raw" plan (and resume) alike.
-    root = locations.absolute(root).rstrip("/") or "/"
+    root = locations.absolute(root)
     listing = _folder_listing(root)
     class_index = {name: i for i, name in enumerate(_class_names([e.relative for e in listing]))}
     entries, skipped = [], {}
