@@ -9,9 +9,10 @@ the same recipe, and produce two uint8 views per image:
   each image with PIL and applies torchvision ``transforms.v2`` per image, as lightly's
   ``SimCLRTransform`` does.
 
-Images: real Fashion-MNIST shards (28 px grayscale PNG) and 224 px RGB JPEGs made from them
-(upscaled and coloured in memory; blur on, as SimCLR uses it for large images). Prints a
-Markdown table of medians over ``--repeats`` runs.
+Images: real Fashion-MNIST (28 px grayscale PNG, the bytes the shards hold, read from the
+installed IDX files) and 224 px RGB JPEGs made from them (upscaled and coloured in memory;
+blur on, as SimCLR uses it for large images). Prints a Markdown table of medians over
+``--repeats`` runs.
 
     .venv/bin/python benchmarks/ingest.py
     .venv/bin/python benchmarks/ingest.py --images 1024 --repeats 5
@@ -21,31 +22,27 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import random
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from pipeline.augment import ViewRecipe
 from pipeline.ingest import ImageSpec, ViewPlan, augment_batch
-from pipeline.shards import shard_files
-
-SHARDS = "data/shards/fashion-mnist/train"
+from pipeline.sources import builtin_idx_files, read_idx
 
 
 def fashion_mnist_bytes(count: int) -> list[bytes]:
-    images: list[bytes] = []
-    for path in shard_files(SHARDS):
-        images += pq.read_table(path, columns=["image"]).column("image").to_pylist()
-        if len(images) >= count:
-            break
-    return images[:count]
+    """The first ``count`` training images as the PNG bytes ``prepare`` stores in shards,
+    straight from the installed IDX files (no shards need to exist)."""
+    records = read_idx(*builtin_idx_files("fashion-mnist", "train"), "fashion-mnist", "train")
+    return [record.image for record in itertools.islice(records, count)]
 
 
 def to_large_jpeg(png: bytes, size: int, rng: random.Random) -> bytes:
