@@ -66,7 +66,7 @@ are kept as they are; other formats and odd modes (CMYK, palette, 16-bit, ...) b
 PNG; unreadable, truncated and over-large images are skipped and listed with their reason
 in the manifest's `skipped`. Progress is printed every few seconds with an ETA.
 
-SOURCE is one of (DIR, PATH and FILE may be local or s3://, gs:// URIs):
+SOURCE is one of (folder:, parquet:, tar: and list: take a local path or an s3://, gs:// URI):
   fashion-mnist      Debian package dataset-fashion-mnist (IDX files); train + test splits
   mnist              MNIST IDX files under --root; train + test splits
   cifar10:DIR        CIFAR-10 python batches (data_batch_1..5, test_batch); train + test
