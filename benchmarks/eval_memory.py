@@ -76,7 +76,7 @@ def write_bank(out: str, rows: int, dim: int, classes: int, seed: int) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.features import write_features
+    from pipeline.eval.features import write_features
 
     rng = np.random.default_rng(seed)
 
@@ -97,8 +97,8 @@ def write_bank(out: str, rows: int, dim: int, classes: int, seed: int) -> None:
 
 
 def _split(directory: str):
-    from pipeline.features import FEATURE_FILE, FeatureSplit
-    from pipeline.shards import open_parquet
+    from pipeline.data.shards import open_parquet
+    from pipeline.eval.features import FEATURE_FILE, FeatureSplit
 
     location = str(Path(directory) / FEATURE_FILE)
     parquet = open_parquet(location)
@@ -120,14 +120,14 @@ def child(args: argparse.Namespace) -> dict:
         )
     bank, queries = _split(args.bank), _split(args.query_bank)
     if args.child == "streamed":
-        from pipeline.knn import streamed_knn_accuracy
+        from pipeline.eval.knn import streamed_knn_accuracy
 
         def streamed():
             q, labels = queries.load()
             return streamed_knn_accuracy(bank.batches(4096), q, labels, 200, 0.1)
 
         return _measure(f"chunked kNN, bank {bank.rows} x {bank.dim}", streamed)
-    from pipeline.evaluate import knn_accuracy
+    from pipeline.eval.evaluate import knn_accuracy
 
     def in_memory():
         q, labels = queries.load()

@@ -22,11 +22,11 @@ import time
 import torch
 import yaml
 
-from pipeline.augment import ViewRecipe, random_views
-from pipeline.evaluate import extract_features, knn_accuracy, raw_pixel_features
-from pipeline.ingest import ImageSpec, channel_stats, normalize, read_decoded
+from pipeline.data.ingest import ImageSpec, channel_stats, normalize, read_decoded
+from pipeline.eval.evaluate import extract_features, knn_accuracy, raw_pixel_features
 from ssl_models import METHODS, build_method
 from ssl_models.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
+from ssl_models.transforms.views import ViewRecipe, random_views
 
 SHARDS = "data/shards/fashion-mnist"
 

@@ -3,7 +3,7 @@
 Both sides run in this one process on one thread (one core), on the same encoded images and
 the same recipe, and produce two uint8 views per image:
 
-- ours: ``pipeline.ingest.augment_batch``, the Ray Data stage's batch function (batched
+- ours: ``pipeline.data.ingest.augment_batch``, the Ray Data stage's batch function (batched
   decode into one array, batched augmentation with per-sample random parameters);
 - peer: a ``torch.utils.data.DataLoader`` (``num_workers=0``) over a dataset that decodes
   each image with PIL and applies torchvision ``transforms.v2`` per image, as lightly's
@@ -33,9 +33,9 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-from pipeline.augment import ViewRecipe
-from pipeline.ingest import ImageSpec, ViewPlan, augment_batch
-from pipeline.sources import builtin_idx_files, read_idx
+from pipeline.data.ingest import ImageSpec, ViewPlan, augment_batch
+from pipeline.data.sources import builtin_idx_files, read_idx
+from ssl_models.transforms.views import ViewRecipe
 
 
 def fashion_mnist_bytes(count: int) -> list[bytes]:

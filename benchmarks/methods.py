@@ -28,8 +28,8 @@ from typing import Any
 
 from pipeline.cli import DEMO_CONFIG
 from pipeline.config import from_dict, load_config
-from pipeline.evaluate import evaluate_checkpoint
-from pipeline.train import pretrain
+from pipeline.eval.evaluate import evaluate_checkpoint
+from pipeline.train.driver import pretrain
 from ssl_models import METHODS
 
 COLLAPSE_SPREAD = 0.05  # feature_spread below this: all embeddings are nearly the same

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline.prepare import prepare  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
-from pipeline.sources import SkipCounter, read_image_folder  # noqa: E402
+from pipeline.data.prepare import prepare  # noqa: E402
+from pipeline.data.shards import write_shards  # noqa: E402
+from pipeline.data.sources import SkipCounter, read_image_folder  # noqa: E402
 
 CLASSES = 10
 

@@ -58,7 +58,7 @@ from ray.train import UserCallback
 from pipeline.cli import DEMO_CONFIG
 from pipeline.cluster import init_ray
 from pipeline.config import load_config
-from pipeline.train import pretrain
+from pipeline.train.driver import pretrain
 
 VIEWS = {"cpu": "Ray Data (CPU)", "device": "train device"}
 
@@ -229,7 +229,7 @@ def storage_compare(args: argparse.Namespace) -> None:
     import pyarrow.fs
     from moto.server import ThreadedMotoServer
 
-    from pipeline.locations import resolve
+    from pipeline.data.locations import resolve
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

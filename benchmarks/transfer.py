@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.cli import main as cli
-from pipeline.prepare import prepare
+from pipeline.data.prepare import prepare
 
 
 def write_digit_folders(root: Path, seed: int) -> None:

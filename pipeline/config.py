@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import locations
+from pipeline.data import locations
 from ssl_models import BACKBONES, METHODS
 from ssl_models.optim import OPTIMIZERS
 from ssl_models.registry import method_params

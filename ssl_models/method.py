@@ -172,7 +172,7 @@ class SSLMethod(nn.Module):
         this together, so it may be a collective. Returns scalars for the log.
 
         Methods that re-cluster the whole dataset (DeepCluster) implement this together
-        with :meth:`needs_dataset_features`; ``pipeline.dataset_features`` computes them."""
+        with :meth:`needs_dataset_features`; ``pipeline.data.dataset_features`` computes them."""
         raise NotImplementedError(f"{type(self).__name__} does not use dataset features")
 
     def embed_views(self, views: Sequence[Tensor], *heads: nn.Module) -> tuple[Tensor, ...]:

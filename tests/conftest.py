@@ -90,8 +90,8 @@ def ray_session(s3_server):
 
 
 def _fashion_mnist_split(split: str, count: int, out: Path):
-    from pipeline.shards import write_shards
-    from pipeline.sources import SourceError, builtin_idx_files, read_idx
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import SourceError, builtin_idx_files, read_idx
 
     try:
         images, labels = builtin_idx_files("fashion-mnist", split)
@@ -119,7 +119,7 @@ def _tinted(record, rng):
     import numpy as np
     from PIL import Image
 
-    from pipeline.sources import ImageRecord
+    from pipeline.data.sources import ImageRecord
 
     gray = np.asarray(Image.open(io.BytesIO(record.image)), dtype=np.float32) / 255
     hue = (record.label / 10 + rng.uniform(-0.03, 0.03)) % 1.0
@@ -135,8 +135,8 @@ def fmnist_colour_small(tmp_path_factory) -> dict[str, Path]:
     """1024 train and 256 test Fashion-MNIST images tinted by class: a small RGB dataset."""
     import numpy as np
 
-    from pipeline.shards import write_shards
-    from pipeline.sources import builtin_idx_files, read_idx
+    from pipeline.data.shards import write_shards
+    from pipeline.data.sources import builtin_idx_files, read_idx
 
     root, rng = tmp_path_factory.mktemp("fmnist_colour"), np.random.default_rng(0)
     for split, count in (("train", 1024), ("test", 256)):

@@ -49,7 +49,7 @@ class DeepCluster(SSLMethod):
 
     The training loop re-clusters through the base class's dataset-features hooks: at
     the first step of every ``reassign_every_epochs``-th epoch (``needs_dataset_features``)
-    ``pipeline.dataset_features`` embeds every training image (eval mode, no augmentation,
+    ``pipeline.data.dataset_features`` embeds every training image (eval mode, no augmentation,
     decoded by Ray Data, the same tensors on every worker) and ``take_dataset_features``
     runs :meth:`assign` (a collective when distributed: rank 0's pseudo-labels and
     classifier are broadcast, so the workers agree even if k-means rounds differently on

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop, v2
 
-from pipeline.augment import (
+from ssl_models.transforms.color import color_jitter
+from ssl_models.transforms.views import (
     ViewRecipe,
     gaussian_blur,
     random_views,
@@ -14,7 +15,6 @@ from pipeline.augment import (
     sample_crop_boxes,
     sample_view_params,
 )
-from pipeline.color import color_jitter
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -209,5 +209,5 @@ def test_chunked_cpu_views_equal_one_pass_views(monkeypatch):
     images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
     recipe = ViewRecipe.simclr(12, blur_prob=0.5)
     whole = random_views(images, recipe, _gen(3))
-    monkeypatch.setattr("pipeline.augment._CPU_CHUNK_ELEMENTS", 3 * 16 * 16 * 3)
+    monkeypatch.setattr("ssl_models.transforms.views._CPU_CHUNK_ELEMENTS", 3 * 16 * 16 * 3)
     torch.testing.assert_close(random_views(images, recipe, _gen(3)), whole, atol=1, rtol=0)

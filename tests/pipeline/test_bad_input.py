@@ -11,16 +11,16 @@ import pytest
 import ray
 from PIL import Image
 
-from pipeline.augment import ViewRecipe
-from pipeline.ingest import (
+from pipeline.data.ingest import (
     ImageSpec,
     ViewPlan,
     decode_batch,
     decode_image,
     training_dataset,
 )
-from pipeline.ledger import IngestLedger, summary_line, write_report
-from pipeline.shards import MANIFEST_NAME, ShardManifest
+from pipeline.data.ledger import IngestLedger, summary_line, write_report
+from pipeline.data.shards import MANIFEST_NAME, ShardManifest
+from ssl_models.transforms.views import ViewRecipe
 
 
 def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -55,7 +55,7 @@ UNUSABLE = ["truncated", "zero_bytes", "not_an_image"]
 def test_odd_modes_decode_and_broken_bytes_are_rejected_with_reasons(caplog):
     rows = _rows()
     names, images = list(rows), np.asarray(list(rows.values()), dtype=object)
-    with caplog.at_level("WARNING", logger="pipeline.ingest"):
+    with caplog.at_level("WARNING", logger="pipeline.data.ingest"):
         decoded = decode_batch(names, images, ImageSpec(12, 3))
     logged = [r.getMessage().split()[2].rstrip(":") for r in caplog.records]
     assert logged == UNUSABLE  # each rejected row is logged once, by its id

@@ -5,17 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import ViewRecipe
-from pipeline.checkpoint import (
+from pipeline.config import Config, from_dict
+from pipeline.data.ingest import ViewPlan, views_on_device
+from pipeline.train.checkpoint import (
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.config import Config, from_dict
-from pipeline.ingest import ViewPlan, views_on_device
 from ssl_models import METHODS, build_method
 from ssl_models.registry import method_params
+from ssl_models.transforms.views import ViewRecipe
 
 # Masked-image modelling drops or replaces a ViT's patch tokens: it needs a ViT backbone.
 NEEDS_VIT = {"mae", "simmim"}
@@ -96,7 +96,7 @@ def test_a_checkpoint_cut_short_is_passed_over_for_the_one_before(tmp_path):
 
 
 def test_checkpoints_in_object_storage_resolve_load_and_resume(s3_bucket, tmp_path):
-    from pipeline import locations
+    from pipeline.data import locations
 
     config = from_dict({"run": {"name": "r"}, "method": {"name": "simclr"}})
     run = f"{s3_bucket}/runs/r"

@@ -32,7 +32,7 @@ def test_config_error_stops_before_ray_and_names_the_key(capsys, monkeypatch):
     def no_ray() -> None:
         raise AssertionError("Ray was started for a bad config")
 
-    monkeypatch.setattr("pipeline.train.init_ray", no_ray)
+    monkeypatch.setattr("pipeline.train.driver.init_ray", no_ray)
     assert main(["pretrain", "--set", "method.temperature=0"]) == 2
     assert "method.temperature" in capsys.readouterr().err
 
@@ -58,7 +58,7 @@ def test_transfer_needs_both_splits_of_one_dataset(tmp_path, capsys):
 )
 def test_a_sweep_whose_every_trial_failed_exits_non_zero(statuses, code, capsys, monkeypatch):
     rows = [{"status": status} for status in statuses]
-    monkeypatch.setattr("pipeline.sweep.sweep", lambda *args, **kwargs: rows)
+    monkeypatch.setattr("pipeline.tune.sweep.sweep", lambda *args, **kwargs: rows)
     assert main(["tune", "--space", "simclr", "--set", "run.root=/tmp/sweeps"]) == code
     err = capsys.readouterr().err
     assert ("all 2 trials failed" in err and "/tmp/sweeps/sweeps/" in err) == (code == 1)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import locations
 from pipeline.cli import main
-from pipeline.shards import load_manifest, open_parquet, read_labels, shard_files
+from pipeline.data import locations
+from pipeline.data.shards import load_manifest, open_parquet, read_labels, shard_files
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 96, 32
 
@@ -26,7 +26,7 @@ def _fashion_mnist_folder(root, split: str, per_class: int) -> int:
     files that prepare must convert (CMYK JPEG, palette PNG with transparency, 16-bit grey)
     or skip with a reason (a corrupt PNG, a truncated JPEG, a text file). Returns the count
     of images prepare must keep."""
-    from pipeline.sources import builtin_idx_files, read_idx_array
+    from pipeline.data.sources import builtin_idx_files, read_idx_array
 
     images_path, labels_path = builtin_idx_files("fashion-mnist", split)
     images, labels = read_idx_array(images_path), read_idx_array(labels_path)

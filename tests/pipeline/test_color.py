@@ -6,8 +6,14 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.augment import ViewRecipe
-from pipeline.color import JitterParams, adjust_hue, apply_jitter, grayscale, sample_jitter
+from ssl_models.transforms.color import (
+    JitterParams,
+    adjust_hue,
+    apply_jitter,
+    grayscale,
+    sample_jitter,
+)
+from ssl_models.transforms.views import ViewRecipe
 
 TORCHVISION_OPS = {
     "brightness": TF.adjust_brightness,

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from pipeline.dataset_features import dataset_features
-from pipeline.ingest import ImageSpec, image_slots, normalize, read_decoded
+from pipeline.data.dataset_features import dataset_features
+from pipeline.data.ingest import ImageSpec, image_slots, normalize, read_decoded
 
 
 def _backbone() -> nn.Module:

@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.checkpoint import build_method_for, method_from_checkpoint, save_checkpoint
 from pipeline.config import from_dict
-from pipeline.embed import (
+from pipeline.data.ingest import ImageSpec, read_decoded
+from pipeline.data.shards import write_shards
+from pipeline.data.sources import ImageRecord
+from pipeline.eval.embed import (
     ENCODERS,
     EmbedActor,
     embedding_column,
@@ -18,10 +20,8 @@ from pipeline.embed import (
     raw_pixel_rows,
     read_embeddings,
 )
-from pipeline.evaluate import extract_features
-from pipeline.ingest import ImageSpec, read_decoded
-from pipeline.shards import write_shards
-from pipeline.sources import ImageRecord
+from pipeline.eval.evaluate import extract_features
+from pipeline.train.checkpoint import build_method_for, method_from_checkpoint, save_checkpoint
 
 GOOD, SIZE = 120, 16
 BROKEN = ["broken-0", "broken-1"]

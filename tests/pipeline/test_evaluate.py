@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluate import KNNReport, KNNRow, knn_accuracy, knn_predict, raw_pixel_features
+from pipeline.eval.evaluate import KNNReport, KNNRow, knn_accuracy, knn_predict, raw_pixel_features
 
 
 def test_votes_are_similarity_weighted_by_temperature():
@@ -62,7 +62,7 @@ def test_k_larger_than_bank_is_clamped(k):
 
 
 def test_feature_spread_detects_collapse():
-    from pipeline.evaluate import feature_spread
+    from pipeline.eval.evaluate import feature_spread
 
     gen = torch.Generator().manual_seed(0)
     spread_out = torch.randn(2000, 64, generator=gen)
@@ -79,7 +79,7 @@ def _random_bank(rows: int, dim: int, classes: int, seed: int):
 
 @pytest.mark.parametrize(("k", "chunk"), [(200, 97), (5, 1000), (50, 13), (300, 64)])
 def test_chunked_knn_equals_the_in_memory_knn(k, chunk):
-    from pipeline.knn import RunningTopK, streamed_knn_accuracy, streamed_knn_scores
+    from pipeline.eval.knn import RunningTopK, streamed_knn_accuracy, streamed_knn_scores
 
     bank, bank_labels = _random_bank(1000, 16, 7, seed=0)
     queries, query_labels = _random_bank(150, 16, 7, seed=1)
@@ -99,7 +99,7 @@ def test_chunked_knn_equals_the_in_memory_knn(k, chunk):
 
 
 def test_chunked_knn_with_duplicate_rows_scores_like_the_in_memory_knn():
-    from pipeline.knn import streamed_knn_scores
+    from pipeline.eval.knn import streamed_knn_scores
 
     # Every bank row twice with the same label: exact ties, whose order must not matter.
     bank, labels = _random_bank(200, 8, 4, seed=2)
@@ -111,7 +111,7 @@ def test_chunked_knn_with_duplicate_rows_scores_like_the_in_memory_knn():
 
 
 def test_streamed_knn_refuses_an_unlabelled_or_empty_bank():
-    from pipeline.knn import streamed_knn_scores
+    from pipeline.eval.knn import streamed_knn_scores
 
     queries, _ = _random_bank(3, 4, 2, seed=0)
     with pytest.raises(ValueError, match="unlabelled"):
@@ -121,8 +121,8 @@ def test_streamed_knn_refuses_an_unlabelled_or_empty_bank():
 
 
 def test_requested_encoders_share_one_pass_per_split(monkeypatch):
-    from pipeline.evaluate import EvalContext
-    from pipeline.features import FeatureSplit
+    from pipeline.eval.evaluate import EvalContext
+    from pipeline.eval.features import FeatureSplit
 
     passes = []
 
@@ -158,7 +158,7 @@ def test_one_file_holds_every_encoders_column_and_each_split_reads_its_own(tmp_p
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.features import write_feature_columns
+    from pipeline.eval.features import write_feature_columns
 
     gen = np.random.default_rng(0)
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.checkpoint import build_method_for, save_checkpoint
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.ingest import ImageSpec, channel_stats, read_decoded
-from pipeline.shards import read_labels
+from pipeline.data.ingest import ImageSpec, channel_stats, read_decoded
+from pipeline.data.shards import read_labels
+from pipeline.train.checkpoint import build_method_for, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -131,7 +131,7 @@ def test_report_names_a_run_that_was_never_evaluated(tmp_path, capsys):
 
 
 def _upload(local: Path, uri: str) -> None:
-    from pipeline import locations
+    from pipeline.data import locations
 
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         locations.write_bytes(f"{uri}/{path.relative_to(local).as_posix()}", path.read_bytes())
@@ -141,8 +141,8 @@ def _upload(local: Path, uri: str) -> None:
 def test_evaluate_embed_and_report_with_everything_in_object_storage(
     run, fmnist_small, s3_bucket, capsys
 ):
-    from pipeline import locations
-    from pipeline.embed import read_embeddings
+    from pipeline.data import locations
+    from pipeline.eval.embed import read_embeddings
 
     # The run (its checkpoint), the data and every output live in the bucket.
     checkpoint = next(run.glob("checkpoint_*"))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.finetune import balanced_subset, finetune_accuracy
-from pipeline.ingest import channel_stats
+from pipeline.data.ingest import channel_stats
+from pipeline.eval.finetune import balanced_subset, finetune_accuracy
 from ssl_models.backbones import build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,8 +13,7 @@ import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.augment import ViewRecipe
-from pipeline.ingest import (
+from pipeline.data.ingest import (
     ImageSpec,
     Passes,
     ViewPlan,
@@ -26,7 +25,8 @@ from pipeline.ingest import (
     training_dataset,
     views_on_device,
 )
-from pipeline.shards import load_manifest, shard_files
+from pipeline.data.shards import load_manifest, shard_files
+from ssl_models.transforms.views import ViewRecipe
 
 
 def _record_stream(config: dict) -> None:
@@ -134,8 +134,8 @@ def test_the_stream_runs_a_bounded_distance_ahead_of_a_slow_consumer(ray_session
     one does not fill the object store, so each epoch costs the same."""
     import time
 
-    import pipeline.ingest as ingest
-    from pipeline.ledger import IngestLedger
+    import pipeline.data.ingest as ingest
+    from pipeline.data.ledger import IngestLedger
 
     spec, epochs, batch = ImageSpec(size=28, channels=1), 40, 100
     ledger = IngestLedger.remote(2048)
@@ -160,8 +160,8 @@ def test_the_stream_runs_a_bounded_distance_ahead_of_a_slow_consumer(ray_session
 
 def test_a_resumed_stream_skips_completed_passes_unread(ray_session, monkeypatch, tmp_path):
     """After a restart, passes the ledger marks completed are not read at all."""
-    import pipeline.ingest as ingest
-    from pipeline.ledger import IngestLedger
+    import pipeline.data.ingest as ingest
+    from pipeline.data.ledger import IngestLedger
 
     files = tuple(f"{tmp_path}/missing-{i}.parquet" for i in range(3))  # unreadable if read
     ledger = IngestLedger.remote(10)
@@ -197,7 +197,7 @@ def test_augment_batch_drops_and_logs_undecodable_rows(fmnist_small, caplog):
     good = read_decoded(fmnist_small["train"], spec, 2)
     import pyarrow.parquet as pq
 
-    from pipeline.shards import shard_files
+    from pipeline.data.shards import shard_files
 
     table = pq.read_table(shard_files(fmnist_small["train"])[0]).slice(0, 2)
     batch = {

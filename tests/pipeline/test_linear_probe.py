@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.linear_probe import linear_probe_accuracy, train_linear_probe
+from pipeline.eval.linear_probe import linear_probe_accuracy, train_linear_probe
 
 NUM_CLASSES = 4
 
@@ -102,7 +102,7 @@ def _written(features: torch.Tensor, labels: torch.Tensor, out, rows_per_group: 
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.features import write_features
+    from pipeline.eval.features import write_features
 
     def tables():
         for start in range(0, len(features), 50):  # batches as Ray Data would deliver them
@@ -119,7 +119,7 @@ def _written(features: torch.Tensor, labels: torch.Tensor, out, rows_per_group: 
 
 
 def test_streamed_probe_matches_the_in_memory_probe_holding_a_fraction(tmp_path):
-    from pipeline.linear_probe import linear_probe_accuracy_streamed
+    from pipeline.eval.linear_probe import linear_probe_accuracy_streamed
 
     gen = torch.Generator().manual_seed(4)
     train_labels = torch.randint(0, NUM_CLASSES, (1200,), generator=gen)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline import locations
+from pipeline.data import locations
 
 
 def test_local_and_s3_files_read_alike_and_failures_name_the_location(

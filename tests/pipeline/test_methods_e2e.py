@@ -15,10 +15,10 @@ import math
 
 import pytest
 
-from pipeline.checkpoint import method_from_checkpoint
 from pipeline.config import load_config
-from pipeline.ingest import dataset_rows
-from pipeline.train import pretrain
+from pipeline.data.ingest import dataset_rows
+from pipeline.train.checkpoint import method_from_checkpoint
+from pipeline.train.driver import pretrain
 from ssl_models import METHODS
 
 ALONE = ["swav", "dino", "deepcluster", "colorization"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.online_probe import OnlineProbe
+from pipeline.train.monitors import OnlineProbe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

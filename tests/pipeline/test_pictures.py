@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from pipeline.augment import ViewRecipe, random_views
-from pipeline.pictures import (
+from pipeline.eval.pictures import (
     BORDER,
     FIRST_FRAME,
     GAP,
@@ -19,6 +18,7 @@ from pipeline.pictures import (
     nearest_neighbours,
     retrieval_grid,
 )
+from ssl_models.transforms.views import ViewRecipe, random_views
 
 
 def _images(*shape: int, seed: int = 0) -> np.ndarray:

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import locations
-from pipeline.prepare import Progress, default_out, prepare
-from pipeline.shards import (
+from pipeline.data import locations
+from pipeline.data.prepare import Progress, default_out, prepare
+from pipeline.data.shards import (
     MANIFEST_NAME,
     PARTS_DIR,
     PLAN_NAME,
@@ -26,7 +26,7 @@ from pipeline.shards import (
     read_parquet,
     shard_files,
 )
-from pipeline.sources import SourceError
+from pipeline.data.sources import SourceError
 
 RNG = np.random.default_rng(0)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report import DPI, FIGSIZE, build_report, read_eval, write_eval
+from pipeline.eval.report import DPI, FIGSIZE, build_report, read_eval, write_eval
 
 
 def _run(root, name, protocols, **meta):
@@ -119,7 +119,7 @@ def test_eval_json_and_report_in_object_storage(s3_bucket, tmp_path):
     assert read_eval(run)["protocols"] == {"knn": {"top1": 0.5}, "linear": {"top1": 0.6}}
     table, chart = build_report([run], f"{s3_bucket}/report")
     assert chart == f"{s3_bucket}/report/report.png" and "0.6000" in table
-    from pipeline import locations
+    from pipeline.data import locations
 
     assert locations.read_bytes(chart)[:4] == b"\x89PNG"
     assert "top-1" in locations.read_text(f"{s3_bucket}/report/report.md")

@@ -1,4 +1,4 @@
-"""Tests for pipeline.shards: writing, caching, reading back and validating shards."""
+"""Tests for pipeline.data.shards: writing, caching, reading back and validating shards."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.shards import (
+from pipeline.data.shards import (
     MANIFEST_NAME,
     SHARD_SCHEMA,
     ShardError,
@@ -26,7 +26,7 @@ from pipeline.shards import (
     write_part,
     write_shards,
 )
-from pipeline.sources import ImageRecord, SkipCounter
+from pipeline.data.sources import ImageRecord, SkipCounter
 
 
 def png(value: int, size: tuple[int, int] = (4, 5), mode: str = "L") -> bytes:

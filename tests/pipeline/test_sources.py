@@ -1,4 +1,4 @@
-"""Tests for pipeline.sources: every reader on tiny hand-made files."""
+"""Tests for pipeline.data.sources: every reader on tiny hand-made files."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.sources import (
+from pipeline.data.sources import (
     SkipCounter,
     SourceError,
     builtin_idx_files,

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from ray import tune
 
-import pipeline.sweep as sweep_module
+import pipeline.tune.sweep as sweep_module
 from pipeline.config import load_config
-from pipeline.sweep import SweepSettings, sweep, sweep_dir, trial_concurrency
+from pipeline.tune.sweep import SweepSettings, sweep, sweep_dir, trial_concurrency
 from tune_spaces import SpaceError
 
 

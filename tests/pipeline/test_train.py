@@ -12,10 +12,10 @@ import psutil
 import pytest
 import torch
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.config import load_config
-from pipeline.evaluate import evaluate_checkpoint
-from pipeline.train import pretrain, run_dir, view_recipes
+from pipeline.eval.evaluate import evaluate_checkpoint
+from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
+from pipeline.train.driver import pretrain, run_dir, view_recipes
 from ssl_models import METHODS
 
 
@@ -161,9 +161,9 @@ def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.shards import ShardError
+    from pipeline.data.shards import ShardError
 
-    monkeypatch.setattr("pipeline.train.init_ray", lambda: pytest.fail("Ray was started"))
+    monkeypatch.setattr("pipeline.train.driver.init_ray", lambda: pytest.fail("Ray was started"))
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -180,7 +180,7 @@ def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
 def test_a_method_needing_colour_refuses_grayscale_shards_before_ray_starts(
     fmnist_small, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("pipeline.train.init_ray", lambda: pytest.fail("Ray was started"))
+    monkeypatch.setattr("pipeline.train.driver.init_ray", lambda: pytest.fail("Ray was started"))
     monkeypatch.setattr(METHODS["simclr"], "input_channels", 3)
     config = _config(fmnist_small, tmp_path, 1)
     with pytest.raises(ValueError, match="'simclr' needs 3-channel images, but .* 1-channel"):
@@ -190,7 +190,7 @@ def test_a_method_needing_colour_refuses_grayscale_shards_before_ray_starts(
 def test_a_multitask_run_with_a_colour_task_refuses_grayscale_shards_before_ray_starts(
     fmnist_small, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("pipeline.train.init_ray", lambda: pytest.fail("Ray was started"))
+    monkeypatch.setattr("pipeline.train.driver.init_ray", lambda: pytest.fail("Ray was started"))
     config = _config(
         fmnist_small, tmp_path, 1, "method.name=multitask", "method.tasks=[rotation,colorization]"
     )
@@ -223,8 +223,8 @@ def test_view_recipes_are_the_methods_global_views_then_the_local_crops(monkeypa
 def test_train_keeps_the_training_streams_read_ahead_bound(ray_session, fmnist_small):
     """Train replaces a dataset's execution options with the driver's unless told; the
     training stream's object-store bound must reach the executor that Train builds."""
-    from pipeline.ingest import ImageSpec, training_dataset
-    from pipeline.train import own_execution_options
+    from pipeline.data.ingest import ImageSpec, training_dataset
+    from pipeline.train.driver import own_execution_options
 
     stream = training_dataset(fmnist_small["train"], ImageSpec(28, 1), None, epochs=5)
     bound = stream.context.execution_options.resource_limits.object_store_memory

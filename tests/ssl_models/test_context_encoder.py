@@ -243,7 +243,7 @@ def test_state_dict_round_trip():
 def test_training_on_fashion_mnist_inpaints_unseen_images_better_than_the_mean(
     fmnist_small, one_thread
 ):
-    from pipeline.ingest import ImageSpec, read_decoded
+    from pipeline.data.ingest import ImageSpec, read_decoded
 
     pixels = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 640).pixels)
     train, held_out = pixels[:512], pixels[512:]

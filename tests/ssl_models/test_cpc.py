@@ -298,7 +298,7 @@ def test_the_data_stage_pickles_and_bad_inputs_are_refused():
 def test_training_on_fashion_mnist_predicts_the_rows_below_far_above_chance(
     fmnist_small, one_thread
 ):
-    from pipeline.ingest import ImageSpec, normalize, read_decoded
+    from pipeline.data.ingest import ImageSpec, normalize, read_decoded
 
     pixels = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 1088).pixels)
     train, held_out = pixels[:1024], pixels[1024:]

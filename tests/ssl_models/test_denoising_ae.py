@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.ingest import ImageSpec, channel_stats, normalize, read_decoded
+from pipeline.data.ingest import ImageSpec, channel_stats, normalize, read_decoded
 from ssl_models import build_backbone
 from ssl_models.methods.denoising_ae import (
     Corrupt,

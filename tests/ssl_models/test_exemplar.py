@@ -236,7 +236,7 @@ def test_options_are_validated_and_indices_required():
 def test_surrogate_class_accuracy_rises_on_fashion_mnist_seeds(fmnist_small):
     """64 seeds = 64 classes under the paper's full transformation family, fresh every step.
     A linear classifier (hidden_dim=0) on the tiny CNN gives the clearest signal in 40 steps."""
-    from pipeline.ingest import ImageSpec, read_decoded
+    from pipeline.data.ingest import ImageSpec, read_decoded
 
     seeds = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 64).pixels)
     mean, std = seeds.float().mean() / 255, seeds.float().std() / 255

@@ -310,7 +310,7 @@ def test_rejects_bad_options_and_inputs():
 
 
 def test_training_on_fashion_mnist_solves_puzzles_of_unseen_images(fmnist_small):
-    from pipeline.ingest import ImageSpec, read_decoded
+    from pipeline.data.ingest import ImageSpec, read_decoded
 
     pixels = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 1024).pixels)
     train, held_out = pixels[:768], pixels[768:]

@@ -249,8 +249,8 @@ def test_every_workers_bank_update_is_applied(monkeypatch):
 def test_training_on_fashion_mnist_lowers_the_loss_and_finds_own_entries(fmnist_small):
     """The data stage's real augmentation, then the tiles; after 40 steps the tiles'
     embedding g picks its own image's bank entry among all 32 far above chance (1/32)."""
-    from pipeline.augment import ViewRecipe
-    from pipeline.ingest import ImageSpec, ViewPlan, normalize, read_decoded
+    from pipeline.data.ingest import ImageSpec, ViewPlan, normalize, read_decoded
+    from ssl_models.transforms.views import ViewRecipe
 
     pixels = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 32).pixels)
     plan = ViewPlan((ViewRecipe(28, crop_scale=(0.3, 1.0)),) * 2, PIRL.pretext_views(_defaults()))

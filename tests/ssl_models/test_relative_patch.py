@@ -219,7 +219,7 @@ def test_the_data_stage_pickles_and_options_are_checked():
 
 
 def test_training_on_fashion_mnist_finds_the_neighbours_of_unseen_images(fmnist_small):
-    from pipeline.ingest import ImageSpec, read_decoded
+    from pipeline.data.ingest import ImageSpec, read_decoded
 
     pixels = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 2048).pixels)
     train, held_out = pixels[:1024], pixels[1024:]

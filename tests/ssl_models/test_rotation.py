@@ -60,7 +60,7 @@ def test_a_corner_marker_walks_counter_clockwise_round_the_corners():
 
 
 def test_the_training_loops_normalisation_is_per_channel_on_every_copy():
-    from pipeline.ingest import normalize
+    from pipeline.data.ingest import normalize
 
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     copies = _make(images)["view_0"]
@@ -171,7 +171,7 @@ def test_state_round_trips():
 
 
 def test_training_on_fashion_mnist_recognises_rotations_of_unseen_images(fmnist_small):
-    from pipeline.ingest import ImageSpec, read_decoded
+    from pipeline.data.ingest import ImageSpec, read_decoded
 
     pixels = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 640).pixels)
     train, held_out = pixels[:512], pixels[512:]

@@ -24,7 +24,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline import locations
+from pipeline.data import locations
 
 EVAL_FILE = "eval.json"
 FIGSIZE = (8.0, 4.5)  # inches; the PNG is FIGSIZE * DPI pixels

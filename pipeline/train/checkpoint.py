@@ -6,7 +6,7 @@ learning-rate schedule is a pure function of the step), the torch RNG state, the
 config and the input normalisation. Files are written under a temporary name and renamed,
 so a crash mid-save never leaves a file that looks complete.
 
-Reading works on any location (pipeline.locations): a run or checkpoint directory may be a
+Reading works on any location (pipeline.data.locations): a run or checkpoint directory may be a
 local path or an object-storage URI (``s3://bucket/runs/NAME/checkpoint_*``, as Ray Train's
 storage layer writes them).
 """
@@ -23,8 +23,8 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from pipeline import locations
 from pipeline.config import Config, from_dict
+from pipeline.data import locations
 from ssl_models import SSLMethod, build_method
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.cluster import configure_data_context
-from pipeline.ingest import ImageSpec, decoded_dataset, normalize
+from pipeline.data.ingest import ImageSpec, decoded_dataset, normalize
 from ssl_models import dist
 
 

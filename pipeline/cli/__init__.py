@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEMO_CONFIG = CONFIGS / "fmnist_simclr_demo.yaml"
 
 DESCRIPTION = """\
@@ -365,8 +365,8 @@ prints kNN top-1 on the 10k test images next to the raw-pixel and random-init fl
 def _resolve_checkpoint(path: str) -> str:
     """A checkpoint directory or file as given, else the run directory's latest checkpoint
     (local paths and object-storage URIs alike)."""
-    from pipeline import locations
-    from pipeline.checkpoint import CHECKPOINT_FILE, latest_checkpoint
+    from pipeline.data import locations
+    from pipeline.train.checkpoint import CHECKPOINT_FILE, latest_checkpoint
 
     path = locations.absolute(path)
     if locations.is_file(locations.join(path, CHECKPOINT_FILE)) or locations.is_file(path):
@@ -376,8 +376,8 @@ def _resolve_checkpoint(path: str) -> str:
 
 def _save_results(checkpoint: str, context, results: dict, run: str | None = None) -> None:
     """Merge protocol results into the run's eval.json (the checkpoint's parent, or ``run``)."""
-    from pipeline import locations
-    from pipeline.report import write_eval
+    from pipeline.data import locations
+    from pipeline.eval.report import write_eval
 
     write_eval(
         run or locations.parent(checkpoint),
@@ -393,8 +393,8 @@ def _save_results(checkpoint: str, context, results: dict, run: str | None = Non
 def _evaluate(checkpoint: str, floors: bool, save: bool, run: str | None = None) -> str:
     """The kNN table that ends ``pretrain`` and ``demo``; with ``save``, also recorded in the
     run's eval.json (the checkpoint's parent, or ``run``)."""
-    from pipeline.evaluate import evaluate_checkpoint, load_eval_context
-    from pipeline.protocols import knn_results
+    from pipeline.eval.evaluate import evaluate_checkpoint, load_eval_context
+    from pipeline.eval.protocols import knn_results
 
     checkpoint = _resolve_checkpoint(checkpoint)
     with load_eval_context(checkpoint) as context:
@@ -406,9 +406,14 @@ def _evaluate(checkpoint: str, floors: bool, save: bool, run: str | None = None)
 
 
 def _evaluate_protocols(args: argparse.Namespace) -> str:
-    from pipeline import locations
-    from pipeline.evaluate import load_eval_context
-    from pipeline.protocols import ProtocolSettings, label_subsets, results_table, run_protocols
+    from pipeline.data import locations
+    from pipeline.eval.evaluate import load_eval_context
+    from pipeline.eval.protocols import (
+        ProtocolSettings,
+        label_subsets,
+        results_table,
+        run_protocols,
+    )
 
     if (args.train_data is None) != (args.test_data is None):
         raise ValueError("transfer needs both --train-data and --test-data (one dataset's splits)")
@@ -444,7 +449,7 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
 
 def _embed(args: argparse.Namespace) -> str:
     from pipeline.cluster import init_ray
-    from pipeline.embed import export_embeddings
+    from pipeline.eval.embed import export_embeddings
 
     init_ray()
     checkpoint = _resolve_checkpoint(args.checkpoint)
@@ -470,16 +475,16 @@ def _retrieval(args: argparse.Namespace) -> str:
     import numpy as np
     import torch
 
-    from pipeline import locations
-    from pipeline.evaluate import (
+    from pipeline.data import locations
+    from pipeline.data.ingest import read_decoded
+    from pipeline.eval.evaluate import (
         BANK_CHUNK,
         extract_features,
         images_by_id,
         load_eval_context,
     )
-    from pipeline.ingest import read_decoded
-    from pipeline.knn import RunningTopK
-    from pipeline.pictures import add_projector, retrieval_grid
+    from pipeline.eval.knn import RunningTopK
+    from pipeline.eval.pictures import add_projector, retrieval_grid
 
     checkpoint = _resolve_checkpoint(args.checkpoint)
     with load_eval_context(checkpoint) as context:
@@ -526,10 +531,10 @@ def _retrieval(args: argparse.Namespace) -> str:
 
 def _preview(args: argparse.Namespace) -> str:
     from pipeline.config import load_config
-    from pipeline.ingest import ImageSpec, read_decoded
-    from pipeline.pictures import augmentation_preview
-    from pipeline.shards import load_manifest
-    from pipeline.train import view_recipe
+    from pipeline.data.ingest import ImageSpec, read_decoded
+    from pipeline.data.shards import load_manifest
+    from pipeline.eval.pictures import augmentation_preview
+    from pipeline.train.driver import view_recipe
 
     config = load_config(args.config, args.overrides)
     spec = ImageSpec.from_manifest(load_manifest(config.data.train), config.data.image_size)
@@ -540,17 +545,17 @@ def _preview(args: argparse.Namespace) -> str:
 
 
 def _report(args: argparse.Namespace) -> str:
-    from pipeline import locations
-    from pipeline.report import build_report
+    from pipeline.data import locations
+    from pipeline.eval.report import build_report
 
     table, chart = build_report(args.runs, args.out)
     return f"{table}\n\nwrote {locations.join(args.out, 'report.md')} and {chart}"
 
 
 def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, evaluate: bool) -> None:
-    from pipeline import locations
     from pipeline.config import load_config
-    from pipeline.train import pretrain, run_dir
+    from pipeline.data import locations
+    from pipeline.train.driver import pretrain, run_dir
 
     config = load_config(config_path, overrides)
     result = pretrain(config)
@@ -570,9 +575,9 @@ def _pretrain(config_path: Path | None, overrides: list[str], floors: bool, eval
 
 def _tune(args: argparse.Namespace) -> int:
     """Run the sweep; exit status 1 when every trial errored (nothing was learned)."""
-    from pipeline import locations
     from pipeline.config import load_config
-    from pipeline.sweep import SweepSettings, sweep, sweep_dir
+    from pipeline.data import locations
+    from pipeline.tune.sweep import SweepSettings, sweep, sweep_dir
     from tune_spaces import load_space
 
     config = load_config(args.config, args.overrides)
@@ -601,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            from pipeline.prepare import prepare
+            from pipeline.data.prepare import prepare
 
             for split, manifest in prepare(
                 args.source,
@@ -629,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tune":
             return _tune(args)
         elif args.command == "demo":
-            from pipeline.prepare import prepare
+            from pipeline.data.prepare import prepare
 
             prepare("fashion-mnist")
             _pretrain(args.config, args.overrides, floors=True, evaluate=True)

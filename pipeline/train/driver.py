@@ -31,18 +31,10 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline.augment import ViewRecipe
-from pipeline.checkpoint import (
-    build_method_for,
-    check_resumable,
-    load_checkpoint,
-    save_checkpoint,
-)
 from pipeline.cluster import init_ray
 from pipeline.config import Config, from_dict, with_absolute_paths
-from pipeline.dataset_features import dataset_features
-from pipeline.evaluate import extract_features, knn_accuracy, load_labelled
-from pipeline.ingest import (
+from pipeline.data.dataset_features import dataset_features
+from pipeline.data.ingest import (
     ImageSpec,
     ViewPlan,
     channel_stats,
@@ -54,12 +46,20 @@ from pipeline.ingest import (
     training_dataset,
     views_on_device,
 )
-from pipeline.ledger import IngestLedger, summary_line, write_report
-from pipeline.online_probe import OnlineProbe
-from pipeline.shards import load_manifest, validate_shards
+from pipeline.data.ledger import IngestLedger, summary_line, write_report
+from pipeline.data.shards import load_manifest, validate_shards
+from pipeline.eval.evaluate import extract_features, knn_accuracy, load_labelled
+from pipeline.train.checkpoint import (
+    build_method_for,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.train.monitors import OnlineProbe
 from ssl_models import METHODS, SSLMethod
 from ssl_models.method import MethodOutput
 from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from ssl_models.transforms.views import ViewRecipe
 
 EDGE_STEPS = 5  # steps averaged for the per-epoch <name>_first_steps / <name>_last_steps
 
@@ -495,7 +495,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def own_execution_options(datasets: dict[str, ray.data.Dataset]) -> ray.train.DataConfig:
     """Train's dataset config keeping each dataset's own execution options (the training
-    stream's read-ahead bound, pipeline.ingest); by default Train replaces them with the
+    stream's read-ahead bound, pipeline.data.ingest); by default Train replaces them with the
     driver's, and the stream would run ahead of training without limit."""
     return ray.train.DataConfig(
         execution_options={name: ds.context.execution_options for name, ds in datasets.items()}

@@ -9,7 +9,7 @@ give the same ids and labels whatever the parallelism:
    which the driver reads once so that workers need no local copy of those files), and a
    fingerprint of all of it.
 2. :func:`chunk_records`, run anywhere (a Ray task, or this process): reads one chunk's
-   inputs through :mod:`pipeline.locations` and yields its records, after checking and,
+   inputs through :mod:`pipeline.data.locations` and yields its records, after checking and,
    where needed, re-encoding every image (:func:`checked_image`).
 
 The sequential readers (:func:`read_idx`, :func:`read_cifar10`, :func:`read_image_folder`,
@@ -47,7 +47,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import locations
+from pipeline.data import locations
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_DIR = Path("/usr/share/datasets/mnist")

@@ -26,7 +26,6 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from pipeline import locations
 from pipeline.cluster import init_ray
 from pipeline.config import (
     SAFE_NAME_RULE,
@@ -37,7 +36,8 @@ from pipeline.config import (
     to_yaml,
     with_absolute_paths,
 )
-from pipeline.shards import validate_shards
+from pipeline.data import locations
+from pipeline.data.shards import validate_shards
 from tune_spaces import Space, SpaceError, check_space, to_tune
 
 METRIC = "knn_top1"
@@ -80,7 +80,7 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], trials_root: str) -
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.cluster import configure_data_context
-    from pipeline.train import pretrain
+    from pipeline.train.driver import pretrain
 
     values = copy.deepcopy(base)
     for key, value in params.items():

@@ -1,7 +1,7 @@
 """Frozen features of one split, written once as Parquet and streamed back in batches.
 
 Evaluation never holds a split's features in one process. An embedding dataset
-(``pipeline.embed.embedding_dataset``: Ray Data batch inference) streams through the driver
+(``pipeline.eval.embed.embedding_dataset``: Ray Data batch inference) streams through the driver
 once and is written as row groups of ``{id, embedding, label}`` (or, from one pass for
 several encoders, one embedding column per encoder) under a temporary location
 (a local temp directory, or under the run when the run lives in object storage); the
@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from pipeline import locations
-from pipeline.shards import open_parquet
+from pipeline.data import locations
+from pipeline.data.shards import open_parquet
 
 ROW_GROUP_ROWS = 8192  # rows per written row group: the unit of reading back and shuffling
 FEATURE_FILE = "features.parquet"
@@ -182,7 +182,7 @@ def write_feature_columns(
     row_group_rows: int = ROW_GROUP_ROWS,
 ) -> dict[str, FeatureSplit]:
     """``write_features`` for tables of {id, <one embedding column per encoder>, label}
-    (``pipeline.embed.features_dataset``): one file, ``out_dir/features.parquet``, holding
+    (``pipeline.eval.embed.features_dataset``): one file, ``out_dir/features.parquet``, holding
     every one of ``columns``, and one ``FeatureSplit`` per column reading just that one
     (a row group of a column at a time)."""
     location = locations.join(out_dir, FEATURE_FILE)

@@ -9,7 +9,7 @@ kNN on the same architecture with random weights.
 Evaluation at scale never holds a split in one process: ``EvalContext.features_for`` runs
 one Ray Data batch-inference pass per split for every encoder the protocols need and writes
 the features as Parquet once, and ``evaluate_checkpoint`` streams the bank past the queries
-(pipeline.knn). The in-memory functions here
+(pipeline.eval.knn). The in-memory functions here
 (``load_labelled``, ``extract_features``, ``knn_accuracy``) serve bounded uses such as the
 online kNN monitor of pretraining.
 """
@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline import locations
-from pipeline.checkpoint import method_from_checkpoint, random_init_method
 from pipeline.config import Config
-from pipeline.features import FeatureSplit, scratch_location
-from pipeline.ingest import DecodedImages, ImageSpec, decode_batch, normalize, read_decoded
-from pipeline.shards import load_manifest, open_parquet, read_labels, shard_files
+from pipeline.data import locations
+from pipeline.data.ingest import DecodedImages, ImageSpec, decode_batch, normalize, read_decoded
+from pipeline.data.shards import load_manifest, open_parquet, read_labels, shard_files
+from pipeline.eval.features import FeatureSplit, scratch_location
+from pipeline.train.checkpoint import method_from_checkpoint, random_init_method
 from ssl_models.method import SSLMethod
 
 
@@ -179,10 +179,10 @@ class EvalContext:
     location may be a local path or an object-storage URI.
 
     No split is decoded into this process: ``features_for`` runs Ray Data batch inference
-    (pipeline.embed) once per split for every encoder asked for, or ``request``ed earlier,
+    (pipeline.eval.embed) once per split for every encoder asked for, or ``request``ed earlier,
     and not computed yet (one decode of each image, the network encoders side by side in
     the actors) and writes the result as Parquet under a scratch location
-    (pipeline.features), which every protocol then streams; only the splits' labels (and
+    (pipeline.eval.features), which every protocol then streams; only the splits' labels (and
     the train split's ids, for fine-tuning subsets) are read here. ``close`` deletes the
     scratch files.
     """
@@ -272,9 +272,9 @@ class EvalContext:
         import ray
 
         from pipeline.cluster import init_ray
-        from pipeline.embed import embedding_column, features_dataset
-        from pipeline.features import write_feature_columns
-        from pipeline.ledger import IngestLedger
+        from pipeline.data.ledger import IngestLedger
+        from pipeline.eval.embed import embedding_column, features_dataset
+        from pipeline.eval.features import write_feature_columns
 
         init_ray()
         if self._scratch_dir is None:
@@ -367,11 +367,11 @@ def evaluate_checkpoint(
     """kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
 
     The queries' features are held (Q x D); the bank streams past them in chunks keeping
-    each query's running top-k (pipeline.knn), so memory does not grow with the bank. With
+    each query's running top-k (pipeline.eval.knn), so memory does not grow with the bank. With
     ``floors``, also the raw-pixel floor and the random-init floor (same architecture,
     untrained weights, same normalisation), which a useful encoder must beat.
     """
-    from pipeline.knn import streamed_knn_accuracy
+    from pipeline.eval.knn import streamed_knn_accuracy
 
     context = path if isinstance(path, EvalContext) else load_eval_context(path)
     try:

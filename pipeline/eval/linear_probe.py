@@ -12,7 +12,7 @@ outputs), so without it each backbone needs its own learning rate; SimCLR and so
 the same effect from a BatchNorm without affine parameters in front of the classifier.
 
 At scale the features never sit in one process: ``linear_probe_accuracy_streamed`` takes
-them from Parquet written once by the embedding job (pipeline.features), the statistics
+them from Parquet written once by the embedding job (pipeline.eval.features), the statistics
 from one streamed pass, and streams shuffled batches each epoch through the same SGD loop
 (``fit_linear_head``) as the in-memory ``train_linear_probe``.
 """
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.evaluate import topk_accuracy
-from pipeline.features import FeatureSplit
+from pipeline.eval.evaluate import topk_accuracy
+from pipeline.eval.features import FeatureSplit
 from ssl_models.optim import set_lr, warmup_cosine
 
 
@@ -208,7 +208,7 @@ def train_linear_probe_streamed(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> nn.Linear:
-    """``train_linear_probe`` on features written as Parquet (``pipeline.features``): the
+    """``train_linear_probe`` on features written as Parquet (``pipeline.eval.features``): the
     standardisation statistics come from one streamed pass, then each epoch streams the
     row groups in a seeded random order through a ``shuffle_buffer``-row shuffle buffer, so
     the driver holds at most about a buffer and a row group of features."""

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import locations
-from pipeline.sources import ImageRecord, SkipCounter, skip_reason
+from pipeline.data import locations
+from pipeline.data.sources import ImageRecord, SkipCounter, skip_reason
 
 SHARD_SCHEMA = pa.schema(
     [("id", pa.string()), ("image", pa.binary()), ("label", pa.int32()), ("source", pa.string())]

@@ -8,7 +8,7 @@ train/test split produce ``OUT/train`` and ``OUT/test``; the other sources produ
 
 How one split is made:
 
-1. On the driver, the source is listed into a sorted plan of chunks (``pipeline.sources``):
+1. On the driver, the source is listed into a sorted plan of chunks (``pipeline.data.sources``):
    ``rows_per_shard`` consecutive entries per chunk (one tar file per chunk for ``tar:``).
    Chunk ``i`` becomes shard ``part-{i:05d}.parquet``, so ids, labels and shard contents
    are the same whatever the parallelism.
@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import locations
-from pipeline.shards import (
+from pipeline.data import locations
+from pipeline.data.shards import (
     MANIFEST_NAME,
     PARTS_DIR,
     PLAN_NAME,
@@ -57,7 +57,7 @@ from pipeline.shards import (
     remove_shards,
     write_part,
 )
-from pipeline.sources import (
+from pipeline.data.sources import (
     Chunk,
     SkipCounter,
     SourceError,

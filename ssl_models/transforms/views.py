@@ -8,9 +8,10 @@ and contrast only, since saturation, hue and grayscale are meaningless for them.
 
 Every random parameter is drawn per sample (on the CPU, from one generator, so a seed gives
 the same views on any device), but each operation runs once over a batch: crop and flip are
-one ``affine_grid``/``grid_sample`` call, jitter a few broadcast passes (pipeline.color),
-blur one grouped convolution per axis. On CPU the batch is processed in chunks small enough
-to stay in cache, which matters more than anything else for large images.
+one ``affine_grid``/``grid_sample`` call, jitter a few broadcast passes
+(``ssl_models.transforms.color``), blur one grouped convolution per axis. On CPU the batch is
+processed in chunks small enough to stay in cache, which matters more than anything else
+for large images.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.color import JitterParams, apply_jitter, grayscale, sample_jitter, uniform
+from ssl_models.transforms.color import (
+    JitterParams,
+    apply_jitter,
+    grayscale,
+    sample_jitter,
+    uniform,
+)
 
 
 @dataclass(frozen=True)

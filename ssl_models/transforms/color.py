@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from pipeline.augment import ViewRecipe
+    from ssl_models.transforms.views import ViewRecipe
 
 # ITU-R 601-2 luma as torchvision's rgb_to_grayscale writes it (PIL rounds 0.2989 to 0.299).
 _LUMA = (0.2989, 0.587, 0.114)

@@ -4,7 +4,7 @@ The bank (train-split features) is never held whole: it arrives batch by batch, 
 query keeps only its running top-k (similarities and one value per neighbour, the label or
 the bank position). A chunk's similarities are a (query block x chunk) matmul; its top-k is
 merged with the running one, so memory is O(Q * k + query_block * chunk) whatever the bank
-size. The votes are those of ``pipeline.evaluate.knn_predict`` (Wu et al. 2018,
+size. The votes are those of ``pipeline.eval.evaluate.knn_predict`` (Wu et al. 2018,
 arXiv:1805.01978): each neighbour votes for its label with weight exp(similarity / T), and
 the result equals the in-memory version up to the order of exactly tied neighbours.
 """
@@ -97,7 +97,7 @@ def streamed_knn_accuracy(
     query_block: int = 1024,
 ) -> dict[str, float]:
     """kNN top-1 and top-5 accuracy of ``queries`` (labels (Q,)) against a streamed bank."""
-    from pipeline.evaluate import topk_accuracy
+    from pipeline.eval.evaluate import topk_accuracy
 
     scores = streamed_knn_scores(bank, queries, k, temperature, num_classes, query_block)
     if scores.shape[1] <= int(labels.max()):

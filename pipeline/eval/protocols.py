@@ -1,14 +1,14 @@
 """The evaluation protocols on one checkpoint, each next to its random-init baseline.
 
-- ``knn``: weighted kNN on frozen features (pipeline.evaluate), with the raw-pixel floor.
-- ``linear``: a linear classifier on frozen features (pipeline.linear_probe), with the
+- ``knn``: weighted kNN on frozen features (pipeline.eval.evaluate), with the raw-pixel floor.
+- ``linear``: a linear classifier on frozen features (pipeline.eval.linear_probe), with the
   raw-pixel floor.
 - ``finetune``: the backbone fine-tuned end to end on class-balanced 1% and 10% label
-  subsets of the train split (pipeline.finetune; SimCLR's semi-supervised protocol).
+  subsets of the train split (pipeline.eval.finetune; SimCLR's semi-supervised protocol).
 
 Every protocol also runs on the same architecture with random weights (the run's seed), so a
 table shows what pretraining added. Results are keyed like eval.json's ``protocols``
-(pipeline.report): ``knn``, ``linear``, ``finetune_1pct``, ..., ``<name>_random_init``, and
+(pipeline.eval.report): ``knn``, ``linear``, ``finetune_1pct``, ..., ``<name>_random_init``, and
 the raw-pixel floors ``knn_raw_pixels`` and ``linear_raw_pixels``; with another dataset's
 splits (transfer) every key gets ``@<dataset>``.
 """
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.evaluate import EvalContext, KNNReport, evaluate_checkpoint
-from pipeline.finetune import balanced_subset, finetune_accuracy_streamed, subset_rows
-from pipeline.ingest import decoded_dataset
-from pipeline.linear_probe import linear_probe_accuracy_streamed
+from pipeline.data.ingest import decoded_dataset
+from pipeline.eval.evaluate import EvalContext, KNNReport, evaluate_checkpoint
+from pipeline.eval.finetune import balanced_subset, finetune_accuracy_streamed, subset_rows
+from pipeline.eval.linear_probe import linear_probe_accuracy_streamed
 from ssl_models.method import SSLMethod
 
 PROTOCOLS = ("knn", "linear", "finetune")

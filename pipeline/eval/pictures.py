@@ -22,7 +22,7 @@ from tensorboardX import SummaryWriter
 from tensorboardX.embedding import TB_MAX_SPRITE_SIZE
 from torch import Tensor
 
-from pipeline.augment import ViewRecipe, random_views
+from ssl_models.transforms.views import ViewRecipe, random_views
 
 BORDER = 3
 PAD = 4

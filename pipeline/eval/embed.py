@@ -4,7 +4,7 @@ inference (the stateful-actor pattern of Ray's offline batch inference guide).
 CPU tasks decode the shards with the checkpoint's ImageSpec (Ray fuses them into the actors
 when those need no GPU); a pool of actors, each holding the encoder once (on a GPU when the
 cluster has one), turns the images into L2-normalised features exactly as
-``pipeline.evaluate.extract_features`` does for kNN (Wu et al. 2018, arXiv:1805.01978).
+``pipeline.eval.evaluate.extract_features`` does for kNN (Wu et al. 2018, arXiv:1805.01978).
 Every input row is either embedded or rejected with its id and reason; an ``IngestLedger``
 counts both, so the export accounts for every row.
 
@@ -27,17 +27,17 @@ import ray.data
 import torch
 from ray.actor import ActorHandle
 
-from pipeline import locations
-from pipeline.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
-from pipeline.evaluate import (
+from pipeline.data import locations
+from pipeline.data.ingest import ImageSpec, decode_batch, shard_rows_dataset
+from pipeline.data.ledger import IngestLedger
+from pipeline.data.shards import load_manifest, open_parquet, read_parquet
+from pipeline.eval.evaluate import (
     ENCODER_FEATURES,
     check_encoder,
     extract_features,
     raw_pixel_features,
 )
-from pipeline.ingest import ImageSpec, decode_batch, shard_rows_dataset
-from pipeline.ledger import IngestLedger
-from pipeline.shards import load_manifest, open_parquet, read_parquet
+from pipeline.train.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
 from ssl_models.method import SSLMethod
 
 _PASS = 1  # the ledger counts per pass; an export is a single pass over the shards
@@ -148,7 +148,7 @@ class EmbedActor:
 
 def raw_pixel_rows(batch: dict[str, np.ndarray], column: str = "embedding") -> pa.Table:
     """Ray Data batch function: decoded {id, image, label} -> the raw-pixel floor's
-    "embedding": flattened, L2-normalised pixels (``pipeline.evaluate.raw_pixel_features``)."""
+    "embedding": flattened, L2-normalised pixels (``pipeline.eval.evaluate.raw_pixel_features``)."""
     return _features_table(batch, {column: _raw_pixels(batch["image"])})
 
 

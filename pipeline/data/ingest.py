@@ -24,9 +24,8 @@ import torch
 from PIL import Image, ImageOps
 from ray.actor import ActorHandle
 
-from pipeline import locations
-from pipeline.augment import ViewRecipe, random_views
-from pipeline.shards import (
+from pipeline.data import locations
+from pipeline.data.shards import (
     SHARD_SCHEMA,
     ShardManifest,
     load_manifest,
@@ -36,6 +35,7 @@ from pipeline.shards import (
     shard_files,
 )
 from ssl_models.method import PretextViews, split_columns
+from ssl_models.transforms.views import ViewRecipe, random_views
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def training_dataset(
     of restarting the execution (and its worker processes) at every epoch. The stream is
     built from ``decode_tasks`` lanes, whatever the number of epochs (see
     ``_views_of_passes``). Passes are numbered from ``first_epoch`` + 1 (a resumed run
-    continues the numbering and the orders); a ``ledger`` (pipeline.ledger) counts each
+    continues the numbering and the orders); a ``ledger`` (pipeline.data.ledger) counts each
     one's delivered and rejected rows. Each row carries the ``plan``'s views (and pretext
     targets); with ``plan=None`` the stage only decodes and the views are made on the
     training device (``views_on_device``).

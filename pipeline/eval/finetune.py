@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.augment import ViewRecipe, random_views
-from pipeline.ingest import ImageSpec, decoded_batch, normalize, shard_rows_dataset
-from pipeline.linear_probe import TopkHits, new_head
+from pipeline.data.ingest import ImageSpec, decoded_batch, normalize, shard_rows_dataset
+from pipeline.eval.linear_probe import TopkHits, new_head
 from ssl_models.optim import param_groups, set_lr, warmup_cosine
+from ssl_models.transforms.views import ViewRecipe, random_views
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -156,7 +156,7 @@ def finetune_accuracy(
     ``backbone`` maps normalised images to (N, ``feature_dim``) features
     (``SSLMethod.backbone``) and is left untouched. Train images are uint8 (N, C, H, H),
     augmented (random resized crop, scale 0.08-1, and horizontal flip) and then normalised
-    with the per-channel ``mean`` and ``std`` of pipeline.ingest.channel_stats. Incomplete
+    with the per-channel ``mean`` and ``std`` of pipeline.data.ingest.channel_stats. Incomplete
     last batches are dropped (a batch of one would break batch norm). The number of classes
     is the largest label of either split plus one. The seed fixes the head, the batch order
     and the crops, so the result is deterministic on CPU; on CUDA it runs in bfloat16.
