@@ -1,0 +1,22 @@
+"""Reading the figures a benchmark script prints."""
+
+from __future__ import annotations
+
+
+def table_rows(out: str, header: str) -> list[list[str]]:
+    """The cells of each row of the Markdown table whose header line starts with
+    ``header`` (the test fails if no such table prints)."""
+    lines = out.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(header)]
+    assert starts, f"no table headed {header!r} in:\n{out}"
+    rows = []
+    for line in lines[starts[0] + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def number(cell: str) -> float:
+    """A table cell's figure: ``1,234``, ``0.87``, ``1.5x`` or ``2.10 GiB``."""
+    return float(cell.split()[0].rstrip("x").replace(",", ""))
