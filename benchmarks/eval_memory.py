@@ -120,14 +120,14 @@ def child(args: argparse.Namespace) -> dict:
         )
     bank, queries = _split(args.bank), _split(args.query_bank)
     if args.child == "streamed":
-        from pipeline.eval.knn import streamed_knn_accuracy
+        from ssl_models.knn import streamed_knn_accuracy
 
         def streamed():
             q, labels = queries.load()
             return streamed_knn_accuracy(bank.batches(4096), q, labels, 200, 0.1)
 
         return _measure(f"chunked kNN, bank {bank.rows} x {bank.dim}", streamed)
-    from pipeline.eval.evaluate import knn_accuracy
+    from ssl_models.knn import knn_accuracy
 
     def in_memory():
         q, labels = queries.load()

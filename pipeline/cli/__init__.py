@@ -476,15 +476,11 @@ def _retrieval(args: argparse.Namespace) -> str:
     import torch
 
     from pipeline.data import locations
+    from pipeline.data.image_features import extract_features
     from pipeline.data.ingest import read_decoded
-    from pipeline.eval.evaluate import (
-        BANK_CHUNK,
-        extract_features,
-        images_by_id,
-        load_eval_context,
-    )
-    from pipeline.eval.knn import RunningTopK
+    from pipeline.eval.evaluate import BANK_CHUNK, images_by_id, load_eval_context
     from pipeline.eval.pictures import add_projector, retrieval_grid
+    from ssl_models.knn import RunningTopK
 
     checkpoint = _resolve_checkpoint(args.checkpoint)
     with load_eval_context(checkpoint) as context:

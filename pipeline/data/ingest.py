@@ -492,3 +492,15 @@ def read_decoded(shard_dir: str | Path, spec: ImageSpec, limit: int | None = Non
         if limit is not None and len(ids) >= limit:
             break
     return DecodedImages(ids, np.concatenate(pixels), np.concatenate(labels))
+
+
+def load_labelled(
+    shard_dir: str | Path, spec: ImageSpec, limit: int | None = None
+) -> DecodedImages:
+    """``read_decoded``, for uses that need every image labelled (kNN): ValueError names
+    the shard directory when any of the first ``limit`` images has no label."""
+    images = read_decoded(shard_dir, spec, limit)
+    unlabelled = int((images.labels < 0).sum())
+    if unlabelled:
+        raise ValueError(f"{shard_dir}: {unlabelled} images have no label; kNN needs labels")
+    return images

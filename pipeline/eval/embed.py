@@ -4,13 +4,15 @@ inference (the stateful-actor pattern of Ray's offline batch inference guide).
 CPU tasks decode the shards with the checkpoint's ImageSpec (Ray fuses them into the actors
 when those need no GPU); a pool of actors, each holding the encoder once (on a GPU when the
 cluster has one), turns the images into L2-normalised features exactly as
-``pipeline.eval.evaluate.extract_features`` does for kNN (Wu et al. 2018, arXiv:1805.01978).
+``pipeline.data.image_features.extract_features`` does for kNN (Wu et al. 2018,
+arXiv:1805.01978).
 Every input row is either embedded or rejected with its id and reason; an ``IngestLedger``
 counts both, so the export accounts for every row.
 
 Evaluation wants several encoders' features of the same split (the trained encoder, the
-random-init floor, the raw pixels): ``features_dataset`` gives them all from one pass, each
-image decoded once and embedded by every encoder the actor holds, one column per encoder.
+random-init floor, the raw pixels): ``embedding_dataset`` gives them all from one pass, each
+image decoded once and embedded by every encoder the actor holds, one column per encoder; an
+export is the same pass with the trained encoder alone.
 """
 
 from __future__ import annotations
@@ -28,15 +30,11 @@ import torch
 from ray.actor import ActorHandle
 
 from pipeline.data import locations
+from pipeline.data.image_features import extract_features
 from pipeline.data.ingest import ImageSpec, decode_batch, shard_rows_dataset
 from pipeline.data.ledger import IngestLedger
 from pipeline.data.shards import load_manifest, open_parquet, read_parquet
-from pipeline.eval.evaluate import (
-    ENCODER_FEATURES,
-    check_encoder,
-    extract_features,
-    raw_pixel_features,
-)
+from pipeline.eval.evaluate import ENCODER_FEATURES, raw_pixel_features
 from pipeline.train.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
 from ssl_models.method import SSLMethod
 
@@ -61,12 +59,9 @@ def _decode_rows(
     }
 
 
-ENCODERS = ENCODER_FEATURES  # the features an evaluation can ask for
-
-
 def embedding_column(encoder: str) -> str:
     """The column holding ``encoder``'s features in a multi-encoder pass
-    (``features_dataset``): ``embedding_trained``, ``embedding_random_init``, ..."""
+    (``embedding_dataset``): ``embedding_trained``, ``embedding_random_init``, ..."""
     return f"embedding_{encoder}"
 
 
@@ -93,27 +88,23 @@ def _raw_pixels(images: np.ndarray) -> np.ndarray:
 
 
 def _check_encoders(encoders: Sequence[str]) -> None:
-    unknown = [e for e in encoders if e not in ENCODERS]
+    unknown = [e for e in encoders if e not in ENCODER_FEATURES]
     if unknown or not encoders or len(set(encoders)) != len(encoders):
-        raise ValueError(f"encoders must be distinct ones of {ENCODERS}, got {list(encoders)!r}")
+        raise ValueError(
+            f"encoders must be distinct ones of {ENCODER_FEATURES}, got {list(encoders)!r}"
+        )
 
 
 class EmbedActor:
-    """Holds a checkpoint's encoders (eval mode) and embeds decoded batches with each.
+    """Holds a checkpoint's network encoders (eval mode) and embeds decoded batches with each.
 
-    ``encoder="random_init"`` holds the same architecture with the run's seed and random
-    weights instead (the floor of every protocol). ``columns`` ({encoder: output column})
-    asks for several encoders at once, e.g. the trained and the random-init encoder and the
-    raw pixels; each image then goes through every one of them, and each encoder's
-    features land in its own column. By default the one ``encoder`` writes ``embedding``."""
+    ``columns`` ({encoder: output column}) names the features wanted: the ``trained``
+    encoder, the ``random_init`` floor (the same architecture with the run's seed and random
+    weights) and the ``raw_pixels``, any of them at once; each image goes through every one,
+    and each encoder's features land in its own column."""
 
-    def __init__(
-        self,
-        checkpoint: str,
-        encoder: str = "trained",
-        columns: Mapping[str, str] | None = None,
-    ) -> None:
-        self.columns = dict(columns) if columns is not None else {encoder: "embedding"}
+    def __init__(self, checkpoint: str, columns: Mapping[str, str]) -> None:
+        self.columns = dict(columns)
         _check_encoders(list(self.columns))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         method, config, state = method_from_checkpoint(checkpoint)
@@ -124,12 +115,8 @@ class EmbedActor:
             self.methods["random_init"] = random_init_method(config, state).to(self.device)
         self.mean, self.std = torch.tensor(state["mean"]), torch.tensor(state["std"])
 
-    @property
-    def method(self) -> SSLMethod:
-        """The first network encoder held (the only one with the default ``columns``)."""
-        return next(iter(self.methods.values()))
-
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """{id, image, label} -> {id, one features column per encoder, label}."""
         rows = len(batch["id"])
         features: dict[str, np.ndarray] = {}
         for encoder, column in self.columns.items():
@@ -155,52 +142,23 @@ def raw_pixel_rows(batch: dict[str, np.ndarray], column: str = "embedding") -> p
 def embedding_dataset(
     checkpoint: str | os.PathLike[str],
     shard_dir: str | os.PathLike[str],
-    *,
-    batch_size: int = 512,
-    actors: int = 1,
-    ledger: ActorHandle | None = None,
-    encoder: str = "trained",
-) -> ray.data.Dataset:
-    """Lazy dataset of {id, embedding (float32, unit norm), label (-1 if unknown)} for the
-    decodable images of ``shard_dir`` (a local directory or an object-storage URI);
-    rejected rows are logged and, with a ``ledger`` (``IngestLedger``), counted under pass 1
-    with id and reason. Up to ``actors`` encoder copies run, one GPU each when the cluster
-    has GPUs. ``encoder`` picks the features: the checkpoint's ``trained`` encoder, the
-    ``random_init`` floor (same architecture, run seed) or ``raw_pixels`` (flattened,
-    L2-normalised pixels, computed in the decode tasks)."""
-    check_encoder(encoder)
-    return _embedding_pass(
-        checkpoint, shard_dir, {encoder: "embedding"}, batch_size, actors, ledger
-    )
-
-
-def features_dataset(
-    checkpoint: str | os.PathLike[str],
-    shard_dir: str | os.PathLike[str],
-    encoders: Sequence[str],
+    columns: Mapping[str, str],
     *,
     batch_size: int = 512,
     actors: int = 1,
     ledger: ActorHandle | None = None,
 ) -> ray.data.Dataset:
-    """``embedding_dataset`` for several encoders in one pass: {id, embedding_<encoder> for
-    each of ``encoders`` (``embedding_column``), label}. Each image is read and decoded
-    once, and the actors hold every network encoder asked for (the raw pixels need none),
-    so the features of an evaluation's encoders cost one pass over the split; the ledger
-    still counts each row once under pass 1."""
-    _check_encoders(list(encoders))
-    columns = {encoder: embedding_column(encoder) for encoder in encoders}
-    return _embedding_pass(checkpoint, shard_dir, columns, batch_size, actors, ledger)
-
-
-def _embedding_pass(
-    checkpoint: str | os.PathLike[str],
-    shard_dir: str | os.PathLike[str],
-    columns: dict[str, str],
-    batch_size: int,
-    actors: int,
-    ledger: ActorHandle | None,
-) -> ray.data.Dataset:
+    """Lazy dataset of {id, one column of float32 unit-norm features per encoder, label (-1
+    if unknown)} for the decodable images of ``shard_dir`` (a local directory or an
+    object-storage URI). ``columns`` ({encoder: column}) picks the features: the
+    checkpoint's ``trained`` encoder, the ``random_init`` floor (same architecture, run seed)
+    and ``raw_pixels`` (flattened, L2-normalised pixels); each image is read and decoded
+    once, and the actors hold every network encoder asked for, so an evaluation's encoders
+    cost one pass over the split. Rejected rows are logged and, with a ``ledger``
+    (``IngestLedger``), counted once each under pass 1 with id and reason. Up to ``actors``
+    encoder copies run, one GPU each when the cluster has GPUs."""
+    columns = dict(columns)
+    _check_encoders(list(columns))
     if batch_size < 1 or actors < 1:
         raise ValueError(f"batch_size and actors must be at least 1, got {batch_size}, {actors}")
     checkpoint = locations.absolute(checkpoint)
@@ -257,6 +215,20 @@ def _parquet_files(location: str | os.PathLike[str]) -> list[str]:
     ]
 
 
+def _clear_output(out_dir: str, overwrite: bool) -> None:
+    """Refuse an output directory that holds files (unless ``overwrite``) or anything but
+    Parquet files; delete the Parquet files of an earlier export when overwriting."""
+    if locations.is_file(out_dir):
+        raise ValueError(f"{out_dir}: the output must be a directory, this is a file")
+    existing = locations.list_files(out_dir, recursive=False) if locations.exists(out_dir) else []
+    if existing and not overwrite:
+        raise ValueError(f"{out_dir} already holds files; pass overwrite=True to replace them")
+    if any(not entry.relative.endswith(".parquet") for entry in existing):
+        raise ValueError(f"{out_dir}: refusing to overwrite, it holds more than Parquet files")
+    for entry in existing:
+        locations.delete_file(entry.location)
+
+
 def export_embeddings(
     checkpoint: str | os.PathLike[str],
     shard_dir: str | os.PathLike[str],
@@ -273,20 +245,17 @@ def export_embeddings(
     ``overwrite`` its Parquet files are replaced (anything else there is still refused).
     """
     out_dir = locations.absolute(out_dir)
-    if locations.is_file(out_dir):
-        raise ValueError(f"{out_dir}: the output must be a directory, this is a file")
-    existing = locations.list_files(out_dir, recursive=False) if locations.exists(out_dir) else []
-    if existing and not overwrite:
-        raise ValueError(f"{out_dir} already holds files; pass overwrite=True to replace them")
-    if any(not entry.relative.endswith(".parquet") for entry in existing):
-        raise ValueError(f"{out_dir}: refusing to overwrite, it holds more than Parquet files")
-    for entry in existing:
-        locations.delete_file(entry.location)
+    _clear_output(out_dir, overwrite)
     rows = load_manifest(shard_dir).rows
     ledger = IngestLedger.remote(rows)
     try:
         ds = embedding_dataset(
-            checkpoint, shard_dir, batch_size=batch_size, actors=actors, ledger=ledger
+            checkpoint,
+            shard_dir,
+            {"trained": "embedding"},
+            batch_size=batch_size,
+            actors=actors,
+            ledger=ledger,
         )
         filesystem, path = locations.resolve(out_dir)
         ds.write_parquet(path, filesystem=filesystem)

@@ -1,17 +1,14 @@
-"""Frozen-feature evaluation: weighted kNN (Wu et al. 2018, arXiv:1805.01978).
+"""Frozen-feature evaluation of a checkpoint: weighted kNN (Wu et al. 2018, arXiv:1805.01978).
 
-Train-split features form the memory bank; each test image takes its k most cosine-similar
-bank entries, and each neighbour votes for its label with weight exp(similarity / T). This is
-the monitor used by InstDisc, DINO, solo-learn and lightly (k=200, T=0.1 by default).
+The votes are ssl_models.knn's: train-split features form the memory bank, and each test
+image's k most cosine-similar bank rows vote for their labels with weight exp(similarity / T).
 The two floors next to it say whether the encoder learned anything: kNN on raw pixels, and
 kNN on the same architecture with random weights.
 
 Evaluation at scale never holds a split in one process: ``EvalContext.features_for`` runs
 one Ray Data batch-inference pass per split for every encoder the protocols need and writes
 the features as Parquet once, and ``evaluate_checkpoint`` streams the bank past the queries
-(pipeline.eval.knn). The in-memory functions here
-(``load_labelled``, ``extract_features``, ``knn_accuracy``) serve bounded uses such as the
-online kNN monitor of pretraining.
+(``ssl_models.knn.streamed_knn_accuracy``).
 """
 
 from __future__ import annotations
@@ -19,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,84 +29,12 @@ from torch import Tensor
 
 from pipeline.config import Config
 from pipeline.data import locations
-from pipeline.data.ingest import DecodedImages, ImageSpec, decode_batch, normalize, read_decoded
+from pipeline.data.ingest import ImageSpec, decode_batch
 from pipeline.data.shards import load_manifest, open_parquet, read_labels, shard_files
 from pipeline.eval.features import FeatureSplit, scratch_location
 from pipeline.train.checkpoint import method_from_checkpoint, random_init_method
+from ssl_models.knn import streamed_knn_accuracy
 from ssl_models.method import SSLMethod
-
-
-def load_labelled(
-    shard_dir: str | Path, spec: ImageSpec, limit: int | None = None
-) -> DecodedImages:
-    """Decode the first ``limit`` images of a shard directory, all of which must be labelled."""
-    images = read_decoded(shard_dir, spec, limit)
-    unlabelled = int((images.labels < 0).sum())
-    if unlabelled:
-        raise ValueError(f"{shard_dir}: {unlabelled} images have no label; kNN needs labels")
-    return images
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: Callable[[Tensor], Tensor],
-    pixels: np.ndarray,
-    mean: Tensor,
-    std: Tensor,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Features of uint8 images in batches, L2-normalised, on the CPU."""
-    out = []
-    for start in range(0, len(pixels), batch_size):
-        batch = torch.from_numpy(pixels[start : start + batch_size]).to(device)
-        out.append(
-            F.normalize(
-                encoder(normalize(batch, mean.to(device), std.to(device))).float(), dim=1
-            ).cpu()
-        )
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def knn_predict(
-    bank: Tensor,
-    bank_labels: Tensor,
-    queries: Tensor,
-    num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk: int = 1024,
-) -> Tensor:
-    """Class scores (Q, num_classes) from similarity-weighted votes of the k nearest bank rows.
-
-    ``bank`` and ``queries`` must be L2-normalised, so the dot product is cosine similarity.
-    """
-    k = min(k, len(bank))
-    scores = []
-    for start in range(0, len(queries), chunk):
-        sim = queries[start : start + chunk] @ bank.T
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(len(top_sim), num_classes, dtype=weights.dtype)
-        votes.scatter_add_(1, bank_labels[top_idx], weights)
-        scores.append(votes)
-    return torch.cat(scores)
-
-
-def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
-    k = min(k, scores.shape[1])
-    hits = (scores.topk(k, dim=1).indices == labels.view(-1, 1)).any(1)
-    return hits.float().mean().item()
-
-
-def knn_accuracy(
-    bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, k: int, temperature: float
-) -> dict[str, float]:
-    """kNN top-1 and top-5 accuracy of ``queries`` against the labelled ``bank``."""
-    num_classes = int(max(bank_labels.max(), labels.max())) + 1
-    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
 
 
 def raw_pixel_features(pixels: np.ndarray) -> Tensor:
@@ -273,7 +197,7 @@ class EvalContext:
 
         from pipeline.cluster import init_ray
         from pipeline.data.ledger import IngestLedger
-        from pipeline.eval.embed import embedding_column, features_dataset
+        from pipeline.eval.embed import embedding_column, embedding_dataset
         from pipeline.eval.features import write_feature_columns
 
         init_ray()
@@ -282,24 +206,25 @@ class EvalContext:
             self._scratch_dir = self._scratch.enter_context(scratch_location(remote_run))
         rows = load_manifest(shard_dir).rows
         ledger = IngestLedger.remote(rows)
-        columns = [embedding_column(encoder) for encoder in encoders]
+        columns = {encoder: embedding_column(encoder) for encoder in encoders}
         try:
-            ds = features_dataset(
+            ds = embedding_dataset(
                 self.checkpoint,
                 shard_dir,
-                encoders,
+                columns,
                 batch_size=self.batch_size,
                 actors=self.actors,
                 ledger=ledger,
             )
             self._passes += 1
             out = locations.join(self._scratch_dir, f"{split}-{self._passes}")
-            written = write_feature_columns(ds.iter_batches(batch_format="pyarrow"), out, columns)
+            batches = ds.iter_batches(batch_format="pyarrow")
+            written = write_feature_columns(batches, out, list(columns.values()))
             counts = ray.get(ledger.report.remote()).get(1, {"delivered": 0, "rejects": []})
         finally:
             ray.kill(ledger)
         rejects = [(r["id"], r["reason"]) for r in counts["rejects"]]
-        some = written[columns[0]]
+        some = written[columns[encoders[0]]]
         if some.rows != counts["delivered"] or some.rows + len(rejects) != rows:
             raise RuntimeError(
                 f"{shard_dir}: {rows} rows but {some.rows} embedded and {len(rejects)} rejected"
@@ -307,7 +232,7 @@ class EvalContext:
         self.accounts[split] = (
             f"{shard_dir}: {rows} rows = {some.rows} embedded + {len(rejects)} rejected"
         )
-        for encoder, column in zip(encoders, columns, strict=True):
+        for encoder, column in columns.items():
             written[column].rejects = list(rejects)
             self._features[(encoder, shard_dir)] = written[column]
 
@@ -355,6 +280,8 @@ def load_eval_context(
 
 
 BANK_CHUNK = 4096  # bank rows per similarity matmul in the streamed kNN
+# The features of the kNN table's rows, in order: the encoder, then its two floors.
+KNN_ENCODERS = ("trained", "raw_pixels", "random_init")
 
 
 def evaluate_checkpoint(
@@ -367,19 +294,17 @@ def evaluate_checkpoint(
     """kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
 
     The queries' features are held (Q x D); the bank streams past them in chunks keeping
-    each query's running top-k (pipeline.eval.knn), so memory does not grow with the bank. With
+    each query's running top-k (ssl_models.knn), so memory does not grow with the bank. With
     ``floors``, also the raw-pixel floor and the random-init floor (same architecture,
     untrained weights, same normalisation), which a useful encoder must beat.
     """
-    from pipeline.eval.knn import streamed_knn_accuracy
-
     context = path if isinstance(path, EvalContext) else load_eval_context(path)
     try:
         k = k or context.config.eval.knn_k
         temperature = temperature or context.config.eval.knn_temperature
         num_classes = context.num_classes
         # Every row's encoder in one pass per split (the floors ride along with the encoder).
-        context.request(["trained", "raw_pixels", "random_init"] if floors else ["trained"])
+        context.request(KNN_ENCODERS if floors else KNN_ENCODERS[:1])
 
         def row(name: str, encoder: str) -> KNNRow:
             queries, labels = context.features(encoder, "test").load()

@@ -151,12 +151,6 @@ class FeatureSplit:
             return torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.int64)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def delete(self) -> None:
-        """Delete the files (shared with the other encoders of the pass that wrote them)."""
-        for location in self.files:
-            if locations.exists(location):
-                locations.delete_file(location)
-
 
 def write_features(
     batches: Iterable[pa.Table],
@@ -182,46 +176,25 @@ def write_feature_columns(
     row_group_rows: int = ROW_GROUP_ROWS,
 ) -> dict[str, FeatureSplit]:
     """``write_features`` for tables of {id, <one embedding column per encoder>, label}
-    (``pipeline.eval.embed.features_dataset``): one file, ``out_dir/features.parquet``, holding
+    (``pipeline.eval.embed.embedding_dataset``): one file, ``out_dir/features.parquet``, holding
     every one of ``columns``, and one ``FeatureSplit`` per column reading just that one
     (a row group of a column at a time)."""
     location = locations.join(out_dir, FEATURE_FILE)
-    filesystem, path = locations.resolve(location)
-    if not locations.is_remote(location):  # object storage needs no directories (nor markers)
-        filesystem.create_dir(os.path.dirname(path) or path, recursive=True)
-    writer: pq.ParquetWriter | None = None
-    pending: list[pa.Table] = []
-    pending_rows = rows = 0
-    schema = None
-    wanted = ["id", *columns, "label"]
-
-    def flush() -> None:
-        nonlocal writer, pending, pending_rows
-        if not pending_rows:
-            return
-        table = pa.concat_tables(pending).combine_chunks()
-        if writer is None:
-            # Given the filesystem, the writer owns the stream and closes (uploads) it.
-            writer = pq.ParquetWriter(path, table.schema, filesystem=filesystem)
-        writer.write_table(table, row_group_size=len(table))
-        pending, pending_rows = [], 0
-
+    out = _RowGroupWriter(location, row_group_rows)
+    schema: pa.Schema | None = None
+    rows = 0
     try:
         for table in batches:
             if not len(table):
                 continue
-            table = table.select(wanted)
+            table = table.select(["id", *columns, "label"])
             if schema is None:
                 schema = table.schema
-            pending.append(table.cast(schema))
-            pending_rows += len(table)
+            out.add(table.cast(schema))
             rows += len(table)
-            if pending_rows >= row_group_rows:
-                flush()
-        flush()
+        out.flush()
     finally:
-        if writer is not None:
-            writer.close()
+        out.close()
     return {
         column: FeatureSplit(
             [location] if rows else [],
@@ -232,6 +205,44 @@ def write_feature_columns(
         )
         for column in columns
     }
+
+
+class _RowGroupWriter:
+    """One Parquet file written row group by row group: added tables are held until they
+    reach ``row_group_rows`` rows, so about one row group is in memory at a time. The file
+    is created with the first row group (none when nothing is added)."""
+
+    def __init__(self, location: str, row_group_rows: int) -> None:
+        self.filesystem, self.path = locations.resolve(location)
+        if not locations.is_remote(location):  # object storage needs no directories (nor markers)
+            self.filesystem.create_dir(os.path.dirname(self.path) or self.path, recursive=True)
+        self.row_group_rows = row_group_rows
+        self.writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        """Hold ``table``; write the held rows once they fill a row group."""
+        self.pending.append(table)
+        self.pending_rows += len(table)
+        if self.pending_rows >= self.row_group_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the held rows as one row group."""
+        if not self.pending_rows:
+            return
+        table = pa.concat_tables(self.pending).combine_chunks()
+        if self.writer is None:
+            # Given the filesystem, the writer owns the stream and closes (uploads) it.
+            self.writer = pq.ParquetWriter(self.path, table.schema, filesystem=self.filesystem)
+        self.writer.write_table(table, row_group_size=len(table))
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> None:
+        """Finish the file (rows still held and not flushed are dropped)."""
+        if self.writer is not None:
+            self.writer.close()
 
 
 @contextlib.contextmanager

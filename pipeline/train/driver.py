@@ -34,12 +34,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.cluster import init_ray
 from pipeline.config import Config, from_dict, with_absolute_paths
 from pipeline.data.dataset_features import dataset_features
+from pipeline.data.image_features import extract_features
 from pipeline.data.ingest import (
     ImageSpec,
     ViewPlan,
     channel_stats,
     dataset_rows,
     image_slots,
+    load_labelled,
     normalize,
     read_decoded,
     synthetic_batch,
@@ -48,7 +50,6 @@ from pipeline.data.ingest import (
 )
 from pipeline.data.ledger import IngestLedger, summary_line, write_report
 from pipeline.data.shards import load_manifest, validate_shards
-from pipeline.eval.evaluate import extract_features, knn_accuracy, load_labelled
 from pipeline.train.checkpoint import (
     build_method_for,
     check_resumable,
@@ -57,6 +58,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.monitors import OnlineProbe
 from ssl_models import METHODS, SSLMethod
+from ssl_models.knn import knn_accuracy
 from ssl_models.method import MethodOutput
 from ssl_models.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
 from ssl_models.transforms.views import ViewRecipe

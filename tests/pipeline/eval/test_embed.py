@@ -9,18 +9,18 @@ import torch
 from PIL import Image
 
 from pipeline.config import from_dict
+from pipeline.data.image_features import extract_features
 from pipeline.data.ingest import ImageSpec, read_decoded
 from pipeline.data.shards import write_shards
 from pipeline.data.sources import ImageRecord
 from pipeline.eval.embed import (
-    ENCODERS,
     EmbedActor,
     embedding_column,
     export_embeddings,
     raw_pixel_rows,
     read_embeddings,
 )
-from pipeline.eval.evaluate import extract_features
+from pipeline.eval.evaluate import ENCODER_FEATURES
 from pipeline.train.checkpoint import build_method_for, method_from_checkpoint, save_checkpoint
 
 GOOD, SIZE = 120, 16
@@ -117,10 +117,10 @@ def test_a_batch_whose_rows_were_all_rejected_embeds_to_no_rows(checkpoint):
         "image": np.zeros((0, 1, SIZE, SIZE), np.uint8),
         "label": np.zeros(0, np.int64),
     }
-    actor = EmbedActor(str(checkpoint))
+    actor = EmbedActor(str(checkpoint), {"trained": "embedding"})
     table = actor(empty)
     assert table.num_rows == 0
-    assert table.schema.field("embedding").type.list_size == actor.method.feature_dim
+    assert table.schema.field("embedding").type.list_size == actor.methods["trained"].feature_dim
 
 
 def test_overwrite_spares_a_directory_with_other_files(shards, checkpoint, tmp_path):
@@ -145,7 +145,7 @@ def test_one_actor_holding_every_encoder_embeds_as_the_single_encoder_passes_do(
         "image": rng.integers(0, 256, (9, 1, SIZE, SIZE), np.uint8),
         "label": np.arange(9, dtype=np.int64) % 4,
     }
-    columns = {encoder: embedding_column(encoder) for encoder in ENCODERS}
+    columns = {encoder: embedding_column(encoder) for encoder in ENCODER_FEATURES}
     table = EmbedActor(str(checkpoint), columns=columns)(batch)
     assert table.column_names == ["id", *columns.values(), "label"]
     assert table.column("id").to_pylist() == batch["id"].tolist()
@@ -154,7 +154,7 @@ def test_one_actor_holding_every_encoder_embeds_as_the_single_encoder_passes_do(
         single = (
             raw_pixel_rows(batch)
             if encoder == "raw_pixels"
-            else EmbedActor(str(checkpoint), encoder=encoder)(batch)
+            else EmbedActor(str(checkpoint), {encoder: "embedding"})(batch)
         )
         np.testing.assert_array_equal(
             table.column(column).combine_chunks().flatten().to_numpy(),

@@ -1,12 +1,16 @@
-"""Weighted kNN over a memory bank that streams past in chunks (bounded driver memory).
+"""Weighted kNN classification of L2-normalised features (Wu et al. 2018, arXiv:1805.01978).
 
-The bank (train-split features) is never held whole: it arrives batch by batch, and each
-query keeps only its running top-k (similarities and one value per neighbour, the label or
-the bank position). A chunk's similarities are a (query block x chunk) matmul; its top-k is
-merged with the running one, so memory is O(Q * k + query_block * chunk) whatever the bank
-size. The votes are those of ``pipeline.eval.evaluate.knn_predict`` (Wu et al. 2018,
-arXiv:1805.01978): each neighbour votes for its label with weight exp(similarity / T), and
-the result equals the in-memory version up to the order of exactly tied neighbours.
+Train-split features form the memory bank; each query takes its k most cosine-similar bank
+rows, and each neighbour votes for its label with weight exp(similarity / T). This is the
+monitor used by InstDisc, DINO, solo-learn (solo/utils/knn.py) and lightly
+(lightly/utils/benchmarking/knn.py), with k=200 and T=0.1 by default.
+
+Two forms give the same votes (up to the order of exactly tied neighbours):
+
+- ``knn_predict`` holds the whole bank (bounded uses such as an online monitor);
+- ``RunningTopK`` / ``streamed_knn_scores`` take the bank chunk by chunk and keep each
+  query's running top-k (similarities and one value per neighbour, the label or the bank
+  position), so memory is O(Q * k + query_block * chunk) whatever the bank size.
 """
 
 from __future__ import annotations
@@ -14,14 +18,59 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+
+@torch.no_grad()
+def knn_predict(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> Tensor:
+    """Class scores (Q, num_classes) from similarity-weighted votes of the k nearest bank rows.
+
+    ``bank`` and ``queries`` must be L2-normalised, so the dot product is cosine similarity.
+    """
+    k = min(k, len(bank))
+    scores = []
+    for start in range(0, len(queries), chunk):
+        sim = queries[start : start + chunk] @ bank.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(len(top_sim), num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, bank_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
+    """The fraction of rows of ``scores`` (N, C) whose ``k`` best classes hold the label."""
+    k = min(k, scores.shape[1])
+    hits = (scores.topk(k, dim=1).indices == labels.view(-1, 1)).any(1)
+    return hits.float().mean().item()
+
+
+def knn_accuracy(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, k: int, temperature: float
+) -> dict[str, float]:
+    """kNN top-1 and top-5 accuracy of ``queries`` against the labelled ``bank``."""
+    num_classes = int(max(bank_labels.max(), labels.max())) + 1
+    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
+    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
 
 
 class RunningTopK:
     """Each query's ``k`` most similar bank rows seen so far: similarities (Q, k) and one
     int64 value per neighbour (Q, k); slots not yet filled hold -inf and value 0.
 
-    ``queries`` (Q, D) and every bank chunk must be L2-normalised (cosine similarity)."""
+    ``queries`` (Q, D) and every bank chunk must be L2-normalised (cosine similarity). A
+    chunk's similarities are a (query block x chunk) matmul whose top-k is merged with the
+    running one."""
 
     def __init__(self, queries: Tensor, k: int, query_block: int = 1024) -> None:
         if queries.ndim != 2 or k < 1 or query_block < 1:
@@ -97,9 +146,7 @@ def streamed_knn_accuracy(
     query_block: int = 1024,
 ) -> dict[str, float]:
     """kNN top-1 and top-5 accuracy of ``queries`` (labels (Q,)) against a streamed bank."""
-    from pipeline.eval.evaluate import topk_accuracy
-
     scores = streamed_knn_scores(bank, queries, k, temperature, num_classes, query_block)
     if scores.shape[1] <= int(labels.max()):
-        scores = torch.nn.functional.pad(scores, (0, int(labels.max()) + 1 - scores.shape[1]))
+        scores = F.pad(scores, (0, int(labels.max()) + 1 - scores.shape[1]))
     return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
