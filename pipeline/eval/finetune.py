@@ -9,13 +9,14 @@ parameters get no weight decay, as in pretraining (ssl_models.optim.param_groups
 
 At scale (``finetune_accuracy_streamed``) the subset is picked by id from the split's labels
 (ids and labels only, O(N) small values), its images stream through Ray Data each epoch
-and the test split is scored batch by batch; one loop serves both forms.
+and the test split is scored batch by batch; one loop serves both forms, and it is the
+linear probe's trainer (pipeline.eval.classifier) with the backbone in the model.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,11 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.data.ingest import ImageSpec, decoded_batch, normalize, shard_rows_dataset
-from pipeline.eval.linear_probe import TopkHits, new_head
-from ssl_models.optim import param_groups, set_lr, warmup_cosine
+from pipeline.eval.classifier import Batches, SGDSettings, count_hits, new_head, train_classifier
+from ssl_models.optim import param_groups
 from ssl_models.transforms.views import ViewRecipe, random_views
 
 
@@ -69,7 +69,18 @@ def _check_split(pixels: np.ndarray, labels: np.ndarray, split: str) -> None:
         )
 
 
-ImageBatches = Iterable[tuple[Tensor, Tensor]]
+def _check_splits(
+    train_pixels: np.ndarray,
+    train_labels: np.ndarray,
+    test_pixels: np.ndarray,
+    test_labels: np.ndarray,
+) -> None:
+    _check_split(train_pixels, train_labels, "train")
+    _check_split(test_pixels, test_labels, "test")
+    if test_pixels.shape[1:] != train_pixels.shape[1:]:
+        raise ValueError(
+            f"test_pixels are {test_pixels.shape[1:]} images, train_pixels {train_pixels.shape[1:]}"
+        )
 
 
 def _finetune(
@@ -77,60 +88,44 @@ def _finetune(
     feature_dim: int,
     num_classes: int,
     image_size: int,
-    epoch_batches: Callable[[int, torch.Generator], ImageBatches],
+    epoch_batches: Callable[[int, torch.Generator], Batches],
     steps_per_epoch: int,
-    test_batches: Callable[[], ImageBatches],
+    test_batches: Callable[[], Batches],
     mean: Tensor | Sequence[float],
     std: Tensor | Sequence[float],
-    *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    device: torch.device | str,
+    settings: SGDSettings,
 ) -> dict[str, float]:
-    """The fine-tuning loop: ``epochs`` passes of ``epoch_batches(epoch, gen)`` (uint8 images
-    (B, C, S, S) and labels), each image cropped and flipped with ``gen``, then the test
-    batches scored unaugmented; both sources may be in memory or streamed."""
-    if epochs < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 1, lr > 0; got {epochs}, {lr}")
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    """The fine-tuning loop (pipeline.eval.classifier's trainer): ``epochs`` passes of
+    ``epoch_batches(epoch, gen)`` (uint8 images (B, C, S, S) and labels), each image cropped
+    and flipped with ``gen``, then the test batches scored unaugmented; both sources may be
+    in memory or streamed. Biases and normalisation parameters get no weight decay."""
+    device = torch.device(settings.device)
+    gen = torch.Generator().manual_seed(settings.seed)
     encoder = copy.deepcopy(backbone).requires_grad_(True)
     model = nn.Sequential(encoder, new_head(feature_dim, num_classes, gen)).to(device)
     mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
     std = torch.as_tensor(std, dtype=torch.float32, device=device)
-    optimizer = torch.optim.SGD(
-        param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True
-    )
+    optimizer = settings.optimizer(param_groups(model, settings.weight_decay))
     recipe = ViewRecipe(
         size=image_size, crop_scale=(0.08, 1.0), jitter_prob=0.0, grayscale_prob=0.0
     )
-    use_amp = device.type == "cuda"
-    total = epochs * steps_per_epoch
+    amp = device.type == "cuda"
+
+    def augmented(images: Tensor) -> Tensor:
+        return normalize(random_views(images.to(device), recipe, gen), mean, std)
+
+    def unaugmented(images: Tensor) -> Tensor:
+        return normalize(images.to(device), mean, std)
 
     model.train()
-    step = 0
-    for epoch in range(epochs):
-        for images, labels in epoch_batches(epoch, gen):
-            set_lr(optimizer, warmup_cosine(min(step, total - 1), total, 0, lr))
-            views = normalize(random_views(images.to(device), recipe, gen), mean, std)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(model(views).float(), labels.long().to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-    if step == 0:
+    steps = train_classifier(
+        model, optimizer, lambda epoch: epoch_batches(epoch, gen), augmented, settings,
+        steps_per_epoch, amp=amp,
+    )  # fmt: skip
+    if steps == 0:
         raise ValueError("fine-tuning got no complete training batch")
-
     model.eval()
-    hits = TopkHits()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        for images, labels in test_batches():
-            scores = model(normalize(images.to(device), mean, std)).float().cpu()
-            hits.add(scores, labels)
-    return hits.accuracy()
+    return count_hits(model, test_batches(), unaugmented, device, amp=amp).accuracy()
 
 
 def finetune_accuracy(
@@ -161,35 +156,26 @@ def finetune_accuracy(
     is the largest label of either split plus one. The seed fixes the head, the batch order
     and the crops, so the result is deterministic on CPU; on CUDA it runs in bfloat16.
     """
-    _check_split(train_pixels, train_labels, "train")
-    _check_split(test_pixels, test_labels, "test")
-    if test_pixels.shape[1:] != train_pixels.shape[1:]:
-        raise ValueError(
-            f"test_pixels are {test_pixels.shape[1:]} images, train_pixels {train_pixels.shape[1:]}"
-        )
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(
-            f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
-        )
+    _check_splits(train_pixels, train_labels, test_pixels, test_labels)
+    settings = SGDSettings(epochs, batch_size, lr, weight_decay, seed, device)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     labels = torch.from_numpy(train_labels).long()
     steps_per_epoch = max(1, len(train_pixels) // batch_size)
 
-    def epoch_batches(epoch: int, gen: torch.Generator) -> ImageBatches:
+    def epoch_batches(epoch: int, gen: torch.Generator) -> Batches:
         order = torch.randperm(len(train_pixels), generator=gen)
         for step in range(steps_per_epoch):
             rows = order[step * batch_size : (step + 1) * batch_size]
             yield torch.from_numpy(train_pixels[rows.numpy()]), labels[rows]
 
-    def test_batches() -> ImageBatches:
+    def test_batches() -> Batches:
         for start in range(0, len(test_pixels), batch_size):
             rows = slice(start, start + batch_size)
             yield torch.from_numpy(test_pixels[rows]), torch.from_numpy(test_labels[rows])
 
     return _finetune(
         backbone, feature_dim, num_classes, train_pixels.shape[-1], epoch_batches,
-        steps_per_epoch, test_batches, mean, std,
-        epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+        steps_per_epoch, test_batches, mean, std, settings,
     )  # fmt: skip
 
 
@@ -215,7 +201,7 @@ def subset_rows(shard_dir: str, ids: Sequence[str]) -> ray.data.Dataset:
 
 def _image_batches(
     ds: ray.data.Dataset, batch_size: int, *, drop_last: bool = False, **shuffle: Any
-) -> ImageBatches:
+) -> Batches:
     for batch in ds.iter_batches(
         batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle
     ):
@@ -249,16 +235,13 @@ def finetune_accuracy_streamed(
     subset smaller than a batch is one batch)."""
     if train_count < 1:
         raise ValueError("train_pixels is empty")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(
-            f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
-        )
+    settings = SGDSettings(epochs, batch_size, lr, weight_decay, seed, device)
     batch_size = min(batch_size, train_count)
     decoded = train_rows.map_batches(
         decoded_batch, fn_kwargs={"spec": spec}, batch_size=256, batch_format="numpy"
     ).select_columns(["image", "label"])
 
-    def epoch_batches(epoch: int, gen: torch.Generator) -> ImageBatches:
+    def epoch_batches(epoch: int, gen: torch.Generator) -> Batches:
         return _image_batches(
             decoded.randomize_block_order(seed=seed * 1000 + epoch),
             batch_size,
@@ -267,11 +250,10 @@ def finetune_accuracy_streamed(
             local_shuffle_seed=seed * 1000 + epoch,
         )
 
-    def test_batches() -> ImageBatches:
+    def test_batches() -> Batches:
         return _image_batches(test.select_columns(["image", "label"]), batch_size)
 
     return _finetune(
         backbone, feature_dim, num_classes, spec.size, epoch_batches,
-        max(1, train_count // batch_size), test_batches, mean, std,
-        epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+        max(1, train_count // batch_size), test_batches, mean, std, settings,
     )  # fmt: skip

@@ -14,21 +14,21 @@ the same effect from a BatchNorm without affine parameters in front of the class
 At scale the features never sit in one process: ``linear_probe_accuracy_streamed`` takes
 them from Parquet written once by the embedding job (pipeline.eval.features), the statistics
 from one streamed pass, and streams shuffled batches each epoch through the same SGD loop
-(``fit_linear_head``) as the in-memory ``train_linear_probe``.
+(``fit_linear_head``) as the in-memory ``train_linear_probe``; that loop is
+pipeline.eval.classifier's trainer, which fine-tuning uses too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.eval.evaluate import topk_accuracy
+from pipeline.eval.classifier import Batches, SGDSettings, count_hits, new_head, train_classifier
 from pipeline.eval.features import FeatureSplit
-from ssl_models.optim import set_lr, warmup_cosine
+from ssl_models.knn import topk_accuracy
 
 
 def check_labelled(features: Tensor, labels: Tensor, num_classes: int | None, split: str) -> None:
@@ -53,16 +53,6 @@ def check_labelled(features: Tensor, labels: Tensor, num_classes: int | None, sp
         )
 
 
-def new_head(in_dim: int, num_classes: int, gen: torch.Generator) -> nn.Linear:
-    """A linear classifier with N(0, 0.01^2) weights and zero bias, as SimCLR's and DINO's
-    evaluation heads; drawn from ``gen`` so a seed fixes it without touching global RNG."""
-    head = nn.Linear(in_dim, num_classes)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
-    return head
-
-
 class Moments:
     """Per-dimension mean and std of features that arrive batch by batch (float64 sums of
     values and squares, shifted by the first batch's mean for accuracy)."""
@@ -74,6 +64,7 @@ class Moments:
         self.squares: Tensor | None = None
 
     def add(self, features: Tensor) -> None:
+        """Accumulate one batch of features (B, D)."""
         x = features.detach().cpu().double()
         if not len(x):
             return
@@ -96,52 +87,38 @@ class Moments:
         return self.shift + centred, std
 
 
-Batches = Iterable[tuple[Tensor, Tensor]]
-
-
 def fit_linear_head(
     epoch_batches: Callable[[torch.Generator], Batches],
     rows: int,
     mean: Tensor,
     std: Tensor,
     num_classes: int,
-    *,
-    epochs: int = 100,
-    batch_size: int = 256,
-    lr: float = 0.1,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
+    settings: SGDSettings,
 ) -> nn.Linear:
-    """The probe's one SGD loop: ``epochs`` passes over ``epoch_batches(gen)`` (raw features
-    (B, D) and labels; the source shuffles with ``gen``), standardised with ``mean`` / ``std``
-    (float64, D), SGD Nesterov 0.9 with cosine decay from ``lr`` over
+    """The probe's SGD loop (pipeline.eval.classifier): ``epochs`` passes over
+    ``epoch_batches(gen)`` (raw features (B, D) and labels; the source shuffles with
+    ``gen``), standardised with ``mean`` / ``std`` (float64, D), cosine decay over
     ``epochs * ceil(rows / batch_size)`` steps, cross entropy. Returns the layer on the CPU
     with the standardisation folded in, so it applies to raw features."""
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(
-            f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    dim = len(mean)
-    head = new_head(dim, num_classes, gen).to(device)
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
-    )
-    total = epochs * -(-rows // batch_size)
-    step = 0
-    for _ in range(epochs):
-        for features, labels in epoch_batches(gen):
-            set_lr(optimizer, warmup_cosine(min(step, total - 1), total, 0, lr))
-            x = ((features.double() - mean) / std).float().to(device)
-            loss = F.cross_entropy(head(x), labels.long().to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+    gen = torch.Generator().manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    head = new_head(len(mean), num_classes, gen).to(device)
 
-    # w . (f - mean) / std + b  ==  (w / std) . f + (b - (w / std) . mean)
-    probe = nn.Linear(dim, num_classes)
+    def standardised(features: Tensor) -> Tensor:
+        return ((features.double() - mean) / std).float().to(device)
+
+    steps_per_epoch = -(-rows // settings.batch_size)
+    optimizer = settings.optimizer(head.parameters())
+    train_classifier(
+        head, optimizer, lambda _: epoch_batches(gen), standardised, settings, steps_per_epoch
+    )
+    return _fold_standardisation(head, mean, std)
+
+
+def _fold_standardisation(head: nn.Linear, mean: Tensor, std: Tensor) -> nn.Linear:
+    """A CPU layer on raw features equal to ``head`` on standardised ones:
+    w . (f - mean) / std + b  ==  (w / std) . f + (b - (w / std) . mean)."""
+    probe = nn.Linear(head.in_features, head.out_features)
     with torch.no_grad():
         weight = head.weight.detach().cpu().double() / std
         probe.weight.copy_(weight)
@@ -171,6 +148,7 @@ def train_linear_probe(
     ``train_linear_probe_streamed`` runs the same loop on features streamed from Parquet.
     """
     check_labelled(train_features, train_labels, num_classes, "train")
+    settings = SGDSettings(epochs, batch_size, lr, weight_decay, seed, device)
     moments = Moments()
     moments.add(train_features)
     x = train_features.detach().cpu()
@@ -182,18 +160,7 @@ def train_linear_probe(
             rows = order[start : start + batch_size]
             yield x[rows], y[rows]
 
-    return fit_linear_head(
-        epoch_batches,
-        len(x),
-        *moments.mean_std(),
-        num_classes,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        device=device,
-    )
+    return fit_linear_head(epoch_batches, len(x), *moments.mean_std(), num_classes, settings)
 
 
 def train_linear_probe_streamed(
@@ -214,6 +181,7 @@ def train_linear_probe_streamed(
     the driver holds at most about a buffer and a row group of features."""
     if train.rows == 0:
         raise ValueError("train_features is empty")
+    settings = SGDSettings(epochs, batch_size, lr, weight_decay, seed, device)
     moments = Moments()
     for features, labels in train.batches(batch_size):
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -226,49 +194,11 @@ def train_linear_probe_streamed(
     def epoch_batches(gen: torch.Generator) -> Batches:
         return train.batches(batch_size, gen=gen, shuffle_buffer=shuffle_buffer)
 
-    return fit_linear_head(
-        epoch_batches,
-        train.rows,
-        *moments.mean_std(),
-        num_classes,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        device=device,
-    )
+    return fit_linear_head(epoch_batches, train.rows, *moments.mean_std(), num_classes, settings)
 
 
-class TopkHits:
-    """Top-1 / top-5 hit counts accumulated over scored batches."""
-
-    def __init__(self) -> None:
-        self.rows = self.top1 = self.top5 = 0
-
-    def add(self, scores: Tensor, labels: Tensor) -> None:
-        labels = labels.long().view(-1, 1)
-        ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
-        self.top1 += int((ranked[:, :1] == labels).any(1).sum())
-        self.top5 += int((ranked == labels).any(1).sum())
-        self.rows += len(labels)
-
-    def accuracy(self, top5: bool = True) -> dict[str, float]:
-        if not self.rows:
-            raise ValueError("no rows were scored")
-        result = {"top1": self.top1 / self.rows}
-        if top5:
-            result["top5"] = self.top5 / self.rows
-        return result
-
-
-@torch.no_grad()
-def score_batches(probe: nn.Module, batches: Batches) -> TopkHits:
-    """The probe's hits over (features, labels) batches."""
-    hits = TopkHits()
-    for features, labels in batches:
-        hits.add(probe(features.float().cpu()), labels.cpu())
-    return hits
+def _cpu_features(features: Tensor) -> Tensor:
+    return features.float().cpu()
 
 
 def linear_probe_accuracy(
@@ -313,8 +243,8 @@ def linear_probe_accuracy_streamed(
         raise ValueError(f"test_features have {test.dim} dimensions, train_features {train.dim}")
     probe = train_linear_probe_streamed(train, num_classes, **settings)
     batch_size = settings.get("batch_size", 256)
-    test_hits = score_batches(probe, test.batches(batch_size))
-    train_hits = score_batches(probe, train.batches(batch_size))
+    test_hits = count_hits(probe, test.batches(batch_size), _cpu_features)
+    train_hits = count_hits(probe, train.batches(batch_size), _cpu_features)
     return {
         **test_hits.accuracy(),
         "train_top1": train_hits.accuracy(top5=False)["top1"],

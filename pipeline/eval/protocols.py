@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.data.ingest import decoded_dataset
-from pipeline.eval.evaluate import EvalContext, KNNReport, evaluate_checkpoint
+from pipeline.eval.evaluate import KNN_ENCODERS, EvalContext, KNNReport, evaluate_checkpoint
 from pipeline.eval.finetune import balanced_subset, finetune_accuracy_streamed, subset_rows
 from pipeline.eval.linear_probe import linear_probe_accuracy_streamed
 from ssl_models.method import SSLMethod
@@ -28,7 +28,7 @@ from ssl_models.method import SSLMethod
 PROTOCOLS = ("knn", "linear", "finetune")
 # The frozen features each protocol reads (fine-tuning trains the backbones on images).
 PROTOCOL_ENCODERS = {
-    "knn": ("trained", "raw_pixels", "random_init"),
+    "knn": KNN_ENCODERS,
     "linear": ("trained", "random_init", "raw_pixels"),
     "finetune": (),
 }
@@ -83,7 +83,6 @@ def run_protocols(
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
     context.request(e for protocol in protocols for e in PROTOCOL_ENCODERS[protocol])
-    seed = context.config.run.seed
     results: dict[str, dict[str, float]] = {}
     if "knn" in protocols:
         report = evaluate_checkpoint(
@@ -91,27 +90,45 @@ def run_protocols(
         )
         results.update(knn_results(report))
     if "linear" in protocols:
+        results.update(linear_results(context, settings))
+    if "finetune" in protocols:
+        results.update(finetune_results(context, settings))
+    return {f"{key}{suffix}": value for key, value in results.items()}
+
+
+def linear_results(context: EvalContext, settings: ProtocolSettings) -> dict[str, dict[str, float]]:
+    """The linear probe on the trained features and on both floors', keyed as in eval.json."""
+    return {
+        f"linear{tag}": linear_probe_accuracy_streamed(
+            context.features(encoder, "train"),
+            context.features(encoder, "test"),
+            context.num_classes,
+            epochs=settings.probe_epochs,
+            lr=settings.probe_lr,
+            seed=context.config.run.seed,
+            device=settings.device,
+            shuffle_buffer=settings.probe_shuffle_buffer,
+        )
         for tag, encoder in (
             ("", "trained"),
             ("_random_init", "random_init"),
             ("_raw_pixels", "raw_pixels"),
-        ):
-            results[f"linear{tag}"] = linear_probe_accuracy_streamed(
-                context.features(encoder, "train"),
-                context.features(encoder, "test"),
-                context.num_classes,
-                epochs=settings.probe_epochs,
-                lr=settings.probe_lr,
-                seed=seed,
-                device=settings.device,
-                shuffle_buffer=settings.probe_shuffle_buffer,
-            )
-    subsets = label_subsets(context, settings.fractions) if "finetune" in protocols else {}
-    if subsets:
-        from pipeline.cluster import init_ray
+        )
+    }
 
+
+def finetune_results(
+    context: EvalContext, settings: ProtocolSettings
+) -> dict[str, dict[str, float]]:
+    """Fine-tuning of the trained and the random-init backbone on each label fraction's
+    subset, keyed as in eval.json (``finetune_1pct``, ``finetune_1pct_random_init``, ...)."""
+    from pipeline.cluster import init_ray
+
+    subsets = label_subsets(context, settings.fractions)
+    if subsets:
         init_ray()
     encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained}
+    results: dict[str, dict[str, float]] = {}
     for name, ids in subsets.items():
         train_rows = subset_rows(context.train_dir, ids)
         test = decoded_dataset(context.test_dir, context.spec)
@@ -127,10 +144,10 @@ def run_protocols(
                 *context.mean_std,
                 epochs=settings.finetune_epochs,
                 lr=settings.finetune_lr,
-                seed=seed,
+                seed=context.config.run.seed,
                 device=settings.device,
             )
-    return {f"{key}{suffix}": value for key, value in results.items()}
+    return results
 
 
 def results_table(results: dict[str, dict[str, float]]) -> str:
