@@ -1,0 +1,32 @@
+"""benchmarks/training.py runs at HEAD: at a tiny size it prints the time-to-first-step
+table and a throughput row against the ceiling with the memory peaks (views drawn by Ray
+Data only: the train-device row differs by one config override); --epochs-compare prints its
+row from the demo command's epoch lines."""
+
+import pytest
+
+from tests.benchmarks.tables import number, table_rows
+
+TINY = ["--limit", "128", "--set", "train.batch_size=32"]
+
+
+@pytest.mark.slow
+def test_the_training_benchmark_prints_its_tables_at_a_tiny_size(ray_session, run_script):
+    args = ["--backbones", "small_cnn:0.25", "--workers", "1", "--views", "cpu", "--epochs", "2"]
+    out = run_script("training.py", *args, "--first-step-runs", "1", *TINY, ray=True)
+    (first_step,) = table_rows(out, "| demo command |")
+    assert number(first_step[1]) > 0
+    (row,) = table_rows(out, "| backbone | workers | views drawn by |")
+    assert row[:3] == ["small_cnn w0.25", "1", "Ray Data (CPU)"]
+    ceiling, rate, ratio, total, largest, _store = (number(cell) for cell in row[3:])
+    assert ceiling > 0 and rate > 0 and ratio == pytest.approx(rate / ceiling, abs=0.01)
+    assert total >= largest > 0
+
+
+@pytest.mark.slow
+def test_the_epochs_comparison_prints_its_row(ray_session, run_script):
+    out = run_script("training.py", "--epochs-compare", "3", *TINY, ray=True)
+    (row,) = table_rows(out, "| epochs configured |")
+    epochs, second, third, median, versus = row
+    assert epochs == "3" and number(versus) == 1.0
+    assert number(second) > 0 and number(third) > 0 and number(median) > 0
