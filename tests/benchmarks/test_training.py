@@ -19,7 +19,7 @@ def test_the_training_benchmark_prints_its_tables_at_a_tiny_size(ray_session, ru
     (row,) = table_rows(out, "| backbone | workers | views drawn by |")
     assert row[:3] == ["small_cnn w0.25", "1", "Ray Data (CPU)"]
     ceiling, rate, ratio, total, largest, _store = (number(cell) for cell in row[3:])
-    assert ceiling > 0 and rate > 0 and ratio == pytest.approx(rate / ceiling, abs=0.01)
+    assert ceiling > 0 and rate > 0 and ratio == pytest.approx(rate / ceiling, rel=0.05)
     assert total >= largest > 0
 
 
