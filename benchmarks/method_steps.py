@@ -1,6 +1,6 @@
 """Each method's training step alone on one device: no Ray, no data stage.
 
-A step is the training loop's own (``pipeline.train.driver.train_step``: bf16 autocast and
+A step is the training loop's own (``pipeline.train.step.train_step``: bf16 autocast and
 channels-last on CUDA, the method's hooks, its optimiser) on the demo preset with the
 method's RECIPES entry (benchmarks/methods.py), on real Fashion-MNIST images. The views are
 drawn beforehand by the method's own data-stage plan and cycled, so the figures are the
@@ -31,7 +31,8 @@ from pipeline.config import from_dict
 from pipeline.data.ingest import ImageSpec, channel_stats, normalize, read_decoded
 from pipeline.data.shards import load_manifest
 from pipeline.train.checkpoint import build_method_for
-from pipeline.train.driver import amp_enabled, model_inputs, optimizer_for, train_step, view_plan
+from pipeline.train.step import amp_enabled, model_inputs, optimizer_for, train_step
+from pipeline.train.views import view_plan
 from ssl_models import METHODS, SSLMethod
 from ssl_models.method import split_columns
 from ssl_models.optim import set_lr, warmup_cosine

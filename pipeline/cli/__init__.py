@@ -385,7 +385,7 @@ def _save_results(checkpoint: str, context, results: dict, run: str | None = Non
             "protocols": results,
             "method": context.config.method_name,
             "backbone": f"{context.config.model.backbone} w{context.config.model.width:g}",
-            "epochs": int(context.state["epoch"]),
+            "epochs": int(context.state.epoch),
         },
     )
 
@@ -520,7 +520,7 @@ def _retrieval(args: argparse.Namespace) -> str:
                     sample.labels[projected].tolist(),
                     sample.pixels[projected],
                     tag="test",
-                    step=int(context.state["epoch"]),
+                    step=int(context.state.epoch),
                 )
     return f"wrote {path}"
 
@@ -530,7 +530,7 @@ def _preview(args: argparse.Namespace) -> str:
     from pipeline.data.ingest import ImageSpec, read_decoded
     from pipeline.data.shards import load_manifest
     from pipeline.eval.pictures import augmentation_preview
-    from pipeline.train.driver import view_recipe
+    from pipeline.train.views import view_recipe
 
     config = load_config(args.config, args.overrides)
     spec = ImageSpec.from_manifest(load_manifest(config.data.train), config.data.image_size)

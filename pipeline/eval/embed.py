@@ -113,7 +113,7 @@ class EmbedActor:
             self.methods["trained"] = method.to(self.device)
         if "random_init" in self.columns:
             self.methods["random_init"] = random_init_method(config, state).to(self.device)
-        self.mean, self.std = torch.tensor(state["mean"]), torch.tensor(state["std"])
+        self.mean, self.std = torch.tensor(state.mean), torch.tensor(state.std)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """{id, image, label} -> {id, one features column per encoder, label}."""
@@ -163,7 +163,7 @@ def embedding_dataset(
         raise ValueError(f"batch_size and actors must be at least 1, got {batch_size}, {actors}")
     checkpoint = locations.absolute(checkpoint)
     state = load_checkpoint(checkpoint)
-    spec = ImageSpec(size=state["image_size"], channels=state["channels"])
+    spec = ImageSpec(size=state.image_size, channels=state.channels)
     ds = shard_rows_dataset(shard_dir, ["id", "image", "label"]).map_batches(
         _decode_rows,
         fn_kwargs={"spec": spec, "ledger": ledger},

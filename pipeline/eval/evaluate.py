@@ -18,7 +18,6 @@ import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +31,11 @@ from pipeline.data import locations
 from pipeline.data.ingest import ImageSpec, decode_batch
 from pipeline.data.shards import load_manifest, open_parquet, read_labels, shard_files
 from pipeline.eval.features import FeatureSplit, scratch_location
-from pipeline.train.checkpoint import method_from_checkpoint, random_init_method
+from pipeline.train.checkpoint import (
+    CheckpointState,
+    method_from_checkpoint,
+    random_init_method,
+)
 from ssl_models.knn import streamed_knn_accuracy
 from ssl_models.method import SSLMethod
 
@@ -113,7 +116,7 @@ class EvalContext:
 
     method: SSLMethod
     config: Config
-    state: dict[str, Any]
+    state: CheckpointState
     checkpoint: str
     train_dir: str
     test_dir: str
@@ -129,11 +132,11 @@ class EvalContext:
 
     @property
     def spec(self) -> ImageSpec:
-        return ImageSpec(size=self.state["image_size"], channels=self.state["channels"])
+        return ImageSpec(size=self.state.image_size, channels=self.state.channels)
 
     @property
     def mean_std(self) -> tuple[Tensor, Tensor]:
-        return torch.tensor(self.state["mean"]), torch.tensor(self.state["std"])
+        return torch.tensor(self.state.mean), torch.tensor(self.state.std)
 
     @property
     def run_dir(self) -> str:
@@ -313,7 +316,7 @@ def evaluate_checkpoint(
             return KNNRow(name, acc["top1"], acc["top5"], feature_spread(queries))
 
         model = context.config.model
-        rows = [row(f"SSL {context.label()}, epoch {context.state['epoch']}", "trained")]
+        rows = [row(f"SSL {context.label()}, epoch {context.state.epoch}", "trained")]
         if floors:
             rows.append(row("raw pixels", "raw_pixels"))
             rows.append(row(f"random-init {model.backbone} w{model.width:g}", "random_init"))

@@ -9,6 +9,10 @@ so a crash mid-save never leaves a file that looks complete.
 Reading works on any location (pipeline.data.locations): a run or checkpoint directory may be a
 local path or an object-storage URI (``s3://bucket/runs/NAME/checkpoint_*``, as Ray Train's
 storage layer writes them).
+
+In memory a checkpoint is a :class:`CheckpointState`; on disk it is that dataclass's fields
+as a plain dict, the format every saved run already has, so ``torch.load(weights_only=True)``
+reads it and runs saved before the dataclass existed still load.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import logging
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +37,32 @@ CHECKPOINT_FILE = "checkpoint.pt"
 log = logging.getLogger(__name__)
 
 
-def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+@dataclass(kw_only=True)
+class CheckpointState:
+    """Everything a resume or an evaluation needs from one epoch's end."""
+
+    model: dict[str, torch.Tensor]  # the method's state_dict: backbone, heads, queues, banks
+    optimizer: dict[str, Any]
+    epoch: int  # epochs completed
+    step: int  # global optimiser steps taken
+    torch_rng: torch.Tensor  # rank 0's generator; each rank derives its own from it
+    config: dict[str, Any]  # Config.to_dict() of the run
+    channels: int
+    image_size: int
+    num_images: int | None = None  # the training set's size (memory banks); early runs lack it
+    mean: list[float]  # per-channel input normalisation
+    std: list[float]
+    metrics: dict[str, Any]  # the epoch's report
+    online_probe: dict[str, Any] | None = None  # OnlineProbe.state_dict(); None without one
+
+
+def save_checkpoint(directory: str | Path, state: CheckpointState) -> Path:
+    """Write ``state`` to ``directory``/checkpoint.pt as a plain dict (see the module
+    docstring), atomically."""
     path = Path(directory) / CHECKPOINT_FILE
     tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
+    # The fields shallowly: dataclasses.asdict would deep-copy every tensor first.
+    torch.save(dict(vars(state)), tmp)
     os.replace(tmp, path)
     return path
 
@@ -51,11 +78,11 @@ def checkpoint_file(path: str | os.PathLike[str]) -> str:
     raise FileNotFoundError(f"no checkpoint at {inside}")
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str]) -> CheckpointState:
     """Load a checkpoint file, or the one inside a checkpoint directory (tensors only), from a
     local path or an object-storage URI."""
     data = locations.read_bytes(checkpoint_file(path))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return CheckpointState(**torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
 
 def _is_complete(location: str) -> bool:
@@ -94,12 +121,12 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str:
 
 def method_from_checkpoint(
     path: str | os.PathLike[str],
-) -> tuple[SSLMethod, Config, dict[str, Any]]:
+) -> tuple[SSLMethod, Config, CheckpointState]:
     """Rebuild the trained method (eval mode) and its config from a checkpoint."""
     state = load_checkpoint(path)
-    config = from_dict(state["config"])
-    method = build_method_for(config, state["channels"], state.get("num_images"))
-    method.load_state_dict(state["model"])
+    config = from_dict(state.config)
+    method = build_method_for(config, state.channels, state.num_images)
+    method.load_state_dict(state.model)
     return method.eval(), config, state
 
 
@@ -117,12 +144,12 @@ def build_method_for(config: Config, channels: int, num_images: int | None) -> S
     )
 
 
-def random_init_method(config: Config, state: dict[str, Any]) -> SSLMethod:
+def random_init_method(config: Config, state: CheckpointState) -> SSLMethod:
     """The checkpoint's architecture with the run's seed and random weights (eval mode): the
     floor every protocol is compared with. The same seed gives the same weights in every
     process, so Ray workers can each build it."""
     torch.manual_seed(config.run.seed)
-    return build_method_for(config, state["channels"], state.get("num_images")).eval()
+    return build_method_for(config, state.channels, state.num_images).eval()
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the method's state,
@@ -150,7 +177,7 @@ def check_resumable(run_dir: str | os.PathLike[str], config: Config) -> int:
     except FileNotFoundError:
         return 0
     state = load_checkpoint(checkpoint)
-    saved, wanted = state["config"], config.to_dict()
+    saved, wanted = state.config, config.to_dict()
 
     def lookup(values: dict[str, Any], key: str) -> Any:
         for part in key.split("."):
@@ -168,4 +195,4 @@ def check_resumable(run_dir: str | os.PathLike[str], config: Config) -> int:
             f"setup ({'; '.join(changed)}); pick a new run.name to start afresh, or delete "
             "that directory"
         )
-    return state["epoch"]
+    return state.epoch

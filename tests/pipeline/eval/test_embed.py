@@ -21,7 +21,12 @@ from pipeline.eval.embed import (
     read_embeddings,
 )
 from pipeline.eval.evaluate import ENCODER_FEATURES
-from pipeline.train.checkpoint import build_method_for, method_from_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import (
+    CheckpointState,
+    build_method_for,
+    method_from_checkpoint,
+    save_checkpoint,
+)
 
 GOOD, SIZE = 120, 16
 BROKEN = ["broken-0", "broken-1"]
@@ -63,16 +68,20 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     method = build_method_for(config, channels=1, num_images=GOOD)
     directory = tmp_path_factory.mktemp("checkpoint")
-    state = {
-        "model": method.state_dict(),
-        "config": config.to_dict(),
-        "channels": 1,
-        "image_size": SIZE,
-        "num_images": GOOD,
-        "mean": [0.4],
-        "std": [0.3],
-        "epoch": 1,
-    }
+    state = CheckpointState(
+        model=method.state_dict(),
+        config=config.to_dict(),
+        channels=1,
+        image_size=SIZE,
+        num_images=GOOD,
+        mean=[0.4],
+        std=[0.3],
+        epoch=1,
+        optimizer={},
+        step=0,
+        torch_rng=torch.get_rng_state(),
+        metrics={},
+    )
     save_checkpoint(directory, state)
     return directory
 
@@ -99,7 +108,7 @@ def test_export_embeds_every_decodable_image_once(ray_session, shards, checkpoin
     method, _, state = method_from_checkpoint(checkpoint)
     images = read_decoded(shards, ImageSpec(SIZE, 1))
     assert images.ids == expected_ids
-    mean, std = torch.tensor(state["mean"]), torch.tensor(state["std"])
+    mean, std = torch.tensor(state.mean), torch.tensor(state.std)
     # The export's actor runs on the GPU when there is one, where convolutions use TF32.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = method.to(device).features

@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.ingest import ImageSpec, channel_stats, read_decoded
 from pipeline.data.shards import read_labels
-from pipeline.train.checkpoint import build_method_for, save_checkpoint
+from pipeline.train.checkpoint import CheckpointState, build_method_for, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -36,16 +36,20 @@ def _write_run(fmnist_small: dict[str, Path], run: Path, method: str = "simclr")
     torch.manual_seed(1)
     method_module = build_method_for(config, channels=1, num_images=2048)
     mean, std = channel_stats(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 256).pixels)
-    state = {
-        "model": method_module.state_dict(),
-        "epoch": 3,
-        "config": config.to_dict(),
-        "channels": 1,
-        "image_size": 28,
-        "num_images": 2048,
-        "mean": mean,
-        "std": std,
-    }
+    state = CheckpointState(
+        model=method_module.state_dict(),
+        epoch=3,
+        config=config.to_dict(),
+        channels=1,
+        image_size=28,
+        num_images=2048,
+        mean=mean,
+        std=std,
+        optimizer={},
+        step=0,
+        torch_rng=torch.get_rng_state(),
+        metrics={},
+    )
     checkpoint = run / "checkpoint_2026-01-01_00-00-00.000000"
     checkpoint.mkdir(parents=True)
     save_checkpoint(checkpoint, state)

@@ -1,6 +1,8 @@
 """Checkpoint files keep every method's whole state (teachers, queues, banks) bit for bit
 and load with torch.load(weights_only=True)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,8 @@ import torch
 from pipeline.config import Config, from_dict
 from pipeline.data.ingest import ViewPlan, views_on_device
 from pipeline.train.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointState,
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
@@ -19,6 +23,28 @@ from ssl_models.transforms.views import ViewRecipe
 
 # Masked-image modelling drops or replaces a ViT's patch tokens: it needs a ViT backbone.
 NEEDS_VIT = {"mae", "simmim"}
+
+
+def _state(**fields) -> CheckpointState:
+    """A checkpoint state with placeholder values for the fields a test does not set."""
+    placeholders = {
+        "model": {},
+        "optimizer": {},
+        "epoch": 0,
+        "step": 0,
+        "torch_rng": torch.get_rng_state(),
+        "config": {},
+        "channels": 1,
+        "image_size": 28,
+        "mean": [0.5],
+        "std": [0.25],
+        "metrics": {},
+    }
+    return CheckpointState(**(placeholders | fields))
+
+
+def _fields(state: CheckpointState) -> dict:
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -45,11 +71,11 @@ def test_method_state_round_trips_through_a_checkpoint_file(name, tmp_path):
     optimizer.step()
     method.after_optimizer_step(0, 10)  # moves teachers, queues, banks away from init
 
-    save_checkpoint(tmp_path, {"model": method.state_dict(), "optimizer": optimizer.state_dict()})
+    save_checkpoint(tmp_path, _state(model=method.state_dict(), optimizer=optimizer.state_dict()))
     state = load_checkpoint(tmp_path)
     torch.manual_seed(1)  # a differently initialised copy
     restored = build_method(name, **build, **options)
-    restored.load_state_dict(state["model"])
+    restored.load_state_dict(state.model)
     original = method.state_dict()
     assert original.keys() == restored.state_dict().keys()
     for key, value in restored.state_dict().items():
@@ -69,7 +95,7 @@ def test_a_run_resumes_only_with_the_setup_that_wrote_it(tmp_path):
     (tmp_path / "checkpoint_2026-01-01_00-00-00.000000").mkdir()
     save_checkpoint(
         tmp_path / "checkpoint_2026-01-01_00-00-00.000000",
-        {"config": config.to_dict(), "epoch": 3},
+        _state(config=config.to_dict(), epoch=3),
     )
 
     # May go on, from the 3 epochs done.
@@ -84,12 +110,12 @@ def test_a_checkpoint_cut_short_is_passed_over_for_the_one_before(tmp_path):
     older, newer = (tmp_path / f"checkpoint_2026-01-0{day}_00-00-00.000000" for day in (1, 2))
     for directory, epoch in ((older, 1), (newer, 2)):
         directory.mkdir()
-        save_checkpoint(directory, {"epoch": epoch, "weights": torch.arange(1000.0)})
+        save_checkpoint(directory, _state(epoch=epoch, model={"weights": torch.arange(1000.0)}))
     assert latest_checkpoint(tmp_path) == str(newer)
     whole = (newer / "checkpoint.pt").read_bytes()
     (newer / "checkpoint.pt").write_bytes(whole[: len(whole) // 2])  # a crash mid-copy
     assert latest_checkpoint(tmp_path) == str(older)
-    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 1
+    assert load_checkpoint(latest_checkpoint(tmp_path)).epoch == 1
     (older / "checkpoint.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .* \(none is complete\)"):
         latest_checkpoint(tmp_path)
@@ -102,7 +128,7 @@ def test_checkpoints_in_object_storage_resolve_load_and_resume(s3_bucket, tmp_pa
     run = f"{s3_bucket}/runs/r"
     assert check_resumable(run, config) == 0  # nothing there yet
     for day, epoch in ((1, 1), (2, 2), (3, 3)):
-        save_checkpoint(tmp_path, {"config": config.to_dict(), "epoch": epoch})
+        save_checkpoint(tmp_path, _state(config=config.to_dict(), epoch=epoch))
         data = (tmp_path / "checkpoint.pt").read_bytes()
         if day == 3:
             data = data[: len(data) // 2]  # the newest was cut short while it was uploaded
@@ -111,10 +137,43 @@ def test_checkpoints_in_object_storage_resolve_load_and_resume(s3_bucket, tmp_pa
     locations.write_text(f"{run}/eval.json", "{}")  # other files of the run are ignored
     latest = latest_checkpoint(run)
     assert latest == f"{run}/checkpoint_2026-01-02_00-00-00.000000"
-    assert load_checkpoint(latest)["epoch"] == 2
-    assert load_checkpoint(f"{latest}/checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint(latest).epoch == 2
+    assert load_checkpoint(f"{latest}/checkpoint.pt").epoch == 2
     assert check_resumable(run, config) == 2
     with pytest.raises(ValueError, match=r"train.optimizer: 'lars' -> 'sgd'"):
         check_resumable(run, _with(config, "train", optimizer="sgd"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(f"{run}/checkpoint_2026-01-09_00-00-00.000000")
+
+
+def test_a_checkpoint_state_round_trips_and_is_a_plain_dict_on_disk(tmp_path):
+    torch.manual_seed(0)
+    state = _state(
+        model={"w": torch.randn(3, 2)},
+        optimizer={"state": {0: {"momentum_buffer": torch.randn(3, 2)}}, "param_groups": []},
+        epoch=4,
+        step=40,
+        config=from_dict({"run": {"name": "r"}}).to_dict(),
+        num_images=1000,
+        metrics={"epoch": 4, "loss": 1.5},
+        online_probe={"head": {"1.weight": torch.randn(10, 2)}},
+    )
+    save_checkpoint(tmp_path, state)
+    loaded = load_checkpoint(tmp_path)
+    assert _fields(loaded).keys() == _fields(state).keys()
+    for name, value in _fields(state).items():
+        if name in ("model", "optimizer", "torch_rng", "online_probe"):  # hold tensors
+            torch.testing.assert_close(getattr(loaded, name), value, msg=name)
+        else:
+            assert getattr(loaded, name) == value, name
+    # On disk the fields are a plain dict: what every saved run already holds.
+    on_disk = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert type(on_disk) is dict and on_disk.keys() == _fields(state).keys()
+
+
+def test_a_checkpoint_from_before_num_images_and_the_probe_still_loads(tmp_path):
+    saved = vars(_state(epoch=2)).copy()
+    del saved["num_images"], saved["online_probe"]  # early runs did not write them
+    torch.save(saved, tmp_path / CHECKPOINT_FILE)
+    state = load_checkpoint(tmp_path)
+    assert state.epoch == 2 and state.num_images is None and state.online_probe is None

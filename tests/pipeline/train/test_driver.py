@@ -15,7 +15,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.eval.evaluate import evaluate_checkpoint
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
-from pipeline.train.driver import pretrain, run_dir, view_recipes
+from pipeline.train.driver import pretrain, run_dir
+from pipeline.train.views import view_recipes
 from ssl_models import METHODS
 
 
@@ -46,8 +47,8 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     steps_per_epoch = (2048 // 2) // 64
     assert first.metrics["epoch"] == 1 and first.metrics["resumed_from_epoch"] == 0
     state = load_checkpoint(first.checkpoint.path)
-    assert state["epoch"] == 1 and state["step"] == steps_per_epoch
-    assert state["online_probe"]["head"]  # resumed with the run, like the method's state
+    assert state.epoch == 1 and state.step == steps_per_epoch
+    assert state.online_probe["head"]  # resumed with the run, like the method's state
     assert 0.0 <= first.metrics["knn_top1"] <= 1.0
     assert 0.15 < first.metrics["probe_top1"] <= 1.0  # 10 classes: chance is 0.1
     report = json.loads((tmp_path / "runs" / "e2e" / "ingest_report.json").read_text())
@@ -59,7 +60,7 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     assert second.metrics["epoch"] == 2
     latest = latest_checkpoint(run_dir(_config(fmnist_small, tmp_path, 2)))
     state = load_checkpoint(latest)
-    assert state["epoch"] == 2 and state["step"] == 2 * steps_per_epoch
+    assert state.epoch == 2 and state.step == 2 * steps_per_epoch
 
     rows = evaluate_checkpoint(latest, floors=True, k=20).rows
     assert [r.name.split()[0] for r in rows] == ["SSL", "raw", "random-init"]
@@ -130,7 +131,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     assert killed, "no worker was killed"
     assert result.metrics["epoch"] == 3 and result.metrics["resumed_from_epoch"] >= 1
     state = load_checkpoint(latest_checkpoint(run_dir(config)))
-    assert state["step"] == 3 * (2048 // 2) // 64
+    assert state.step == 3 * (2048 // 2) // 64
     # The restarted stream skipped the trained passes and counted each epoch once.
     report = json.loads((Path(run_dir(config)) / "ingest_report.json").read_text())
     assert {report[e]["delivered"] for e in ("1", "2", "3")} == {2048}
@@ -153,8 +154,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     with pytest.raises(Exception, match=r"loss became (nan|inf).*last good checkpoint is kept"):
         pretrain(exploding)
     state = load_checkpoint(latest_checkpoint(run_dir(exploding)))
-    assert state["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state.epoch == 1
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
 
 
 def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def _run(name: str, data: dict, tmp_path, *overrides: str) -> dict:
     assert metrics["step"] == (rows // 2) // (config.train.batch_size // 2)
     assert math.isfinite(metrics["loss"])
     method, _, state = method_from_checkpoint(result.checkpoint.path)
-    assert type(method) is METHODS[config.method_name] and state["epoch"] == 1
+    assert type(method) is METHODS[config.method_name] and state.epoch == 1
     return metrics
 
 

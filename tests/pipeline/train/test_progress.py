@@ -1,11 +1,11 @@
 """The rank-0 progress line: rate over the latest interval and the ETA it implies."""
 
-from pipeline.train.driver import ProgressLog
+from pipeline.train.monitors import ProgressLog
 
 
 def test_rate_and_eta_come_from_the_latest_interval(monkeypatch):
     clock = iter([100.0, 110.0, 115.0, 135.0])
-    monkeypatch.setattr("pipeline.train.driver.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("pipeline.train.monitors.time.perf_counter", lambda: next(clock))
     progress = ProgressLog(first_step=0, total_steps=100, global_batch=256)
     assert progress.images_per_second(10) == 256.0  # 10 steps x 256 images in 10 s
     progress.mark(10)  # e.g. an epoch boundary: the pause before it does not count
