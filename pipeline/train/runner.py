@@ -42,7 +42,7 @@ from pipeline.train.views import view_plan
 from ssl_models.method import MethodOutput
 from ssl_models.optim import set_lr, warmup_cosine
 
-Batch = dict[str, np.ndarray]  # one batch of the training stream, as Ray Data gives it
+StreamBatch = dict[str, np.ndarray]  # one batch of the training stream, as Ray Data gives it
 
 
 @dataclass
@@ -191,7 +191,7 @@ class TrainLoopRunner:
         torch.manual_seed(int(torch.randint(0, 2**62, ())) + self.rank)
         self.start_epoch, self.step = state.epoch, state.step
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[StreamBatch]:
         """This worker's batches for every remaining epoch: one stream (see
         ``training_dataset``; an epoch is a step count), or with ``data.synthetic`` one fixed
         batch of random views again and again."""
@@ -213,7 +213,7 @@ class TrainLoopRunner:
             )
         )
 
-    def train_epoch(self, epoch: int, batches: Iterator[Batch]) -> EpochRecord:
+    def train_epoch(self, epoch: int, batches: Iterator[StreamBatch]) -> EpochRecord:
         """Up to ``steps_per_epoch`` steps from ``batches`` (fewer if the stream ends); rank 0
         logs progress every ``train.log_every_steps`` steps."""
         self.model.train()
@@ -229,7 +229,7 @@ class TrainLoopRunner:
         record.seconds = time.perf_counter() - started
         return record
 
-    def _step(self, batch: Batch) -> tuple[MethodOutput, float, float]:
+    def _step(self, batch: StreamBatch) -> tuple[MethodOutput, float, float]:
         """One optimiser step on ``batch`` with the probe watching; returns the method's
         output, its loss and the step's learning rate. A non-finite loss stops the run."""
         if self.method.needs_dataset_features(self.step):
@@ -267,7 +267,7 @@ class TrainLoopRunner:
             )
         return output, loss, lr_now
 
-    def _method_extra(self, batch: Batch, targets: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _method_extra(self, batch: StreamBatch, targets: dict[str, torch.Tensor]) -> dict[str, Any]:
         """What the method takes besides the views: a pretext task's targets, and the images'
         memory-bank slots."""
         extra: dict[str, Any] = {"targets": targets} if targets else {}
