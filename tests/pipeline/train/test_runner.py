@@ -1,0 +1,129 @@
+"""The worker loop's phases on one CPU worker without a Ray cluster: DDP preparation, Ray
+Train's checkpoint and report calls are stand-ins, the data is the synthetic batch."""
+
+import math
+import pickle
+import shutil
+import time
+
+import pytest
+import ray.train
+import ray.train.torch
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.ingest import ImageSpec
+from pipeline.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from pipeline.train.runner import EpochRecord, LoopConfig, TrainLoopRunner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS_PER_EPOCH = 3
+
+
+def _loop(tmp_path, epochs: int) -> LoopConfig:
+    config = load_config(
+        None,
+        [
+            f"run.root={tmp_path}",
+            "model.backbone=small_cnn",
+            "model.width=0.25",
+            "data.synthetic=true",
+            "train.batch_size=8",
+            f"train.epochs={epochs}",
+            "train.warmup_epochs=0",
+            "train.log_every_steps=2",
+            "train.online_knn_bank=0",
+        ],
+    )
+    return LoopConfig(
+        config=config,
+        spec=ImageSpec(28, 1),
+        mean=[0.3],
+        std=[0.35],
+        steps_per_epoch=STEPS_PER_EPOCH,
+        num_images=64,
+        num_classes=10,
+        started_at=time.time(),
+        run_dir=str(tmp_path / "run"),
+        ledger=None,
+    )
+
+
+@pytest.fixture
+def ray_train(monkeypatch, tmp_path):
+    """Ray Train's worker API replaced: no DDP wrapper, a checkpoint to resume from when
+    ``resume_from`` is set, and every report kept (rank 0's checkpoint copied out)."""
+    calls = {"reports": [], "resume_from": None}
+
+    def report(metrics, checkpoint=None):
+        kept = None
+        if checkpoint is not None:
+            kept = tmp_path / f"kept_{len(calls['reports'])}"
+            shutil.copytree(checkpoint.path, kept)
+        calls["reports"].append((metrics, kept))
+
+    def get_checkpoint():
+        resume = calls["resume_from"]
+        return None if resume is None else ray.train.Checkpoint.from_directory(str(resume))
+
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **_: model)
+    monkeypatch.setattr(ray.train, "get_checkpoint", get_checkpoint)
+    monkeypatch.setattr(ray.train, "report", report)
+    return calls
+
+
+def test_the_loop_config_travels_as_its_fields(tmp_path):
+    loop = _loop(tmp_path, epochs=1)
+    as_dict = loop.as_train_loop_config()
+    assert LoopConfig(**as_dict) == loop
+    assert pickle.loads(pickle.dumps(as_dict)) == as_dict  # what Ray sends each worker
+
+
+def test_run_reports_each_epoch_with_rank_0s_checkpoint_and_resumes(ray_train, tmp_path):
+    TrainLoopRunner(_loop(tmp_path, epochs=2), 0, 1, torch.device("cpu")).run()
+    (first, _), (second, kept) = ray_train["reports"]
+    assert [first["epoch"], second["epoch"]] == [1, 2]
+    assert second["step"] == 2 * STEPS_PER_EPOCH and second["resumed_from_epoch"] == 0
+    assert list(second)[:6] == [
+        "epoch",
+        "resumed_from_epoch",
+        "step",
+        "loss",
+        "loss_first_steps",
+        "loss_last_steps",
+    ]
+    assert list(second)[-3:] == ["images_per_s", "epoch_seconds", "seconds_to_first_step"]
+    assert math.isfinite(second["loss"]) and second["seconds_to_first_step"] > 0
+    state = load_checkpoint(kept / CHECKPOINT_FILE)
+    assert state.epoch == 2 and state.step == 2 * STEPS_PER_EPOCH
+    assert state.metrics == second and state.image_size == 28 and state.mean == [0.3]
+    assert list((tmp_path / "run" / "tensorboard").iterdir())  # rank 0's events
+
+    ray_train["resume_from"] = kept
+    runner = TrainLoopRunner(_loop(tmp_path, epochs=3), 0, 1, torch.device("cpu"))
+    runner.run()
+    assert (runner.start_epoch, runner.step) == (2, 3 * STEPS_PER_EPOCH)
+    resumed, _ = ray_train["reports"][-1]
+    assert resumed["epoch"] == 3 and resumed["resumed_from_epoch"] == 2
+    assert len(ray_train["reports"]) == 3  # one more epoch, not three
+
+
+def test_a_stream_that_ends_early_warns_and_reports_nan(ray_train, tmp_path, capsys):
+    runner = TrainLoopRunner(_loop(tmp_path, epochs=1), 0, 1, torch.device("cpu"))
+    runner.setup()
+    runner.restore()
+    record = runner.train_epoch(0, iter([]))
+    assert record.steps == 0
+    metrics = runner.end_epoch(0, record)
+    assert "stream ended after 0 of 3 steps in epoch 1" in capsys.readouterr().out
+    assert math.isnan(metrics["loss"]) and metrics["images_per_s"] == 0
+
+
+def test_other_ranks_report_without_a_checkpoint(ray_train, tmp_path):
+    runner = TrainLoopRunner(_loop(tmp_path, epochs=1), 1, 2, torch.device("cpu"))
+    runner.setup()
+    assert runner.writer is None  # TensorBoard is rank 0's
+    runner.save(0, runner.end_epoch(0, EpochRecord()))
+    [(metrics, kept)] = ray_train["reports"]
+    assert metrics["epoch"] == 1 and kept is None
