@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import DEMO_CONFIG
+from pipeline.cli.demo import DEMO_CONFIG
 from pipeline.config import from_dict, load_config
 from pipeline.eval.evaluate import evaluate_checkpoint
 from pipeline.train.driver import pretrain
 from ssl_models import METHODS
+from ssl_models.registry import method_params
 
 COLLAPSE_SPREAD = 0.05  # feature_spread below this: all embeddings are nearly the same
 
@@ -120,7 +121,8 @@ def run(
     images = SEED_IMAGES.get(method, limit)
     values["data"]["limit"] = images
     # The same number of images processed: fewer images, more epochs.
-    two_view_epochs = round(epochs * 2 * limit / (METHODS[method].num_views * images))
+    views = METHODS[method].requirements(method_params(method)).global_views
+    two_view_epochs = round(epochs * 2 * limit / (views * images))
     values["train"].update(epochs=two_view_epochs, online_knn_bank=0)
     started = time.perf_counter()
     result = pretrain(from_dict(values))

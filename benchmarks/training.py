@@ -55,7 +55,7 @@ import psutil
 from ray._private.internal_api import memory_summary
 from ray.train import UserCallback
 
-from pipeline.cli import DEMO_CONFIG
+from pipeline.cli.demo import DEMO_CONFIG
 from pipeline.cluster import init_ray
 from pipeline.config import load_config
 from pipeline.train.driver import pretrain
