@@ -10,6 +10,7 @@ tasks and Ray Data's coordinator can all be scheduled; the OS shares the real co
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import ray
@@ -22,9 +23,15 @@ BACKPRESSURE_REST_S = 0.05
 
 
 def init_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start one."""
+    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``), or start one.
+
+    A SIGTERM handler the program installed (the CLI's, pipeline.cli.sigterm) stays: ray.init
+    replaces it with one that kills a local cluster's processes at once and exits, so the
+    driver's clean-up (``finally`` blocks that still talk to the cluster) could not run.
+    """
     if ray.is_initialized():
         return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
@@ -39,6 +46,8 @@ def init_ray(num_cpus: int | None = None, object_store_gb: float = 2.0) -> None:
             dashboard_host="127.0.0.1",
             object_store_memory=int(object_store_gb * 2**30),
         )
+    if callable(on_sigterm) and signal.getsignal(signal.SIGTERM) is not on_sigterm:
+        signal.signal(signal.SIGTERM, on_sigterm)
     configure_data_context()
 
 

@@ -6,7 +6,8 @@ One module per command: each registers its sub-parser with ``add_parser`` and bi
 pipeline lazily, inside ``run``, so that ``--help`` stays fast.
 
 Exit status: 0 done; 1 a sweep whose every trial failed; 2 bad input (a ``ValueError`` or
-``FileNotFoundError``: one line on stderr, no traceback).
+``FileNotFoundError``: one line on stderr, no traceback); 143 stopped by SIGTERM, which
+stops a command the way Ctrl-C does (pipeline.cli.sigterm).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.cli import (
     preview,
     report,
     retrieval,
+    sigterm,
     tune,
 )
 
@@ -62,10 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command in ``argv`` (default: the process's arguments); return its exit
     status (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    # Bad input (ConfigError, ShardError, SourceError, SpaceError, ... are ValueErrors) gets
-    # one clear line, not a traceback.
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    with sigterm.SigtermAsInterrupt() as termination:
+        try:
+            status = args.run(args)
+        # Bad input (ConfigError, ShardError, SourceError, SpaceError, ... are ValueErrors)
+        # gets one clear line, not a traceback.
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 2
+        # SIGTERM ends as Ctrl-C's handler of the moment ends it: KeyboardInterrupt, or
+        # SystemExit from Ray Train's; a real Ctrl-C keeps its usual ending.
+        except (KeyboardInterrupt, SystemExit):
+            if not termination.received:
+                raise
+    if termination.received:
+        print("stopped by SIGTERM", file=sys.stderr)
+        return sigterm.TERMINATED_EXIT_CODE
+    return status
