@@ -24,7 +24,7 @@ import yaml
 
 from pipeline.data.image_features import extract_features
 from pipeline.data.ingest import ImageSpec, channel_stats, normalize, read_decoded
-from pipeline.eval.evaluate import raw_pixel_features
+from pipeline.eval.encoders import raw_pixel_features
 from ssl_models import METHODS, build_method
 from ssl_models.knn import knn_accuracy
 from ssl_models.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine

@@ -34,7 +34,7 @@ from pipeline.data.image_features import extract_features
 from pipeline.data.ingest import ImageSpec, decode_batch, shard_rows_dataset
 from pipeline.data.ledger import IngestLedger
 from pipeline.data.shards import load_manifest, open_parquet, read_parquet
-from pipeline.eval.evaluate import ENCODER_FEATURES, raw_pixel_features
+from pipeline.eval.encoders import ENCODER_FEATURES, raw_pixel_features
 from pipeline.train.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
 from ssl_models.method import SSLMethod
 
@@ -135,7 +135,7 @@ class EmbedActor:
 
 def raw_pixel_rows(batch: dict[str, np.ndarray], column: str = "embedding") -> pa.Table:
     """Ray Data batch function: decoded {id, image, label} -> the raw-pixel floor's
-    "embedding": flattened, L2-normalised pixels (``pipeline.eval.evaluate.raw_pixel_features``)."""
+    "embedding": flattened, L2-normalised pixels (``pipeline.eval.encoders.raw_pixel_features``)."""
     return _features_table(batch, {column: _raw_pixels(batch["image"])})
 
 

@@ -30,6 +30,7 @@ from pipeline.config import Config
 from pipeline.data import locations
 from pipeline.data.ingest import ImageSpec, decode_batch
 from pipeline.data.shards import load_manifest, open_parquet, read_labels, shard_files
+from pipeline.eval.encoders import check_encoder
 from pipeline.eval.features import FeatureSplit, scratch_location
 from pipeline.train.checkpoint import (
     CheckpointState,
@@ -38,11 +39,6 @@ from pipeline.train.checkpoint import (
 )
 from ssl_models.knn import streamed_knn_accuracy
 from ssl_models.method import SSLMethod
-
-
-def raw_pixel_features(pixels: np.ndarray) -> Tensor:
-    """The raw-pixel floor's features: flattened, L2-normalised images."""
-    return F.normalize(torch.from_numpy(pixels).flatten(1).float(), dim=1)
 
 
 @dataclass
@@ -76,15 +72,6 @@ class KNNReport:
             f"{r.name:<{width}}  {r.top1:.4f}  {r.top5:.4f}  {r.spread:.3f}" for r in self.rows
         ]
         return "\n".join(lines)
-
-
-ENCODER_FEATURES = ("trained", "random_init", "raw_pixels")
-
-
-def check_encoder(encoder: str) -> None:
-    """ValueError unless ``encoder`` is one of ``ENCODER_FEATURES``."""
-    if encoder not in ENCODER_FEATURES:
-        raise ValueError(f"encoder must be one of {ENCODER_FEATURES}, got {encoder!r}")
 
 
 def _checked_labels(shard_dir: str, labels: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from pipeline.eval.embed import (
     raw_pixel_rows,
     read_embeddings,
 )
-from pipeline.eval.evaluate import ENCODER_FEATURES
+from pipeline.eval.encoders import ENCODER_FEATURES, raw_pixel_features
 from pipeline.train.checkpoint import (
     CheckpointState,
     build_method_for,
@@ -118,6 +118,12 @@ def test_export_embeds_every_decodable_image_once(ray_session, shards, checkpoin
 
     with pytest.raises(ValueError, match="already holds files; pass overwrite=True"):
         export_embeddings(checkpoint, shards, out)
+
+
+def test_raw_pixel_features_are_unit_norm():
+    pixels = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8).numpy()
+    norms = raw_pixel_features(pixels).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(5))
 
 
 def test_a_batch_whose_rows_were_all_rejected_embeds_to_no_rows(checkpoint):

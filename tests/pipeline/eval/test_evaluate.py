@@ -1,4 +1,4 @@
-"""kNN evaluation of a checkpoint: the table, the raw-pixel floor, feature spread, one pass per
+"""kNN evaluation of a checkpoint: the table, feature spread, one pass per
 split for every requested encoder, and one features file holding every encoder's column.
 
 The kNN votes themselves are tested with ssl_models.knn (tests/ssl_models/test_knn.py)."""
@@ -6,13 +6,7 @@ The kNN votes themselves are tested with ssl_models.knn (tests/ssl_models/test_k
 import pytest
 import torch
 
-from pipeline.eval.evaluate import KNNReport, KNNRow, raw_pixel_features
-
-
-def test_raw_pixel_features_are_unit_norm():
-    pixels = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8).numpy()
-    norms = raw_pixel_features(pixels).norm(dim=1)
-    torch.testing.assert_close(norms, torch.ones(5))
+from pipeline.eval.evaluate import KNNReport, KNNRow
 
 
 def test_table_lists_every_row():
