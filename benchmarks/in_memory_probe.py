@@ -27,6 +27,7 @@ from pipeline.data.ingest import ImageSpec, channel_stats, normalize, read_decod
 from pipeline.eval.encoders import raw_pixel_features
 from ssl_models import METHODS, build_method
 from ssl_models.knn import knn_accuracy
+from ssl_models.method import Batch
 from ssl_models.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 from ssl_models.transforms.views import ViewRecipe, random_views
 
@@ -113,12 +114,11 @@ def main() -> None:
         indices, order = order[: args.batch_size], order[args.batch_size :]
         views = [
             normalize(random_views(pixels[indices], recipe, gen), mean, std)
-            for _ in range(method.num_views)
+            for _ in range(method.declared().global_views)
         ]
         lr_now = warmup_cosine(step, args.steps, args.steps // 10, lr)
         set_lr(optimizer, lr_now, base_lr=lr)
-        extra = {"indices": indices} if method.uses_image_indices else {}
-        loss = method(views, **extra).loss
+        loss = method(Batch(views, indices)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

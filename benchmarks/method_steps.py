@@ -34,8 +34,9 @@ from pipeline.train.checkpoint import build_method_for
 from pipeline.train.step import amp_enabled, model_inputs, optimizer_for, train_step
 from pipeline.train.views import view_plan
 from ssl_models import METHODS, SSLMethod
-from ssl_models.method import split_columns
+from ssl_models.method import Batch
 from ssl_models.optim import set_lr, warmup_cosine
+from ssl_models.transforms.pretext import split_columns
 
 SHARDS = "data/shards/fashion-mnist/train"
 EDGE = 5  # steps averaged for the first and last loss
@@ -61,7 +62,7 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
     config = from_dict(recipe_config(name, [f"train.batch_size={args.batch}", *args.set]))
     device = torch.device(args.device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    colour = METHODS[name].input_channels == 3 and gray.shape[1] == 1
+    colour = config.method_requirements.input_channels == 3 and gray.shape[1] == 1
     pixels = tinted(gray) if colour else gray
     spec = ImageSpec(pixels.shape[-1], pixels.shape[1])
     mean, std = (torch.tensor(v, device=device) for v in channel_stats(pixels[:2048]))
@@ -75,10 +76,9 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
     for start in range(0, args.batches * size, size):
         columns = plan(torch.from_numpy(pixels[start : start + size]), gen)
         views, targets = split_columns({k: v.to(device) for k, v in columns.items()})
-        extra: dict[str, object] = {"targets": targets} if targets else {}
-        if method.uses_image_indices:
-            extra["indices"] = torch.arange(start, start + size, device=device)
-        batches.append((model_inputs(views, mean, std, memory_format), extra))
+        indices = torch.arange(start, start + size, device=device)
+        inputs = model_inputs(views, mean, std, memory_format)
+        batches.append(Batch(inputs, indices, targets))
 
     # One epoch for the whole run: epoch-level work (DeepCluster's k-means) happens once,
     # at step 0, inside the warm-up, and the timed steps are steps alone.
@@ -102,9 +102,9 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
                 backbone_features(method, all_images, mean, std), slots, optimizer
             )
         set_lr(optimizer, warmup_cosine(step, args.steps, warmup, lr), base_lr=lr)
-        views, extra = batches[step % len(batches)]
+        batch = batches[step % len(batches)]
         output = train_step(
-            method, method, optimizer, views, extra, amp_enabled(config, device), step, args.steps
+            method, method, optimizer, batch, amp_enabled(config, device), step, args.steps
         )
         losses.append(output.loss.detach().float())
     if device.type == "cuda":

@@ -3,7 +3,8 @@
 A config is a tree of dataclasses. Every key a user writes is checked: unknown keys, wrong
 types and out-of-range values stop the run before Ray starts, with an error that names the
 dotted key and what is allowed. The ``method`` section is free-form because each method has
-its own knobs; it is checked against the method's constructor through the registry.
+its own knobs; it is checked against the method's constructor through the registry, and
+its values against the method's own ``validate`` and ``requirements``, on the driver.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import yaml
 
 from pipeline.data import locations
 from ssl_models import BACKBONES, METHODS
+from ssl_models.method import MethodRequirements
 from ssl_models.optim import OPTIMIZERS
+from ssl_models.options import OptionError
 from ssl_models.registry import method_params
 
 
@@ -141,6 +144,11 @@ class Config:
     def method_options(self) -> dict[str, Any]:
         """Every option of the method: its defaults, then the config's ``method.*`` keys."""
         return method_params(self.method_name) | self.method_kwargs
+
+    @property
+    def method_requirements(self) -> MethodRequirements:
+        """What the method, with these options, asks of the data stage and the run."""
+        return METHODS[self.method_name].requirements(self.method_options)
 
 
 SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
@@ -275,10 +283,12 @@ def _validate_method(method: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config key 'method.{key}' must be like {allowed[key]!r}, got {value!r}"
             )
-    if "temperature" in method and method["temperature"] <= 0:
-        raise ConfigError(
-            f"config key 'method.temperature' must be > 0, got {method['temperature']}"
-        )
+    options = allowed | {k: v for k, v in method.items() if k != "name"}
+    try:  # the method's own range checks, here on the driver rather than in a Train worker
+        METHODS[name].validate(options)
+        METHODS[name].requirements(options)
+    except OptionError as error:
+        raise ConfigError(f"config key 'method.{error.option}' {error.problem}") from None
 
 
 def validate(config: Config) -> Config:
@@ -303,20 +313,19 @@ def validate(config: Config) -> Config:
             f"'augment.local_crop_scale_max' ({augment.local_crop_scale_max})"
         )
     _validate_method(config.method)
-    method = METHODS[config.method_name]
-    backbones = method.allowed_backbones(config.method_options)
-    if backbones == ():
-        raise ConfigError(
-            f"config key 'method.tasks': no model.backbone suits them all for method "
-            f"{config.method_name!r} (its tasks need different backbones)"
-        )
+    needs = config.method_requirements
+    backbones = needs.backbones
     if backbones is not None and config.model.backbone not in backbones:
         raise ConfigError(
             f"config key 'model.backbone' must be one of {list(backbones)} for method "
             f"{config.method_name!r}, got {config.model.backbone!r}"
         )
-    if augment.local_crops and not method.takes_local_views:
-        multi_crop = sorted(name for name, cls in METHODS.items() if cls.takes_local_views)
+    if augment.local_crops and not needs.local_views:
+        multi_crop = sorted(
+            name
+            for name, cls in METHODS.items()
+            if cls.requirements(cls.option_defaults()).local_views
+        )
         raise ConfigError(
             f"config key 'augment.local_crops' must be 0 for method {config.method_name!r}, "
             f"which takes no local views (methods that do: {multi_crop or 'none yet'})"

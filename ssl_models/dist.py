@@ -83,6 +83,24 @@ def gather_uneven(x: Tensor) -> Tensor:
     return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
 
 
+@torch.no_grad()
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum a statistic over ranks in place and return it (no gradient: a counter, a
+    normaliser). Identity when not distributed."""
+    if _active():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
+def broadcast_from_rank0(*tensors: Tensor) -> None:
+    """Overwrite each tensor, in place, with rank 0's (state every rank must agree on).
+    Nothing to do when not distributed."""
+    if _active():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+
 class _AllReduceSumWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:

@@ -1,20 +1,33 @@
 """The base class every self-supervised method implements.
 
-A method is an ``nn.Module`` with one job: given a batch of views, return the loss and a few
-named scalars to log. It owns all of its state (backbone, heads, momentum encoders, queues,
-prototypes), so ``state_dict()`` checkpoints everything, and it exposes its backbone for
-frozen-feature evaluation.
+A method is an ``nn.Module`` with one job: given a :class:`Batch` of views, return the loss
+and a few named scalars to log. It owns all of its state (backbone, heads, momentum
+encoders, queues, prototypes), so ``state_dict()`` checkpoints everything, and it exposes
+its backbone for frozen-feature evaluation.
+
+The contract, in three classmethods and one method:
+
+- ``validate(options)``: the options' ranges (``ssl_models.options``), run on the driver by
+  the config and again by the registry before building;
+- ``requirements(options)``: a :class:`MethodRequirements` saying how many views the data
+  stage draws, which backbones and channels suit the method, whether it needs image
+  indices, and its pretext transform (``ssl_models.transforms``);
+- ``loss(batch)``: the step's loss. The base ``forward(batch)`` checks the batch against the
+  declared requirements and calls it, so DDP, which calls ``forward``, sees every gradient
+  and no method repeats the checks.
 """
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ssl_models.optim import param_groups
+from ssl_models.transforms.pretext import PretextViews
 
 
 def encode_views(backbone: nn.Module, views: Sequence[Tensor], *heads: nn.Module) -> Tensor:
@@ -33,17 +46,21 @@ def encode_views(backbone: nn.Module, views: Sequence[Tensor], *heads: nn.Module
     return x
 
 
-#: A pretext task's data-stage transform: ``make(views, generator) -> {name: tensor}`` (see
-#: :meth:`SSLMethod.pretext_views`).
-PretextViews = Callable[[list[Tensor], torch.Generator], dict[str, Tensor]]
+@dataclass
+class Batch:
+    """One training step's input: the normalised float views (N, ...) in the order the
+    method declared (global views, then any local views), and, when the method asks for
+    them, the images' dataset indices (N,) and the data stage's named targets."""
 
+    views: list[Tensor]
+    indices: Tensor | None = None
+    targets: dict[str, Tensor] = field(default_factory=dict)
 
-def split_columns(columns: Mapping[str, Tensor]) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """A data-stage output (``SSLMethod.pretext_views``) -> (the ``view_<i>`` columns in index
-    order, the ``target_<name>`` columns by name); other columns are left out."""
-    views = [columns[f"view_{i}"] for i in range(sum(k.startswith("view_") for k in columns))]
-    targets = {k.removeprefix("target_"): v for k, v in columns.items() if k.startswith("target_")}
-    return views, targets
+    def target(self, name: str) -> Tensor:
+        """The data stage's target ``name``, with an error that says what is missing."""
+        if name not in self.targets:
+            raise ValueError(f"the batch has no target {name!r} (got {sorted(self.targets)})")
+        return self.targets[name]
 
 
 @dataclass
@@ -52,31 +69,55 @@ class MethodOutput:
     logs: dict[str, Tensor]  # detached scalars to log, e.g. {"loss": ..., "pos_sim": ...}
 
 
-class SSLMethod(nn.Module):
-    """Base class: subclasses build their heads and losses and implement :meth:`forward`.
+@dataclass(frozen=True)
+class MethodRequirements:
+    """What a method asks of the data stage and the run, for given options."""
 
-    Subclass ``__init__`` signatures are ``(backbone, feature_dim, *, option=default, ...)``;
-    the keyword-only options are what ``method.*`` config keys may set (see ``registry``).
-    """
-
-    #: Random full-size ("global") views the data stage makes of each image.
-    num_views: ClassVar[int] = 2
-    #: Whether ``forward`` also takes multi-crop's small "local" views (Caron et al. 2020):
-    #: then the data stage appends ``augment.local_crops`` of them after the global views.
-    takes_local_views: ClassVar[bool] = False
+    #: Random full-size ("global") views the data stage draws of each image.
+    global_views: int = 2
+    #: Whether multi-crop's small "local" views (Caron et al. 2020) may follow the global
+    #: ones: the data stage appends ``augment.local_crops`` of them.
+    local_views: bool = False
+    #: The views ``forward`` receives after the pretext transform (None: ``global_views``);
+    #: the denoising autoencoder ships a corrupted and a clean view of one global view.
+    forward_views: int | None = None
     #: The ``model.backbone`` names the method works with (None: any), so a config naming
     #: another is refused before any worker starts (masked image modelling needs a ViT).
-    backbones: ClassVar[tuple[str, ...] | None] = None
+    backbones: tuple[str, ...] | None = None
     #: Whether the step's first backbone call starts with the batch's whole images in batch
     #: order, or never calls the backbone's forward and takes whole images as its first view
-    #: (what the online probe reads); tile- and patch-based pretext tasks set False.
-    whole_images_first: ClassVar[bool] = True
+    #: (what the online probe reads); tile- and patch-based pretext tasks say False.
+    whole_images_first: bool = True
     #: The image channels the method needs (colorization: 3, it predicts colour from
     #: lightness), so a dataset with others is refused before training; None: any.
-    input_channels: ClassVar[int | None] = None
+    input_channels: int | None = None
     #: Whether ``forward`` needs each image's dataset index (memory-bank methods); such a
     #: method's ``__init__`` also takes ``num_images`` after ``feature_dim``.
-    uses_image_indices: ClassVar[bool] = False
+    image_indices: bool = False
+    #: What the data stage makes of each image's global views (``transforms.pretext``);
+    #: None: the views themselves.
+    pretext: PretextViews | None = None
+
+    @property
+    def views_in_forward(self) -> int:
+        """How many views ``forward`` takes, local views aside."""
+        return self.global_views if self.forward_views is None else self.forward_views
+
+
+class SSLMethod(nn.Module):
+    """Base class: subclasses build their heads and losses and implement :meth:`loss`.
+
+    Subclass ``__init__`` signatures are ``(backbone, feature_dim, *, option=default, ...)``;
+    the keyword-only options are what ``method.*`` config keys may set (see ``registry``),
+    :meth:`validate` checks their ranges and :meth:`requirements` says what the method asks
+    of the data stage.
+
+    ``forward(batch)`` checks the batch against the declared requirements (the number of
+    views, the image indices) and returns :meth:`loss`. The training loop calls the
+    DDP-wrapped module, whose ``forward`` is this one, so all gradient-carrying work happens
+    inside ``forward`` and DDP synchronises it; subclasses override ``loss``, never
+    ``forward``.
+    """
 
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()
@@ -85,49 +126,45 @@ class SSLMethod(nn.Module):
         self.steps_per_epoch: int | None = None  # known once the loop calls set_schedule
         self.total_steps: int | None = None
 
-    def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
-        """One training step's loss. ``views`` are normalised float (N, C, H, W) batches;
-        ``indices`` are the images' dataset indices, given when ``uses_image_indices``.
-        Pretext tasks (:meth:`pretext_views`) also take ``targets``, a dict of tensors.
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """The method's options (keyword-only ``__init__`` parameters) and their defaults."""
+        return {
+            p.name: p.default
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
 
-        The training loop calls the DDP-wrapped module, so all gradient-carrying work must
-        happen here for DDP to synchronise it.
-        """
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        """Raise ``ssl_models.options.OptionError`` naming the first option out of range.
+        ``options``: every option, defaults filled. Default: nothing to check."""
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """What a run with these method ``options`` (defaults filled) asks of the data stage
+        and the run. Default: two global views of whole images, any backbone."""
+        return MethodRequirements()
+
+    def declared(self) -> MethodRequirements:
+        """This method's requirements, as ``forward`` checks them: its class's with default
+        options (only the views of multi-task depend on options, and it overrides this)."""
+        return type(self).requirements(type(self).option_defaults())
+
+    def forward(self, batch: Batch) -> MethodOutput:
+        """Check ``batch`` against :meth:`declared`, then return :meth:`loss`."""
+        needs = self.declared()
+        count, got = needs.views_in_forward, len(batch.views)
+        if got != count and not (needs.local_views and got > count):
+            views = f"{count} view{'s' * (count != 1)}" + (" (+ local views)" * needs.local_views)
+            raise ValueError(f"{type(self).__name__} takes {views}, got {len(batch.views)}")
+        if needs.image_indices and batch.indices is None:
+            raise ValueError(f"{type(self).__name__} needs the images' dataset indices")
+        return self.loss(batch)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        """One training step's loss and logs on a checked ``batch``."""
         raise NotImplementedError
-
-    @classmethod
-    def views_per_image(cls, options: Mapping[str, Any]) -> int:
-        """How many global views the data stage draws per image for a run with these method
-        ``options``: ``num_views``, unless the options decide it (multi-task)."""
-        return cls.num_views
-
-    @classmethod
-    def allowed_backbones(cls, options: Mapping[str, Any]) -> tuple[str, ...] | None:
-        """The ``model.backbone`` names a run with these method ``options`` works with (None:
-        any): ``backbones``, unless the options decide it (multi-task)."""
-        return cls.backbones
-
-    @classmethod
-    def needed_channels(cls, options: Mapping[str, Any]) -> int | None:
-        """The image channels a run with these method ``options`` needs (None: any):
-        ``input_channels``, unless the options decide it (multi-task)."""
-        return cls.input_channels
-
-    @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews | None:
-        """What the data stage makes of each image's augmented global views for this method.
-
-        ``None`` (the default): the views themselves. A pretext task returns a callable
-        ``make(views, generator)`` that maps the batch's ``num_views`` augmented uint8 views
-        (N, C, H, W) to a dict of tensors with N rows: ``view_<i>`` uint8 images (shape
-        (N, ..., C, h, w): tiles and patches may add a dimension), which the loop normalises
-        and passes to ``forward`` as ``views`` in index order, and ``target_<name>``
-        tensors (labels, masks), passed as ``targets={name: tensor}``. It runs in the Ray
-        Data stage on CPU workers (or on the training device with
-        ``augment.on_train_device``), so it is torch code that draws all randomness from
-        the generator and pickles. ``options``: the run's method options, defaults filled.
-        """
-        return None
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups (frozen teachers are left out: no ``requires_grad``).

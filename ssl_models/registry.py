@@ -1,70 +1,36 @@
 """Name -> method lookup, and validation of per-method options.
 
-A method's options are the keyword-only parameters of its ``__init__`` (everything after
-``backbone, feature_dim``), so adding an option to a method class is all it takes for
-configs to accept ``method.<option>``.
+Each method file registers its class with ``@register("name")``; importing
+``ssl_models.methods`` (which ``ssl_models`` does) fills :data:`METHODS`. A method's options
+are the keyword-only parameters of its ``__init__`` (everything after ``backbone,
+feature_dim``), so adding an option to a method class is all it takes for configs to accept
+``method.<option>``.
 """
 
-import inspect
+from collections.abc import Callable
 from typing import Any
 
 from ssl_models.backbones import build_backbone
 from ssl_models.method import SSLMethod
-from ssl_models.methods import (
-    BYOL,
-    CPC,
-    DINO,
-    MAE,
-    PIRL,
-    BarlowTwins,
-    Colorization,
-    ContextEncoder,
-    DeepCluster,
-    DenoisingAutoencoder,
-    ExemplarCNN,
-    InstDisc,
-    Jigsaw,
-    MoCoV2,
-    MoCoV3,
-    MultiTask,
-    RelativePatch,
-    RotNet,
-    SimCLR,
-    SimMIM,
-    SimSiam,
-    SwAV,
-    VICReg,
-)
 
-METHODS: dict[str, type[SSLMethod]] = {
-    "simclr": SimCLR,
-    "instdisc": InstDisc,
-    "moco_v2": MoCoV2,
-    "moco_v3": MoCoV3,
-    "byol": BYOL,
-    "simsiam": SimSiam,
-    "barlow_twins": BarlowTwins,
-    "vicreg": VICReg,
-    "swav": SwAV,
-    "deepcluster": DeepCluster,
-    "dino": DINO,
-    "mae": MAE,
-    "simmim": SimMIM,
-    # Pretext tasks (Methods III): their views are made by pretext_views in the data stage.
-    "rotation": RotNet,
-    "relative_patch": RelativePatch,
-    "context_encoder": ContextEncoder,
-    "denoising_ae": DenoisingAutoencoder,
-    "jigsaw": Jigsaw,
-    "colorization": Colorization,
-    "exemplar": ExemplarCNN,
-    "pirl": PIRL,
-    "cpc": CPC,
-    "multitask": MultiTask,
-}
+#: Method name -> class, filled by the ``@register`` decorators of ``ssl_models.methods``.
+METHODS: dict[str, type[SSLMethod]] = {}
 
 
-def _method_class(name: str) -> type[SSLMethod]:
+def register(name: str) -> Callable[[type[SSLMethod]], type[SSLMethod]]:
+    """Class decorator: make the method known as ``name`` (``method.name`` in configs)."""
+
+    def add(cls: type[SSLMethod]) -> type[SSLMethod]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def method_class(name: str) -> type[SSLMethod]:
+    """The class registered as ``name``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     return METHODS[name]
@@ -72,12 +38,7 @@ def _method_class(name: str) -> type[SSLMethod]:
 
 def method_params(name: str) -> dict[str, Any]:
     """The options method ``name`` accepts, mapped to their default values."""
-    signature = inspect.signature(_method_class(name).__init__)
-    return {
-        p.name: p.default
-        for p in signature.parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    return method_class(name).option_defaults()
 
 
 def build_method(
@@ -90,10 +51,11 @@ def build_method(
     num_images: int | None = None,
     **method_kwargs: Any,
 ) -> SSLMethod:
-    """Build method ``name`` on a fresh backbone; ``method_kwargs`` are its options.
+    """Build method ``name`` on a fresh backbone; ``method_kwargs`` are its options, checked
+    by the method's ``validate`` first.
 
     ``num_images`` (the training-set size) is required by, and only passed to, methods
-    that keep per-image state (``uses_image_indices``).
+    that keep per-image state (``requirements(...).image_indices``).
     """
     allowed = method_params(name)
     for key in method_kwargs:
@@ -101,11 +63,13 @@ def build_method(
             raise ValueError(
                 f"unknown option {key!r} for method {name!r}; allowed: {sorted(allowed)}"
             )
+    cls = method_class(name)
+    options = allowed | method_kwargs
+    cls.validate(options)
     encoder, feature_dim = build_backbone(
         backbone, width=width, in_channels=in_channels, small_images=small_images
     )
-    cls = _method_class(name)
-    if not cls.uses_image_indices:
+    if not cls.requirements(options).image_indices:
         return cls(encoder, feature_dim, **method_kwargs)
     if num_images is None:
         raise ValueError(f"method {name!r} keeps one entry per image: pass num_images")

@@ -34,7 +34,7 @@ from pipeline.data.shards import (
     read_parquet,
     shard_files,
 )
-from ssl_models.method import PretextViews, split_columns
+from ssl_models.transforms.pretext import PretextViews, split_columns
 from ssl_models.transforms.views import ViewRecipe, random_views
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def decoded_batch(
 class ViewPlan:
     """What the data stage makes of each image: one augmented view per recipe (multi-crop's
     views differ in size), then, for a pretext task, the method's transform of those views
-    into its inputs and targets (``SSLMethod.pretext_views``)."""
+    into its inputs and targets (``MethodRequirements.pretext``)."""
 
     recipes: tuple[ViewRecipe, ...]
     pretext: PretextViews | None = None

@@ -38,7 +38,6 @@ from pipeline.data.shards import ShardManifest, load_manifest, validate_shards
 from pipeline.train.checkpoint import check_resumable
 from pipeline.train.runner import LoopConfig, train_loop_per_worker
 from pipeline.train.views import view_plan
-from ssl_models import METHODS
 
 
 def run_dir(config: Config) -> str:
@@ -58,7 +57,7 @@ def own_execution_options(datasets: dict[str, ray.data.Dataset]) -> ray.train.Da
 def _image_spec(config: Config, manifest: ShardManifest) -> ImageSpec:
     """The training images' spec; raise if the method needs other channels than they have."""
     spec = ImageSpec.from_manifest(manifest, config.data.image_size)
-    needed = METHODS[config.method_name].needed_channels(config.method_options)
+    needed = config.method_requirements.input_channels
     if needed not in (None, spec.channels):
         raise ValueError(
             f"method {config.method_name!r} needs {needed}-channel images, but "

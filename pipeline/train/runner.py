@@ -39,7 +39,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.monitors import EpochScalars, OnlineKNN, OnlineProbe, ProgressLog
 from pipeline.train.step import amp_enabled, model_inputs, optimizer_for, train_step
 from pipeline.train.views import view_plan
-from ssl_models.method import MethodOutput
+from ssl_models.method import Batch, MethodOutput
 from ssl_models.optim import set_lr, warmup_cosine
 
 StreamBatch = dict[str, np.ndarray]  # one batch of the training stream, as Ray Data gives it
@@ -137,7 +137,7 @@ class TrainLoopRunner:
         self.method.set_schedule(loop.steps_per_epoch, self.total_steps)
         self.slots = (
             image_slots(config.data.train, loop.num_images)
-            if self.method.uses_image_indices
+            if config.method_requirements.image_indices
             else None
         )
         if self.rank == 0:
@@ -153,7 +153,7 @@ class TrainLoopRunner:
             config.train.online_probe
             and classes
             and not config.data.synthetic
-            and method.whole_images_first
+            and config.method_requirements.whole_images_first
         ):
             return None
         return OnlineProbe(method.backbone, method.feature_dim, classes)
@@ -239,15 +239,14 @@ class TrainLoopRunner:
         set_lr(self.optimizer, lr_now, base_lr=self.lr)
         uint8_views, targets = views_on_device(batch, self.plan, self.device, self.augment_gen)
         views = model_inputs(uint8_views, self.mean, self.std, self.memory_format)
-        extra = self._method_extra(batch, targets)
+        method_batch = Batch(views, self._slots_of(batch), targets)
         if self.probe is not None:
             self.probe.arm()
         output = train_step(
             self.model,
             self.method,
             self.optimizer,
-            views,
-            extra,
+            method_batch,
             self.use_amp,
             self.step,
             self.total_steps,
@@ -267,15 +266,11 @@ class TrainLoopRunner:
             )
         return output, loss, lr_now
 
-    def _method_extra(self, batch: StreamBatch, targets: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """What the method takes besides the views: a pretext task's targets, and the images'
-        memory-bank slots."""
-        extra: dict[str, Any] = {"targets": targets} if targets else {}
-        if self.slots is not None:
-            extra["indices"] = torch.tensor(
-                [self.slots[i] for i in batch["id"]], device=self.device
-            )
-        return extra
+    def _slots_of(self, batch: StreamBatch) -> torch.Tensor | None:
+        """The batch's images' memory-bank slots, for a method that keeps per-image state."""
+        if self.slots is None:
+            return None
+        return torch.tensor([self.slots[i] for i in batch["id"]], device=self.device)
 
     def _feed_dataset_features(self) -> None:
         """Hand the method fresh features of the whole training set (DeepCluster's k-means);

@@ -3,14 +3,12 @@ inputs and mixed precision. ``benchmarks/method_steps.py`` times these same func
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from pipeline.config import Config
 from pipeline.data.ingest import normalize
 from ssl_models import SSLMethod
-from ssl_models.method import MethodOutput
+from ssl_models.method import Batch, MethodOutput
 from ssl_models.optim import build_optimizer, scaled_lr
 
 
@@ -54,16 +52,15 @@ def train_step(
     model: torch.nn.Module,
     method: SSLMethod,
     optimizer: torch.optim.Optimizer,
-    views: list[torch.Tensor],
-    extra: dict[str, Any],
+    batch: Batch,
     use_amp: bool,
     step: int,
     total_steps: int,
 ) -> MethodOutput:
     """One optimiser step: forward (bf16 autocast when ``use_amp``) through ``model`` (the
     method, DDP-wrapped on more than one worker), backward, and the method's hooks."""
-    with torch.autocast(views[0].device.type, dtype=torch.bfloat16, enabled=use_amp):
-        output = model(views, **extra)
+    with torch.autocast(batch.views[0].device.type, dtype=torch.bfloat16, enabled=use_amp):
+        output = model(batch)
     optimizer.zero_grad(set_to_none=True)
     output.loss.backward()
     method.before_optimizer_step(step)

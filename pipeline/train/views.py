@@ -10,7 +10,6 @@ from dataclasses import asdict, replace
 
 from pipeline.config import Config
 from pipeline.data.ingest import ViewPlan
-from ssl_models import METHODS
 from ssl_models.transforms.views import ViewRecipe
 
 
@@ -35,12 +34,12 @@ def view_recipes(config: Config, size: int) -> list[ViewRecipe]:
         size=local_side,
         crop_scale=(augment.local_crop_scale_min, augment.local_crop_scale_max),
     )
-    views = METHODS[config.method_name].views_per_image(config.method_options)
+    views = config.method_requirements.global_views
     return [full] * views + [local] * augment.local_crops
 
 
 def view_plan(config: Config, size: int) -> ViewPlan:
     """The data stage's work per image: :func:`view_recipes`, then the method's pretext
     transform if it is a pretext task."""
-    pretext = METHODS[config.method_name].pretext_views(config.method_options)
+    pretext = config.method_requirements.pretext
     return ViewPlan(tuple(view_recipes(config, size)), pretext)

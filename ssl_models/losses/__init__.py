@@ -2,6 +2,7 @@
 
 from ssl_models.losses.barlow_twins import barlow_twins_loss
 from ssl_models.losses.byol import byol_loss
+from ssl_models.losses.classification import classification_loss
 from ssl_models.losses.cosine import negative_cosine_similarity
 from ssl_models.losses.dino import dino_loss
 from ssl_models.losses.info_nce import info_nce_loss
@@ -14,6 +15,7 @@ __all__ = [
     "NTXentLoss",
     "barlow_twins_loss",
     "byol_loss",
+    "classification_loss",
     "dino_loss",
     "info_nce_loss",
     "masked_pixel_loss",

@@ -27,18 +27,10 @@ gets exactly its rows of the single-process codes. Ranks must hold equal numbers
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_models.dist import world_size
-
-
-def _all_reduce_sum(x: Tensor) -> Tensor:
-    """In-place sum over ranks of a no-grad statistic (identity in one process)."""
-    if world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
+from ssl_models.dist import all_reduce_sum, world_size
 
 
 @torch.no_grad()
@@ -58,10 +50,10 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -
     k, n = q.shape
     b = n * world_size()  # samples assigned across all ranks
 
-    q /= _all_reduce_sum(q.sum())  # the whole matrix sums to 1
+    q /= all_reduce_sum(q.sum())  # the whole matrix sums to 1
     for _ in range(iterations):
         # Each prototype's total weight over the global batch becomes 1/K.
-        q /= _all_reduce_sum(q.sum(dim=1, keepdim=True))
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
         q /= k
         # Each sample's total weight becomes 1/B (its column is local to this rank).
         q /= q.sum(dim=0, keepdim=True)

@@ -14,14 +14,20 @@ cross-correlation towards the identity (invariance on the diagonal, redundancy r
 off it).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.barlow_twins import BarlowTwinsLoss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, check_options
+from ssl_models.registry import register
 
 
+@register("barlow_twins")
 class BarlowTwins(SSLMethod):
     """Barlow Twins: backbone, 3-layer projector, cross-correlation loss.
 
@@ -54,9 +60,17 @@ class BarlowTwins(SSLMethod):
         )
         self.criterion = BarlowTwinsLoss(lambda_offdiag)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"Barlow Twins takes exactly 2 views, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            projection_hidden_dim=AT_LEAST_ONE,
+            projection_dim=AT_LEAST_ONE,
+            lambda_offdiag=NON_NEGATIVE,
+        )
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(y)), one pass
         loss = self.criterion(z_a, z_b)
         pos_sim = F.cosine_similarity(z_a, z_b, dim=1).mean()

@@ -10,15 +10,21 @@ Learning", arXiv:2006.07733).
         f', g' <- m f' + (1 - m) f, ...        # m: cosine schedule from base_momentum to 1
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.byol import byol_loss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, SSLMethod
 from ssl_models.momentum import cosine_momentum, ema_update_, momentum_teacher
+from ssl_models.options import AT_LEAST_ONE, PROBABILITY, check_options
+from ssl_models.registry import register
 
 
+@register("byol")
 class BYOL(SSLMethod):
     """BYOL: online backbone + projector + predictor regressing a momentum target's projection.
 
@@ -54,8 +60,6 @@ class BYOL(SSLMethod):
         base_momentum: float = 0.99,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if not 0.0 <= base_momentum <= 1.0:
-            raise ValueError(f"base_momentum must be in [0, 1], got {base_momentum}")
         self.base_momentum = base_momentum
         self.projector = ProjectionHead(feature_dim, projection_hidden_dim, projection_dim)
         self.predictor = ProjectionHead(projection_dim, projection_hidden_dim, projection_dim)
@@ -66,9 +70,17 @@ class BYOL(SSLMethod):
         # The momentum used by the last EMA update; a buffer so checkpoints keep it.
         self.register_buffer("current_momentum", torch.tensor(base_momentum))
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"BYOL takes exactly 2 views, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            projection_hidden_dim=AT_LEAST_ONE,
+            projection_dim=AT_LEAST_ONE,
+            base_momentum=PROBABILITY,
+        )
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         # One pass per network over both views; batch-norm statistics cover both views.
         p_a, p_b = self.embed_views(views, self.projector, self.predictor)
         with torch.no_grad():

@@ -26,54 +26,31 @@ the images it is given; the paper evaluates its network on the lightness channel
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_models import dist as ssl_dist
 from ssl_models.dense_decoder import DenseDecoder
+from ssl_models.dist import all_reduce_sum
 from ssl_models.lab_color import (
     ab_bins,
     rebalancing_weights,
     smoothed_distribution,
     soft_encode,
-    srgb_to_lab,
 )
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UP_TO_ONE, Rule, check_options
+from ssl_models.registry import register
+from ssl_models.transforms.lightness import ColorizationViews
 
 #: An image whose subsampled ab values all lie within +-5 counts as gray (official net's
 #: ``NonGrayMaskLayer``): its colours carry no signal, and it would inflate the gray bin.
 GRAY_THRESHOLD = 5.0
 
 
-@dataclass(frozen=True)
-class ColorizationViews:
-    """Data stage: one augmented RGB view -> ``view_0``, the lightness as a gray uint8 image
-    (N, 3, H, W), and ``target_ab``, float ab values at stride ``stride`` (N, 2, h, w)."""
-
-    stride: int = 4
-
-    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"colorization takes exactly 1 view per image, got {len(views)}")
-        (images,) = views
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                "colorization predicts colour from lightness and needs 3-channel RGB images, "
-                f"got shape {tuple(images.shape)}; use a colour dataset (e.g. CIFAR-10)"
-            )
-        lab = srgb_to_lab(images.float() / 255)
-        gray = (lab[:, :1] * (255 / 100)).round().clamp(0, 255).to(torch.uint8)
-        # The official net subsamples with a stride-4 1x1 convolution of weight 1: the top-left
-        # pixel of each 4 x 4 block, a real colour rather than a blend across edges.
-        ab = lab[:, 1:, :: self.stride, :: self.stride]
-        return {"view_0": gray.expand(-1, 3, -1, -1).contiguous(), "target_ab": ab.contiguous()}
-
-
+@register("colorization")
 class Colorization(SSLMethod):
     """Colorization as per-pixel classification over quantised ab bins, class-rebalanced.
 
@@ -94,9 +71,6 @@ class Colorization(SSLMethod):
             on 32 px inputs to 8 x 8; ImageNet-stem ResNets (stride 32) want 3.
     """
 
-    num_views: ClassVar[int] = 1
-    input_channels: ClassVar[int] = 3
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -112,14 +86,6 @@ class Colorization(SSLMethod):
     ) -> None:
         super().__init__(backbone, feature_dim)
         bins = ab_bins()
-        if not 1 <= neighbours <= len(bins):
-            raise ValueError(f"neighbours must be in [1, {len(bins)}], got {neighbours}")
-        if sigma <= 0 or smoothing_sigma <= 0:
-            raise ValueError("sigma and smoothing_sigma must be > 0")
-        if not 0.0 < rebalance_mix <= 1.0:
-            raise ValueError(f"rebalance_mix must be in (0, 1], got {rebalance_mix}")
-        if target_stride < 1 or decoder_upsamplings < 0 or decoder_hidden < 1:
-            raise ValueError("target_stride and decoder_hidden must be >= 1, upsamplings >= 0")
         self.neighbours, self.sigma, self.smoothing_sigma = neighbours, sigma, smoothing_sigma
         self.rebalance_mix = rebalance_mix
         self.decoder = DenseDecoder(feature_dim, len(bins), decoder_hidden, decoder_upsamplings)
@@ -128,29 +94,35 @@ class Colorization(SSLMethod):
         self.register_buffer("bin_counts", torch.zeros(len(bins), dtype=torch.long))
 
     @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> ColorizationViews:
-        return ColorizationViews(stride=int(options["target_stride"]))
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        bins = len(ab_bins())
+        check_options(
+            options,
+            neighbours=Rule(lambda x: 1 <= x <= bins, f"in [1, {bins}]"),
+            sigma=POSITIVE,
+            smoothing_sigma=POSITIVE,
+            rebalance_mix=UP_TO_ONE,
+            target_stride=AT_LEAST_ONE,
+            decoder_hidden=AT_LEAST_ONE,
+            decoder_upsamplings=NON_NEGATIVE,
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        lightness = ColorizationViews(stride=int(options["target_stride"]))
+        return MethodRequirements(global_views=1, input_channels=3, pretext=lightness)
 
     @torch.no_grad()
     def count_bins(self, nearest: Tensor) -> None:
         """Add the batch's nearest bins to the counts, summed over all DDP workers so every
         worker holds the same p (and DDP's buffer broadcast changes nothing)."""
-        counts = torch.bincount(nearest, minlength=len(self.bins))
-        if ssl_dist.world_size() > 1:
-            dist.all_reduce(counts)
-        self.bin_counts += counts
+        self.bin_counts += all_reduce_sum(torch.bincount(nearest, minlength=len(self.bins)))
 
-    def forward(
-        self,
-        views: list[Tensor],
-        indices: Tensor | None = None,
-        targets: dict[str, Tensor] | None = None,
-    ) -> MethodOutput:
-        if len(views) != 1 or targets is None or "ab" not in targets:
-            raise ValueError("Colorization takes 1 view (the lightness) and targets['ab']")
-        ab = targets["ab"].float()  # (N, 2, h, w)
+    def loss(self, batch: Batch) -> MethodOutput:
+        ab = batch.target("ab").float()  # (N, 2, h, w)
         n, _, height, width = ab.shape
-        logits = self.decoder(self.backbone.feature_map(views[0]), (height, width)).float()
+        lightness = batch.views[0]
+        logits = self.decoder(self.backbone.feature_map(lightness), (height, width)).float()
 
         with torch.no_grad():
             points = ab.permute(0, 2, 3, 1).reshape(-1, 2)

@@ -29,7 +29,6 @@ diverged at learning rates that suit the other methods.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,104 +37,18 @@ from torch import Tensor, nn
 
 from ssl_models.backbones import image_channels
 from ssl_models.dense_decoder import DenseDecoder
-from ssl_models.method import MethodOutput, SSLMethod
-
-MASK_SHAPES = ("central_block", "random_blocks", "random_region")
-#: Candidate blocks per image for ``random_blocks``: plenty to reach the coverage.
-BLOCK_TRIES = 32
-#: Noise cells across the image for ``random_region``: the released code's pattern has one
-#: per 1 / 0.06 px, about 8 across its 128 px crops.
-REGION_CELLS = 8
-
-
-@dataclass(frozen=True)
-class HoleMasks:
-    """The data stage's transform: ``view_0`` is the augmented image, ``target_mask`` the
-    hole, (N, H, W) bool. Picklable; randomness from the CPU generator."""
-
-    mask_shape: str = "random_region"
-    coverage: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.mask_shape not in MASK_SHAPES:
-            raise ValueError(f"mask_shape must be one of {MASK_SHAPES}, got {self.mask_shape!r}")
-        if not 0.0 < self.coverage < 1.0:
-            raise ValueError(f"coverage must be in (0, 1), got {self.coverage}")
-
-    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        (images,) = views
-        n, _, height, width = images.shape
-        return {
-            "view_0": images,
-            "target_mask": self.draw(n, height, width, generator, images.device),
-        }
-
-    def draw(
-        self, n: int, height: int, width: int, generator: torch.Generator, device: torch.device
-    ) -> Tensor:
-        if self.mask_shape == "central_block":
-            return central_block(n, height, width, device)
-        if self.mask_shape == "random_blocks":
-            return random_blocks(n, height, width, self.coverage, generator, device)
-        return random_region(n, height, width, self.coverage, generator, device)
-
-
-def central_block(n: int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
-    """The centred block of half the height and width (a quarter of the image)."""
-    h, w = height // 2, width // 2
-    top, left = (height - h) // 2, (width - w) // 2
-    mask = torch.zeros(n, height, width, dtype=torch.bool, device=device)
-    mask[:, top : top + h, left : left + w] = True
-    return mask
-
-
-def random_blocks(
-    n: int,
-    height: int,
-    width: int,
-    coverage: float,
-    generator: torch.Generator,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Squares of 1/8 to 1/4 of the side at uniform positions, each kept if the union still
-    covers at most ``coverage`` of the image ("up to 1/4"). The paper gives no block size;
-    this range takes 4 to 16 blocks to fill the quarter."""
-    side = min(height, width)
-    low, high = max(1, round(side / 8)), max(1, round(side / 4))
-    sizes = torch.randint(low, high + 1, (BLOCK_TRIES, n), generator=generator)
-    tops = (torch.rand(BLOCK_TRIES, n, generator=generator) * (height - sizes + 1)).long()
-    lefts = (torch.rand(BLOCK_TRIES, n, generator=generator) * (width - sizes + 1)).long()
-    sizes, tops, lefts = sizes.to(device), tops.to(device), lefts.to(device)
-    rows = torch.arange(height, device=device)
-    cols = torch.arange(width, device=device)
-    mask = torch.zeros(n, height, width, dtype=torch.bool, device=device)
-    budget = coverage * height * width
-    for size, top, left in zip(sizes, tops, lefts, strict=True):
-        in_rows = (rows >= top[:, None]) & (rows < (top + size)[:, None])  # (N, H)
-        in_cols = (cols >= left[:, None]) & (cols < (left + size)[:, None])  # (N, W)
-        grown = mask | (in_rows[:, :, None] & in_cols[:, None, :])
-        fits = grown.flatten(1).sum(1) <= budget
-        mask = torch.where(fits[:, None, None], grown, mask)
-    return mask
-
-
-def random_region(
-    n: int,
-    height: int,
-    width: int,
-    coverage: float,
-    generator: torch.Generator,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """Smooth random shapes: uniform noise on a coarse grid, upsampled bicubically, its
-    lowest ``coverage`` quantile masked (the released code thresholds at 0.25 and redraws
-    until 20-30% is covered; a per-image quantile covers exactly the fraction)."""
-    noise = torch.rand(n, 1, REGION_CELLS, REGION_CELLS, generator=generator).to(device)
-    smooth = F.interpolate(noise, size=(height, width), mode="bicubic", align_corners=False)
-    smooth = smooth.flatten(1)
-    k = max(1, round(coverage * height * width))
-    threshold = smooth.kthvalue(k, dim=1).values
-    return (smooth <= threshold[:, None]).view(n, height, width)
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Rule,
+    check_options,
+    one_of,
+)
+from ssl_models.registry import register
+from ssl_models.transforms.holes import MASK_SHAPES, HoleMasks
 
 
 def overlap_border(hole: Tensor, width: int) -> Tensor:
@@ -180,6 +93,7 @@ class ChannelWiseFC(nn.Module):
         return y.view(len(x), -1, self.grid, self.grid)
 
 
+@register("context_encoder")
 class ContextEncoder(SSLMethod):
     """Context encoder: the backbone encodes the image with a hole, a channel-wise
     fully-connected layer and an up-convolutional decoder regress the hole's pixels.
@@ -200,8 +114,6 @@ class ContextEncoder(SSLMethod):
             resolution doublings from ``channel_fc_grid`` (3: 4 -> 32 px, resized to the image).
     """
 
-    num_views = 1
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -216,13 +128,6 @@ class ContextEncoder(SSLMethod):
         decoder_upsamplings: int = 3,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        self.masks = HoleMasks(mask_shape, coverage)  # validates both
-        if not 0.0 <= overlap < 0.5:
-            raise ValueError(f"overlap must be in [0, 0.5), got {overlap}")
-        if overlap_weight <= 0:
-            raise ValueError(f"overlap_weight must be > 0, got {overlap_weight}")
-        if channel_fc_grid < 1 or decoder_upsamplings < 0 or decoder_hidden < 1:
-            raise ValueError("channel_fc_grid and decoder_hidden must be >= 1, upsamplings >= 0")
         self.overlap, self.overlap_weight = overlap, overlap_weight
         self.channel_fc = ChannelWiseFC(feature_dim, channel_fc_grid)
         self.decoder = DenseDecoder(
@@ -230,21 +135,25 @@ class ContextEncoder(SSLMethod):
         )
 
     @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> HoleMasks:
-        return HoleMasks(options["mask_shape"], options["coverage"])
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            mask_shape=one_of(*MASK_SHAPES),
+            coverage=FRACTION,
+            overlap=Rule(lambda x: 0 <= x < 0.5, "in [0, 0.5)"),
+            overlap_weight=POSITIVE,
+            channel_fc_grid=AT_LEAST_ONE,
+            decoder_hidden=AT_LEAST_ONE,
+            decoder_upsamplings=NON_NEGATIVE,
+        )
 
-    def forward(
-        self,
-        views: list[Tensor],
-        indices: Tensor | None = None,
-        targets: dict[str, Tensor] | None = None,
-    ) -> MethodOutput:
-        if len(views) != 1:
-            raise ValueError(f"ContextEncoder takes exactly 1 view, got {len(views)}")
-        if targets is None or "mask" not in targets:
-            raise ValueError("ContextEncoder needs targets['mask'], the data stage's hole")
-        (images,) = views
-        hole = targets["mask"].bool()
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        holes = HoleMasks(options["mask_shape"], options["coverage"])
+        return MethodRequirements(global_views=1, pretext=holes)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        (images,), hole = batch.views, batch.target("mask").bool()
         if hole.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(f"mask {tuple(hole.shape)} does not match views {tuple(images.shape)}")
         context = images.masked_fill(hole[:, None], 0.0)  # 0 = the mean after normalisation

@@ -28,8 +28,7 @@ patch embeddings of the whole (un-cropped) grid.
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,66 +36,12 @@ from torch import Tensor, nn
 
 from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.dist import gather_with_grad, rank
-from ssl_models.method import MethodOutput, PretextViews, SSLMethod
-from ssl_models.patches import overlapping_patches
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, UP_TO_ONE, check_options, one_of, require
+from ssl_models.registry import register
+from ssl_models.transforms.patch_grid import PatchGridViews, patch_grid
 
 NORMS = ("layer", "batch")
-
-
-def patch_grid(images: Tensor, patch: int, stride: int) -> Tensor:
-    """Overlapping patches (N, R * C, ch, p, p) of images (N, ch, H, W), row-major; a grid
-    that does not tile the image exactly is centred (the paper's 64 / 32 px tile 256 px)."""
-    height, width = images.shape[-2:]
-    if not 1 <= patch <= min(height, width):
-        raise ValueError(f"{patch} px patches do not fit {height}x{width} images")
-    used_h, used_w = ((side - patch) // stride * stride + patch for side in (height, width))
-    top, left = (height - used_h) // 2, (width - used_w) // 2
-    grid = overlapping_patches(images[..., top : top + used_h, left : left + used_w], patch, stride)
-    return grid.flatten(1, 2)
-
-
-def jitter_patches(patches: Tensor, side: int, generator: torch.Generator) -> Tensor:
-    """Each uint8 patch (M, ch, p, p) cut to a random ``side`` px subcrop and padded back to
-    p px around it (the paper's 60 of 64 px), so overlapping patches no longer line up pixel
-    for pixel. The padding is the patch's own mean per channel: no new edge, as the paper's
-    zero padding of zero-centred inputs adds none."""
-    m, p, device = len(patches), patches.shape[-1], patches.device
-    offsets = torch.randint(0, p - side + 1, (m, 2), generator=generator).to(device)
-    steps = torch.arange(side, device=device)
-    ys, xs = offsets[:, :1] + steps, offsets[:, 1:] + steps  # (M, side)
-    rows = torch.arange(m, device=device).view(m, 1, 1)
-    crops = patches.permute(0, 2, 3, 1)[rows, ys.unsqueeze(-1), xs.unsqueeze(-2)]  # (M, s, s, ch)
-    fill = patches.float().mean(dim=(-2, -1), keepdim=True).round().to(patches.dtype)
-    out = fill.expand_as(patches).clone()
-    start = (p - side) // 2
-    out[..., start : start + side, start : start + side] = crops.permute(0, 3, 1, 2)
-    return out
-
-
-@dataclass(frozen=True)
-class PatchGridViews:
-    """Data-stage transform: each image's grid of overlapping, jittered patches."""
-
-    patch: int
-    stride: int
-    crop: float
-    greyscale: bool
-
-    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"CPC cuts 1 view per image into patches, got {len(views)}")
-        (images,) = views  # uint8 (N, ch, S, S)
-        if images.shape[-2] != images.shape[-1]:
-            raise ValueError(f"CPC needs square images (a square grid), got {images.shape}")
-        if self.greyscale and images.shape[1] == 3:  # the paper's greyscale 256 px images
-            luma = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
-            grey = (images.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
-            images = grey.expand_as(images).contiguous()
-        patches = patch_grid(images, self.patch, self.stride)
-        side = math.floor(self.patch * self.crop)
-        if side < self.patch:
-            patches = jitter_patches(patches.flatten(0, 1), side, generator).view_as(patches)
-        return {"view_0": patches}
 
 
 def layer_norm_encoder(module: nn.Module) -> nn.Module:
@@ -128,6 +73,7 @@ class CausalBlock(nn.Module):
         return x + self.expand(h)
 
 
+@register("cpc")
 class CPC(SSLMethod):
     """CPC: encoder on every patch, masked-convolution context over rows, InfoNCE on the
     patches up to ``prediction_steps`` rows below.
@@ -148,11 +94,6 @@ class CPC(SSLMethod):
             "batch" keeps them (v1; leaks across patches, so causality is not exact).
     """
 
-    num_views: ClassVar[int] = 1
-    # The paper's encoders are ResNets; 8 px patches are no multiple of a ViT's tokens.
-    backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES
-    whole_images_first: ClassVar[bool] = False  # the backbone sees patches
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -167,14 +108,6 @@ class CPC(SSLMethod):
         context_hidden_dim: int = 256,
         encoder_norm: str = "layer",
     ) -> None:
-        if not 1 <= patch_stride <= patch_size:
-            raise ValueError(f"need 1 <= patch_stride <= patch_size, got {patch_stride}")
-        if not 0 < patch_crop <= 1 or math.floor(patch_size * patch_crop) < 1:
-            raise ValueError(f"patch_crop must be in (0, 1] and leave >= 1 px, got {patch_crop}")
-        if prediction_steps < 1 or context_blocks < 1 or context_hidden_dim < 1:
-            raise ValueError("prediction_steps, context_blocks, context_hidden_dim must be >= 1")
-        if encoder_norm not in NORMS:
-            raise ValueError(f"encoder_norm must be one of {NORMS}, got {encoder_norm!r}")
         if encoder_norm == "layer":
             backbone = layer_norm_encoder(backbone)
         super().__init__(backbone, feature_dim)
@@ -188,12 +121,35 @@ class CPC(SSLMethod):
         )  # W_k, k = 1..K
 
     @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews:
-        return PatchGridViews(
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            patch_size=AT_LEAST_ONE,
+            patch_stride=AT_LEAST_ONE,
+            patch_crop=UP_TO_ONE,
+            prediction_steps=AT_LEAST_ONE,
+            context_blocks=AT_LEAST_ONE,
+            context_hidden_dim=AT_LEAST_ONE,
+            encoder_norm=one_of(*NORMS),
+        )
+        size, stride, crop = options["patch_size"], options["patch_stride"], options["patch_crop"]
+        require(stride <= size, "patch_stride", f"must be <= patch_size ({size}), got {stride}")
+        require(math.floor(size * crop) >= 1, "patch_crop", f"leaves no pixel, got {crop}")
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        grid = PatchGridViews(
             patch=options["patch_size"],
             stride=options["patch_stride"],
             crop=options["patch_crop"],
             greyscale=options["greyscale"],
+        )
+        return MethodRequirements(
+            global_views=1,
+            # The paper's encoders are ResNets; 8 px patches are no multiple of a ViT's tokens.
+            backbones=CNN_BACKBONES,
+            whole_images_first=False,  # the backbone sees patches
+            pretext=grid,
         )
 
     def embed_patches(self, patches: Tensor) -> Tensor:
@@ -232,15 +188,13 @@ class CPC(SSLMethod):
             total += len(positives)
         return loss, correct / total
 
-    def forward(
-        self,
-        views: list[Tensor],
-        indices: Tensor | None = None,
-        targets: dict[str, Tensor] | None = None,
-    ) -> MethodOutput:
-        if len(views) != 1 or views[0].ndim != 5:
-            raise ValueError("CPC takes 1 view (N, R * C, ch, p, p): the data stage's patches")
-        loss, accuracy = self.predictive_loss(self.embed_patches(views[0]))
+    def loss(self, batch: Batch) -> MethodOutput:
+        patches = batch.views[0]
+        if patches.ndim != 5:
+            raise ValueError(
+                f"CPC takes the data stage's patches (N, R * C, ch, p, p), got {patches.shape}"
+            )
+        loss, accuracy = self.predictive_loss(self.embed_patches(patches))
         return MethodOutput(
             loss=loss, logs={"loss": loss.detach(), "pretext_accuracy": accuracy.detach()}
         )

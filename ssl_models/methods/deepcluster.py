@@ -31,19 +31,22 @@ Differences, all deliberate:
   data-stage or backbone choice, left to them.
 """
 
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_models.dist import world_size
+from ssl_models.dist import broadcast_from_rank0
 from ssl_models.kmeans import kmeans, nmi, preprocess_features
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.optim import param_groups
+from ssl_models.options import AT_LEAST_ONE, AT_LEAST_TWO, NON_NEGATIVE, check_options
+from ssl_models.registry import register
 
 
+@register("deepcluster")
 class DeepCluster(SSLMethod):
     """Classify each image into its cluster from the last k-means on whole-dataset features.
 
@@ -78,9 +81,6 @@ class DeepCluster(SSLMethod):
             new faiss seed per epoch), the same on every worker.
     """
 
-    num_views: ClassVar[int] = 1
-    uses_image_indices: ClassVar[bool] = True
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -95,10 +95,6 @@ class DeepCluster(SSLMethod):
         cluster_seed: int = 0,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if num_clusters < 2:  # <= the number of images: checked by assign(), on its images
-            raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
-        if pca_dim < 1 or kmeans_iters < 1 or reassign_every_epochs < 1:
-            raise ValueError("pca_dim, kmeans_iters and reassign_every_epochs must be >= 1")
         self.num_clusters, self.pca_dim, self.kmeans_iters = num_clusters, pca_dim, kmeans_iters
         self.reassign_every_epochs, self.balance_clusters = reassign_every_epochs, balance_clusters
         self.cluster_seed = cluster_seed
@@ -120,9 +116,23 @@ class DeepCluster(SSLMethod):
         self.classifier.weight.copy_(weight)
         self.classifier.bias.zero_()
 
-    def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
-        if len(views) != 1 or indices is None:
-            raise ValueError("DeepCluster takes one view per image and the images' indices")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            num_clusters=AT_LEAST_TWO,
+            pca_dim=AT_LEAST_ONE,
+            kmeans_iters=AT_LEAST_ONE,
+            reassign_every_epochs=AT_LEAST_ONE,
+            cluster_seed=NON_NEGATIVE,
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(global_views=1, image_indices=True)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views, indices = batch.views, batch.indices
         logits = self.classifier(self.backbone(views[0])).float()
         labels = self.pseudo_labels[indices]
         labelled = labels >= 0
@@ -203,9 +213,7 @@ class DeepCluster(SSLMethod):
         self.cluster_sizes.copy_(sizes)
         self.assignments_done += 1
         self._reset_classifier()
-        if world_size() > 1:
-            for tensor in (self.pseudo_labels, self.cluster_sizes, *self.classifier.parameters()):
-                dist.broadcast(tensor, src=0)
+        broadcast_from_rank0(self.pseudo_labels, self.cluster_sizes, *self.classifier.parameters())
         return stats
 
     def reset_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:

@@ -30,17 +30,17 @@ this uses; its cross-entropy is for binary or [0, 1]-bounded inputs with a sigmo
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ssl_models.backbones import image_channels
 from ssl_models.dense_decoder import DenseDecoder
-from ssl_models.method import MethodOutput, SSLMethod
-
-CORRUPTIONS = ("masking", "gaussian", "salt_pepper")
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, check_options, one_of
+from ssl_models.registry import register
+from ssl_models.transforms.corrupt import CORRUPTIONS, Corrupt
 
 
 def emphasised_squared_error(
@@ -53,50 +53,7 @@ def emphasised_squared_error(
     return (weights * (pred - target).square()).mean()
 
 
-@dataclass(frozen=True)
-class Corrupt:
-    """The data stage's transform: one uint8 view (N, C, H, W) -> ``view_0`` the corrupted
-    view, ``view_1`` the clean one, ``target_corrupted`` (N, C, H, W) bool, the components the
-    corruption chose (masked or salted ones stay marked where they happened to keep their
-    value, as J in the paper is the chosen set)."""
-
-    corruption: str = "masking"
-    noise_level: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.corruption not in CORRUPTIONS:
-            raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {self.corruption!r}")
-        if not 0.0 < self.noise_level < 1.0:
-            raise ValueError(f"noise_level must be in (0, 1), got {self.noise_level}")
-
-    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"the denoising autoencoder corrupts 1 view, got {len(views)}")
-        (clean,) = views
-        n, device = clean.shape[0], clean.device
-        # Random numbers come from the CPU generator (the views may live on the GPU).
-        if self.corruption == "gaussian":
-            sigma = 255.0 * self.noise_level
-            noise = torch.randn(clean.shape, generator=generator).to(device)
-            noisy = (clean.float() + sigma * noise).round_().clamp_(0, 255).to(torch.uint8)
-            chosen = torch.ones(clean.shape, dtype=torch.bool, device=device)
-            return {"view_0": noisy, "view_1": clean, "target_corrupted": chosen}
-        # Exactly round(nu * d) components per example: the k largest of d uniform draws are a
-        # uniformly random k-subset (topk, unsorted: linear time, unlike a full argsort).
-        d = clean[0].numel()
-        k = round(self.noise_level * d)
-        ids = torch.rand(n, d, generator=generator).topk(k, dim=1, sorted=False).indices
-        chosen = torch.zeros(n, d, dtype=torch.bool).scatter_(1, ids, True)
-        chosen = chosen.view(clean.shape).to(device)
-        if self.corruption == "masking":
-            value = torch.zeros((), dtype=torch.uint8, device=device)
-        else:  # salt_pepper: a fair coin per component picks the minimum or the maximum
-            coin = torch.rand(clean.shape, generator=generator) < 0.5
-            value = (coin.to(torch.uint8) * 255).to(device)
-        corrupted = torch.where(chosen, value, clean)
-        return {"view_0": corrupted, "view_1": clean, "target_corrupted": chosen}
-
-
+@register("denoising_ae")
 class DenoisingAutoencoder(SSLMethod):
     """Encode the corrupted view with the backbone, decode the clean image, squared error.
 
@@ -113,8 +70,6 @@ class DenoisingAutoencoder(SSLMethod):
         decoder_hidden, decoder_upsamplings: the ``DenseDecoder``'s width and doublings.
     """
 
-    num_views: ClassVar[int] = 1
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -128,38 +83,34 @@ class DenoisingAutoencoder(SSLMethod):
         decoder_upsamplings: int = 3,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        self.corrupt = Corrupt(corruption, noise_level)  # validates both
-        if emphasis_alpha <= 0 or emphasis_beta < 0:
-            raise ValueError(
-                f"need emphasis_alpha > 0 and emphasis_beta >= 0, got {emphasis_alpha} "
-                f"and {emphasis_beta}"
-            )
-        if decoder_hidden < 1 or decoder_upsamplings < 0:
-            raise ValueError("need decoder_hidden >= 1 and decoder_upsamplings >= 0")
         self.alpha, self.beta = emphasis_alpha, emphasis_beta
         channels = image_channels(backbone)
         self.decoder = DenseDecoder(feature_dim, channels, decoder_hidden, decoder_upsamplings)
 
     @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> Corrupt:
-        return Corrupt(options["corruption"], options["noise_level"])
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            corruption=one_of(*CORRUPTIONS),
+            noise_level=FRACTION,
+            emphasis_alpha=POSITIVE,
+            emphasis_beta=NON_NEGATIVE,
+            decoder_hidden=AT_LEAST_ONE,
+            decoder_upsamplings=NON_NEGATIVE,
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        corrupt = Corrupt(options["corruption"], options["noise_level"])
+        # One view drawn; the transform ships it corrupted and clean.
+        return MethodRequirements(global_views=1, forward_views=2, pretext=corrupt)
 
     def reconstruct(self, images: Tensor) -> Tensor:
         """g(f(x~)): the decoded image, (N, C, H, W) in the inputs' normalised units."""
         return self.decoder(self.backbone.feature_map(images), tuple(images.shape[-2:]))
 
-    def forward(
-        self,
-        views: list[Tensor],
-        indices: Tensor | None = None,
-        targets: Mapping[str, Tensor] | None = None,
-    ) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"the denoising autoencoder takes 2 views, got {len(views)}")
-        if targets is None or "corrupted" not in targets:
-            raise ValueError("the denoising autoencoder needs targets['corrupted']")
-        noisy, clean = views
-        corrupted = targets["corrupted"].bool()
+    def loss(self, batch: Batch) -> MethodOutput:
+        (noisy, clean), corrupted = batch.views, batch.target("corrupted").bool()
         if noisy.shape != clean.shape or corrupted.shape != clean.shape:
             raise ValueError(
                 f"corrupted view {tuple(noisy.shape)}, clean view {tuple(clean.shape)} and "

@@ -15,13 +15,18 @@ arXiv:2104.14294), Algorithm 1 with multi-crop:
         C = c * C + (1 - c) * mean(t)                      # centre, c = center_momentum
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.losses.dino import dino_loss, ema_center, mean_entropy, teacher_temperature
-from ssl_models.method import MethodOutput, SSLMethod, encode_views
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod, encode_views
 from ssl_models.momentum import cosine_momentum, ema_update_, momentum_teacher
+from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, check_options
+from ssl_models.registry import register
 
 
 class DINOHead(nn.Module):
@@ -59,6 +64,7 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
+@register("dino")
 class DINO(SSLMethod):
     """DINO: a student matches an EMA teacher's centred, sharpened prototype distribution.
 
@@ -83,7 +89,6 @@ class DINO(SSLMethod):
         freeze_last_layer: epochs during which the last layer is not updated (1).
     """
 
-    takes_local_views = True  # multi-crop: the student also sees the small local crops
     center: Tensor
     current_momentum: Tensor
     steps_done: Tensor
@@ -108,12 +113,6 @@ class DINO(SSLMethod):
         freeze_last_layer: int = 1,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
-            raise ValueError("student_temp, teacher_temp and warmup_teacher_temp must be > 0")
-        if not (0.0 <= center_momentum <= 1.0 and 0.0 <= base_momentum <= 1.0):
-            raise ValueError("center_momentum and base_momentum must be in [0, 1]")
-        if min(clip_grad, warmup_teacher_temp_epochs, freeze_last_layer) < 0:
-            raise ValueError("clip_grad, warmup_teacher_temp_epochs, freeze_last_layer >= 0")
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp = warmup_teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
@@ -142,9 +141,29 @@ class DINO(SSLMethod):
         step = int(self.steps_done)
         return teacher_temperature(step, warmup_steps, self.warmup_teacher_temp, self.teacher_temp)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) < 2 or views[0].shape != views[1].shape:
-            raise ValueError(f"DINO takes 2 global views of one size (+ local), got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            out_dim=AT_LEAST_ONE,
+            head_hidden_dim=AT_LEAST_ONE,
+            bottleneck_dim=AT_LEAST_ONE,
+            student_temp=POSITIVE,
+            teacher_temp=POSITIVE,
+            warmup_teacher_temp=POSITIVE,
+            warmup_teacher_temp_epochs=NON_NEGATIVE,
+            center_momentum=PROBABILITY,
+            base_momentum=PROBABILITY,
+            clip_grad=NON_NEGATIVE,
+            freeze_last_layer=NON_NEGATIVE,
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(local_views=True)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         student = self.embed_views(views, self.head)  # every crop, one pass per size
         with torch.no_grad():
             teacher = encode_views(self.teacher_backbone, views[:2], self.teacher_head).chunk(2)

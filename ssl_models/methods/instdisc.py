@@ -22,18 +22,22 @@ m per image): the estimator is unchanged in expectation, and a (B, d) x (d, m) p
 replaces gathering B * m bank rows, which made InstDisc 3x slower than two-view SimCLR.
 """
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ssl_models.dist import gather_no_grad
 from ssl_models.losses.nce import nce_loss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, BELOW_ONE, POSITIVE, check_options, one_of
 from ssl_models.queue import MemoryBank
+from ssl_models.registry import register
 
 
+@register("instdisc")
 class InstDisc(SSLMethod):
     """Non-parametric instance discrimination with NCE over a memory bank.
 
@@ -48,9 +52,6 @@ class InstDisc(SSLMethod):
         objective: "softmax" (sampled eq. 2) or "nce" (eq. 5-7).
     """
 
-    num_views: ClassVar[int] = 1
-    uses_image_indices: ClassVar[bool] = True
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -64,10 +65,6 @@ class InstDisc(SSLMethod):
         objective: str = "softmax",
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if objective not in ("softmax", "nce"):
-            raise ValueError(f"objective must be 'softmax' or 'nce', got {objective!r}")
         self.objective = objective
         self.embedding = nn.Linear(feature_dim, embedding_dim)
         self.bank = MemoryBank(num_images, embedding_dim)
@@ -79,9 +76,23 @@ class InstDisc(SSLMethod):
         # The NCE normaliser Z; negative until estimated on the first batch (NCE only).
         self.register_buffer("normalizer", torch.tensor(-1.0))
 
-    def forward(self, views: list[Tensor], indices: Tensor | None = None) -> MethodOutput:
-        if len(views) != 1 or indices is None:
-            raise ValueError("InstDisc takes one view per image and the images' indices")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            embedding_dim=AT_LEAST_ONE,
+            temperature=POSITIVE,
+            num_negatives=AT_LEAST_ONE,
+            bank_momentum=BELOW_ONE,
+            objective=one_of("softmax", "nce"),
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(global_views=1, image_indices=True)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views, indices = batch.views, batch.indices
         v = F.normalize(self.embedding(self.backbone(views[0])), dim=1)
         n, num_images = v.shape[0], self.bank.features.shape[0]
         noise = torch.randint(0, num_images, (self.num_negatives,), device=v.device)

@@ -18,18 +18,19 @@ learned position embeddings (the official encoder's are fixed sine-cosine); the 
 fixed sine-cosine as in the official code, computed for the input's patch grid.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock
 
 from ssl_models.backbones import VIT_BACKBONES
-from ssl_models.losses.masked_pixels import (
-    gather_tokens,
-    masked_pixel_loss,
-    patchify,
-    random_masking,
-)
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.losses.masked_pixels import masked_pixel_loss
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, FRACTION, check_options, require
+from ssl_models.patches import gather_tokens, patchify, random_masking
+from ssl_models.registry import register
 from ssl_models.vit import check_masked_image_backbone
 
 
@@ -83,6 +84,7 @@ class MAEDecoder(nn.Module):
         return self.pred(self.norm(self.blocks(x)))[:, 1:]
 
 
+@register("mae")
 class MAE(SSLMethod):
     """MAE: a ViT encodes the visible patches, a small decoder regresses the masked ones.
 
@@ -104,9 +106,6 @@ class MAE(SSLMethod):
             default, True; Table 1d: better representations).
     """
 
-    num_views = 1
-    backbones = VIT_BACKBONES
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -120,23 +119,34 @@ class MAE(SSLMethod):
     ) -> None:
         super().__init__(backbone, feature_dim)
         check_masked_image_backbone(backbone, "MAE")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if decoder_depth < 1 or decoder_heads < 1:
-            raise ValueError("decoder_depth and decoder_heads must be >= 1")
-        if decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(
-                f"decoder_dim {decoder_dim} must be divisible by decoder_heads "
-                f"({decoder_heads}) and by 4 (sine-cosine position embeddings)"
-            )
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch_size: int = backbone.patch_size
         out_dim = self.patch_size**2 * backbone.in_channels
         self.decoder = MAEDecoder(feature_dim, decoder_dim, decoder_depth, decoder_heads, out_dim)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 1:
-            raise ValueError(f"MAE takes exactly 1 view, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            mask_ratio=FRACTION,
+            decoder_dim=AT_LEAST_ONE,
+            decoder_depth=AT_LEAST_ONE,
+            decoder_heads=AT_LEAST_ONE,
+        )
+        dim, heads = options["decoder_dim"], options["decoder_heads"]
+        require(
+            dim % heads == 0 and dim % 4 == 0,
+            "decoder_dim",
+            f"{dim} must be divisible by decoder_heads ({heads}) and by 4 (sine-cosine "
+            "position embeddings)",
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(global_views=1, backbones=VIT_BACKBONES)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         (images,) = views
         tokens = self.backbone.patch_tokens(images)  # (N, L, D), checks the image size
         grid_h, grid_w = (side // self.patch_size for side in images.shape[-2:])

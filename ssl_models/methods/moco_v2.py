@@ -13,17 +13,23 @@ Learning", arXiv:2003.04297), in its symmetrised form.
         enqueue(queue, all_gather(k_2)); dequeue the oldest
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_models.dist import gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks
 from ssl_models.losses.info_nce import info_nce_loss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, SSLMethod
 from ssl_models.momentum import ema_update_, momentum_teacher
+from ssl_models.options import AT_LEAST_ONE, POSITIVE, PROBABILITY, check_options
 from ssl_models.queue import FeatureQueue
+from ssl_models.registry import register
 
 
+@register("moco_v2")
 class MoCoV2(SSLMethod):
     """MoCo v2: momentum key encoder, a FIFO queue of negatives, InfoNCE.
 
@@ -81,12 +87,6 @@ class MoCoV2(SSLMethod):
         projection_dim: int = 128,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.temperature = temperature
         self.momentum = momentum
         self.projector = nn.Sequential(
@@ -105,9 +105,19 @@ class MoCoV2(SSLMethod):
         keys = self.key_projector(self.key_backbone(shuffled))
         return F.normalize(unshuffle_across_ranks(keys, permutation), dim=1)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"MoCoV2 takes exactly 2 views, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            temperature=POSITIVE,
+            queue_size=AT_LEAST_ONE,
+            momentum=PROBABILITY,
+            projection_hidden_dim=AT_LEAST_ONE,
+            projection_dim=AT_LEAST_ONE,
+        )
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         x_1, x_2 = views
         q_1 = self.projector(self.backbone(x_1))
         q_2 = self.projector(self.backbone(x_2))

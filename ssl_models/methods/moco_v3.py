@@ -20,6 +20,9 @@ There is no queue: the other keys of the global batch are the negatives, which i
 wants large batches.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,10 +30,13 @@ from torch import Tensor, nn
 from ssl_models.dist import shuffle_across_ranks, unshuffle_across_ranks
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.info_nce import info_nce_loss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, SSLMethod
 from ssl_models.momentum import cosine_momentum, ema_update_, momentum_teacher
+from ssl_models.options import AT_LEAST_ONE, POSITIVE, PROBABILITY, check_options
+from ssl_models.registry import register
 
 
+@register("moco_v3")
 class MoCoV3(SSLMethod):
     """MoCo v3: projector + predictor on the online side, momentum encoder, in-batch InfoNCE.
 
@@ -77,10 +83,6 @@ class MoCoV3(SSLMethod):
         projection_dim: int = 256,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= base_momentum <= 1.0:
-            raise ValueError(f"base_momentum must be in [0, 1], got {base_momentum}")
         self.temperature = temperature
         self.base_momentum = base_momentum
         self.momentum = base_momentum  # the value of the latest update, for logging
@@ -103,9 +105,18 @@ class MoCoV3(SSLMethod):
     def _contrastive(self, q: Tensor, k: Tensor) -> Tensor:
         return info_nce_loss(q, k, None, self.temperature) * (2 * self.temperature)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"MoCoV3 takes exactly 2 views, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            temperature=POSITIVE,
+            base_momentum=PROBABILITY,
+            projection_hidden_dim=AT_LEAST_ONE,
+            projection_dim=AT_LEAST_ONE,
+        )
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         x_1, x_2 = views
         q_1 = self.predictor(self.projector(self.backbone(x_1)))
         q_2 = self.predictor(self.projector(self.backbone(x_2)))

@@ -15,69 +15,46 @@ the plain combination the paper starts from, with configurable weights (equal by
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ssl_models.method import MethodOutput, PretextViews, SSLMethod, split_columns
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.optim import param_groups
-
-_SEP = "__"  # target_<task>__<name>: the task a shipped target belongs to
-_COUNTS = "views_per_task"  # target: how many view columns each task shipped
+from ssl_models.options import OptionError, require
+from ssl_models.registry import METHODS, method_params, register
+from ssl_models.transforms.multitask import TASK_SEPARATOR, VIEW_COUNTS, TaskViews
 
 
 def _task_classes(tasks: Sequence[str]) -> list[type[SSLMethod]]:
-    from ssl_models.registry import METHODS  # imported here: the registry imports this module
-
-    if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must be a list of distinct method names, got {tasks!r}")
+    require(
+        not isinstance(tasks, str) and bool(tasks) and len(set(tasks)) == len(tasks),
+        "tasks",
+        f"must be a list of distinct method names, got {tasks!r}",
+    )
     allowed = sorted(name for name, cls in METHODS.items() if cls is not MultiTask)
     unknown = [task for task in tasks if task not in allowed]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {allowed}")
+    require(not unknown, "tasks", f"names unknown tasks {unknown}; choose from {allowed}")
     return [METHODS[task] for task in tasks]
 
 
 def _task_options(options: Mapping[str, Any], task: str) -> dict[str, Any]:
     """Task ``task``'s options: its defaults, then what ``task_options`` sets for it."""
-    from ssl_models.registry import method_params
-
-    return method_params(task) | dict((options.get("task_options") or {}).get(task, {}))
+    return method_params(task) | dict((options["task_options"] or {}).get(task, {}))
 
 
-@dataclass(frozen=True)
-class TaskViews:
-    """Data stage: split the global views among the tasks, run each task's transform, and
-    number the views and name the targets so that ``forward`` can split them again."""
-
-    tasks: tuple[str, ...]
-    views_per_task: tuple[int, ...]
-    transforms: tuple[PretextViews | None, ...]
-
-    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        shipped: list[int] = []
-        start = 0
-        for task, count, transform in zip(
-            self.tasks, self.views_per_task, self.transforms, strict=True
-        ):
-            mine = views[start : start + count]
-            start += count
-            own, targets = (
-                split_columns(transform(mine, generator)) if transform is not None else (mine, {})
-            )
-            for index, view in enumerate(own, start=sum(shipped)):
-                out[f"view_{index}"] = view
-            for name, value in targets.items():
-                out[f"target_{task}{_SEP}{name}"] = value
-            shipped.append(len(own))
-        counts = torch.tensor(shipped, device=views[0].device)
-        out[f"target_{_COUNTS}"] = counts.expand(len(views[0]), -1).contiguous()
-        return out
+def _common_backbones(needs: list[MethodRequirements]) -> tuple[str, ...] | None:
+    """The backbones every task works with (None: any); empty if none suits them all."""
+    allowed = None
+    for need in needs:
+        if need.backbones is not None:
+            known = need.backbones if allowed is None else allowed
+            allowed = tuple(b for b in known if b in need.backbones)
+    return allowed
 
 
+@register("multitask")
 class MultiTask(SSLMethod):
     """Several registered methods on one shared backbone; loss = sum of weighted losses.
 
@@ -91,10 +68,6 @@ class MultiTask(SSLMethod):
             100}}``; unset options take the task's defaults.
     """
 
-    # Indices are passed whether or not a task uses them, so any task can join.
-    uses_image_indices: ClassVar[bool] = True
-    whole_images_first: ClassVar[bool] = False  # which task's input comes first varies
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -106,75 +79,92 @@ class MultiTask(SSLMethod):
         task_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        classes = _task_classes(tasks)
-        weights = [1.0] * len(tasks) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(tasks) or any(w < 0 for w in weights):
-            raise ValueError(f"weights must be {len(tasks)} numbers >= 0, got {weights}")
-        task_options = dict(task_options or {})
-        if set(task_options) - set(tasks):
-            raise ValueError(f"task_options names tasks not in {list(tasks)}: {task_options}")
-        self.weights = weights
+        self.options = {"tasks": tuple(tasks), "weights": weights, "task_options": task_options}
+        self.weights = [1.0] * len(tasks) if weights is None else [float(w) for w in weights]
         self._wanting_features: list[str] = []
         self.tasks = nn.ModuleDict()
-        for name, cls in zip(tasks, classes, strict=True):
-            options = dict(task_options.get(name, {}))
-            extra = (num_images,) if cls.uses_image_indices else ()
+        for name, cls in zip(tasks, _task_classes(tasks), strict=True):
+            needs = cls.requirements(_task_options(self.options, name))
+            extra = (num_images,) if needs.image_indices else ()
+            options = dict((task_options or {}).get(name, {}))
             self.tasks[name] = cls(backbone, feature_dim, *extra, **options)
 
     @classmethod
-    def views_per_image(cls, options: Mapping[str, Any]) -> int:
-        return sum(task.num_views for task in _task_classes(options["tasks"]))
-
-    @classmethod
-    def allowed_backbones(cls, options: Mapping[str, Any]) -> tuple[str, ...] | None:
-        """The backbones every task works with (None: any); empty if none suits them all."""
-        allowed = None
-        for task in _task_classes(options["tasks"]):
-            if task.backbones is not None:
-                known = task.backbones if allowed is None else allowed
-                allowed = tuple(b for b in known if b in task.backbones)
-        return allowed
-
-    @classmethod
-    def needed_channels(cls, options: Mapping[str, Any]) -> int | None:
-        needs = {task.input_channels for task in _task_classes(options["tasks"])} - {None}
-        if len(needs) > 1:
-            raise ValueError(f"tasks {list(options['tasks'])} need different channels {needs}")
-        return next(iter(needs), None)
-
-    @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews:
-        tasks = tuple(options["tasks"])
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        tasks, weights = options["tasks"], options["weights"]
         classes = _task_classes(tasks)
-        return TaskViews(
-            tasks,
-            tuple(task.num_views for task in classes),
-            tuple(
-                task.pretext_views(_task_options(options, name))
+        if weights is not None:
+            require(
+                isinstance(weights, list | tuple)
+                and len(weights) == len(tasks)
+                and all(isinstance(w, int | float) and w >= 0 for w in weights),
+                "weights",
+                f"must be {len(tasks)} numbers >= 0, got {weights!r}",
+            )
+        given = options["task_options"] or {}
+        require(
+            isinstance(given, Mapping) and set(given) <= set(tasks),
+            "task_options",
+            f"must map tasks in {list(tasks)} to their options, got {given!r}",
+        )
+        for name, task in zip(tasks, classes, strict=True):
+            unknown = set(given.get(name, {})) - set(method_params(name))
+            require(not unknown, "task_options", f"names unknown {name} options {unknown}")
+            try:
+                task.validate(_task_options(options, name))
+            except OptionError as error:
+                raise OptionError("task_options", f"{name}.{error}") from None
+        backbones = _common_backbones(
+            [
+                task.requirements(_task_options(options, name))
                 for name, task in zip(tasks, classes, strict=True)
+            ]
+        )
+        require(
+            backbones != (),
+            "tasks",
+            "is refused: its tasks need different backbones (no model.backbone suits them all)",
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        tasks = tuple(options["tasks"])
+        needs = [
+            task.requirements(_task_options(options, name))
+            for name, task in zip(tasks, _task_classes(tasks), strict=True)
+        ]
+        channels = {need.input_channels for need in needs} - {None}
+        require(len(channels) <= 1, "tasks", f"need different image channels {channels}")
+        return MethodRequirements(
+            global_views=sum(need.global_views for need in needs),
+            forward_views=sum(need.views_in_forward for need in needs),
+            backbones=_common_backbones(needs),
+            whole_images_first=False,  # which task's input comes first varies
+            input_channels=next(iter(channels), None),
+            # Indices are passed whether or not a task uses them, so any task can join.
+            image_indices=True,
+            pretext=TaskViews(
+                tasks,
+                tuple(need.global_views for need in needs),
+                tuple(need.pretext for need in needs),
             ),
         )
 
-    def forward(
-        self,
-        views: list[Tensor],
-        indices: Tensor | None = None,
-        targets: dict[str, Tensor] | None = None,
-    ) -> MethodOutput:
-        targets = dict(targets or {})
-        if _COUNTS not in targets:
-            raise ValueError("MultiTask needs the views its data-stage transform made")
-        counts = targets.pop(_COUNTS)[0].tolist()
+    def declared(self) -> MethodRequirements:
+        """The requirements of this instance's tasks."""
+        return self.requirements(self.options)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        counts = batch.target(VIEW_COUNTS)[0].tolist()
         loss, logs, start = 0.0, {}, 0
         for (name, task), weight, count in zip(
             self.tasks.items(), self.weights, counts, strict=True
         ):
-            prefix = f"{name}{_SEP}"
-            own = {k.removeprefix(prefix): v for k, v in targets.items() if k.startswith(prefix)}
-            extra: dict[str, Any] = {"targets": own} if own else {}
-            if task.uses_image_indices:
-                extra["indices"] = indices
-            output = task(views[start : start + count], **extra)
+            prefix = f"{name}{TASK_SEPARATOR}"
+            own = {
+                k.removeprefix(prefix): v for k, v in batch.targets.items() if k.startswith(prefix)
+            }
+            output = task(Batch(batch.views[start : start + count], batch.indices, own))
             start += count
             loss = loss + weight * output.loss
             logs |= {f"{name}/{key}": value for key, value in output.logs.items()}

@@ -29,8 +29,7 @@ terms and the batch (the reference draws N per image): unchanged in expectation,
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,31 +38,23 @@ from torch import Tensor, nn
 from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.dist import gather_no_grad
 from ssl_models.losses.nce import nce_loss
-from ssl_models.method import MethodOutput, PretextViews, SSLMethod
-from ssl_models.patches import grid_tiles, standardize_tiles
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import (
+    AT_LEAST_ONE,
+    BELOW_ONE,
+    POSITIVE,
+    PROBABILITY,
+    UP_TO_ONE,
+    check_options,
+    one_of,
+)
+from ssl_models.patches import standardize_tiles
 from ssl_models.queue import MemoryBank
+from ssl_models.registry import register
+from ssl_models.transforms.image_and_tiles import JigsawTiles
 
 
-@dataclass(frozen=True)
-class JigsawTiles:
-    """Data stage: ``view_0`` = the first augmented view, ``view_1`` = the second view's
-    grid x grid tiles (N, grid^2, C, t, t), shuffled per image; t = round(cell * tile_ratio)."""
-
-    grid: int
-    tile_ratio: float
-    jitter: bool
-
-    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        image, other = views
-        cell = min(other.shape[-2:]) // self.grid
-        tile = max(1, round(cell * self.tile_ratio))
-        tiles = grid_tiles(other, self.grid, tile, generator, self.jitter)
-        n, count = tiles.shape[:2]
-        order = torch.rand(n, count, generator=generator).argsort(dim=1).to(tiles.device)
-        rows = torch.arange(n, device=tiles.device).unsqueeze(1)
-        return {"view_0": image, "view_1": tiles[rows, order]}
-
-
+@register("pirl")
 class PIRL(SSLMethod):
     """Pretext-invariant representations with the jigsaw transform and a memory bank.
 
@@ -84,11 +75,6 @@ class PIRL(SSLMethod):
         standardize: standardise each tile on its own (the jigsaw pre-processing).
     """
 
-    num_views: ClassVar[int] = 2
-    uses_image_indices: ClassVar[bool] = True
-    # Tiles of 7-64 px: a ViT would need sides that are multiples of its patch size.
-    backbones: ClassVar[tuple[str, ...]] = CNN_BACKBONES
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -107,18 +93,6 @@ class PIRL(SSLMethod):
         standardize: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
-        if not 0 <= bank_momentum < 1:
-            raise ValueError(f"bank_momentum must be in [0, 1), got {bank_momentum}")
-        if not 0 <= loss_weight <= 1:
-            raise ValueError(f"loss_weight must be in [0, 1], got {loss_weight}")
-        if objective not in ("nce", "softmax"):
-            raise ValueError(f"objective must be 'nce' or 'softmax', got {objective!r}")
-        if grid < 1 or not 0 < tile_ratio <= 1:
-            raise ValueError(f"need grid >= 1 and tile_ratio in (0, 1], got {grid}, {tile_ratio}")
         self.temperature, self.num_negatives, self.bank_momentum = (
             temperature,
             num_negatives,
@@ -134,8 +108,28 @@ class PIRL(SSLMethod):
         self.register_buffer("normalizer", torch.tensor(-1.0))
 
     @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews:
-        return JigsawTiles(options["grid"], options["tile_ratio"], options["jitter"])
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            embedding_dim=AT_LEAST_ONE,
+            temperature=POSITIVE,
+            num_negatives=AT_LEAST_ONE,
+            bank_momentum=BELOW_ONE,
+            loss_weight=PROBABILITY,
+            objective=one_of("nce", "softmax"),
+            grid=AT_LEAST_ONE,
+            tile_ratio=UP_TO_ONE,
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(
+            global_views=2,
+            image_indices=True,
+            # Tiles of 7-64 px: a ViT would need sides that are multiples of its patch size.
+            backbones=CNN_BACKBONES,
+            pretext=JigsawTiles(options["grid"], options["tile_ratio"], options["jitter"]),
+        )
 
     def embed_tiles(self, tiles: Tensor) -> Tensor:
         """g: (N, T, C, t, t) tiles -> (N, embedding_dim), the tiles concatenated in the
@@ -148,16 +142,10 @@ class PIRL(SSLMethod):
         per_tile = self.tile_head(self.backbone(tiles.flatten(0, 1)))  # one backbone pass
         return self.jigsaw_head(per_tile.reshape(n, -1))
 
-    def forward(
-        self,
-        views: list[Tensor],
-        indices: Tensor | None = None,
-        targets: Mapping[str, Tensor] | None = None,
-    ) -> MethodOutput:
-        if len(views) != 2 or views[1].ndim != 5 or indices is None:
-            raise ValueError("PIRL takes an image view, its (N, T, C, t, t) tiles and indices")
-        f = F.normalize(self.image_head(self.backbone(views[0])).float(), dim=1)
-        g = F.normalize(self.embed_tiles(views[1]).float(), dim=1)
+    def loss(self, batch: Batch) -> MethodOutput:
+        (image, tiles), indices = batch.views, batch.indices
+        f = F.normalize(self.image_head(self.backbone(image)).float(), dim=1)
+        g = F.normalize(self.embed_tiles(tiles).float(), dim=1)
         num_images = self.bank.features.shape[0]
         noise = torch.randint(0, num_images, (self.num_negatives,), device=f.device)
         with torch.no_grad():

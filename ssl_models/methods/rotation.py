@@ -28,38 +28,19 @@ evaluation uses the backbone's final pooled features.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ssl_models.heads import ProjectionHead
-from ssl_models.method import MethodOutput, PretextViews, SSLMethod
-
-#: Rotations by 0, 90, 180 and 270 degrees: the paper's four-way task (its Table 2 finds
-#: these four better than 2 or 8 rotations).
-NUM_ROTATIONS = 4
-
-
-@dataclass(frozen=True)
-class RotatedCopies:
-    """Data-stage transform: each image in all four rotations, labelled by the rotation."""
-
-    def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-        # The generator goes unused: which rotations an image gets is fixed, all four.
-        if len(views) != 1:
-            raise ValueError(f"RotNet rotates exactly 1 view per image, got {len(views)}")
-        (images,) = views  # uint8 (N, C, H, W)
-        if images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"RotNet needs square images to stack rotations, got {images.shape}")
-        rotated = [torch.rot90(images, y, dims=(-2, -1)) for y in range(NUM_ROTATIONS)]
-        copies = torch.stack(rotated, dim=1)
-        labels = torch.arange(NUM_ROTATIONS, device=images.device).expand(len(images), -1)
-        return {"view_0": copies, "target_rotation": labels.contiguous()}
+from ssl_models.losses.classification import classification_loss
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import NON_NEGATIVE, check_options
+from ssl_models.registry import register
+from ssl_models.transforms.rotations import NUM_ROTATIONS, RotatedCopies
 
 
+@register("rotation")
 class RotNet(SSLMethod):
     """RotNet: a 4-way classifier on the backbone features recognises each copy's rotation.
 
@@ -71,14 +52,10 @@ class RotNet(SSLMethod):
             Linear-BN-ReLU layer in front of it.
     """
 
-    num_views: ClassVar[int] = 1
-
     def __init__(
         self, backbone: nn.Module, feature_dim: int, *, classifier_hidden_dim: int = 0
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if classifier_hidden_dim < 0:
-            raise ValueError(f"classifier_hidden_dim must be >= 0, got {classifier_hidden_dim}")
         self.classifier: nn.Module = (
             nn.Linear(feature_dim, NUM_ROTATIONS)
             if classifier_hidden_dim == 0
@@ -86,30 +63,25 @@ class RotNet(SSLMethod):
         )
 
     @classmethod
-    def pretext_views(cls, options: Mapping[str, Any]) -> PretextViews:
-        return RotatedCopies()
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(options, classifier_hidden_dim=NON_NEGATIVE)
 
-    def forward(
-        self,
-        views: list[Tensor],
-        indices: Tensor | None = None,
-        targets: dict[str, Tensor] | None = None,
-    ) -> MethodOutput:
-        if len(views) != 1 or views[0].ndim != 5 or views[0].shape[1] != NUM_ROTATIONS:
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(global_views=1, pretext=RotatedCopies())
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        copies, labels = batch.views[0], batch.target("rotation")
+        if copies.ndim != 5 or labels.shape != copies.shape[:2]:
             raise ValueError(
-                "RotNet takes 1 view of shape (N, 4, C, H, W), the data stage's rotated copies"
+                f"RotNet takes the data stage's rotated copies (N, 4, C, H, W) and their labels "
+                f"(N, 4), got {tuple(copies.shape)} and {tuple(labels.shape)}"
             )
-        if targets is None or "rotation" not in targets:
-            raise ValueError("RotNet needs the data stage's rotation labels, targets['rotation']")
-        copies, labels = views[0], targets["rotation"]
-        if labels.shape != copies.shape[:2]:
-            raise ValueError(f"rotation labels {labels.shape} do not match copies {copies.shape}")
         # Rotation-major order: all four copies go through one backbone pass (shared batch-norm
         # statistics, as the official loader's flattened batch), and its first N rows are the
         # unrotated images in batch order, which the online probe reads with the image labels.
         x = copies.transpose(0, 1).flatten(0, 1)
-        y = labels.transpose(0, 1).flatten().long()
-        logits = self.classifier(self.backbone(x))
-        loss = F.cross_entropy(logits, y)  # eq. 2: mean over the images and their K copies
-        accuracy = (logits.detach().argmax(1) == y).float().mean()
+        y = labels.transpose(0, 1).flatten()
+        # Eq. 2: the mean over the images and their K copies.
+        loss, accuracy = classification_loss(self.classifier(self.backbone(x)), y)
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), "pretext_accuracy": accuracy})

@@ -8,14 +8,20 @@ Representations", arXiv:2002.05709).
         loss = NT-Xent(z_a, z_b)            # other 2N-2 embeddings are the negatives
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses import NTXentLoss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, POSITIVE, check_options
+from ssl_models.registry import register
 
 
+@register("simclr")
 class SimCLR(SSLMethod):
     """SimCLR v1: backbone, 2-layer MLP projector, NT-Xent loss.
 
@@ -41,10 +47,17 @@ class SimCLR(SSLMethod):
         self.projector = ProjectionHead(feature_dim, projection_hidden_dim, projection_dim)
         self.criterion = NTXentLoss(temperature)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"SimCLR takes exactly 2 views, got {len(views)}")
-        z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(x)), one pass
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            temperature=POSITIVE,
+            projection_hidden_dim=AT_LEAST_ONE,
+            projection_dim=AT_LEAST_ONE,
+        )
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        z_a, z_b = self.embed_views(batch.views, self.projector)  # z = g(f(x)), one pass
         loss = self.criterion(z_a, z_b)
         pos_sim = F.cosine_similarity(z_a, z_b, dim=1).mean()
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), "pos_sim": pos_sim.detach()})

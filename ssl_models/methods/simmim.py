@@ -16,20 +16,22 @@ colour distortion off in the config (``augment.strength=0``, ``augment.jitter_pr
 ``augment.grayscale_prob=0``).
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ssl_models.backbones import VIT_BACKBONES
-from ssl_models.losses.masked_pixels import (
-    expand_block_mask,
-    masked_pixel_loss,
-    patchify,
-    random_masking,
-)
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.losses.masked_pixels import masked_pixel_loss
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
+from ssl_models.options import FRACTION, NON_NEGATIVE, check_options
+from ssl_models.patches import expand_block_mask, patchify, random_masking
+from ssl_models.registry import register
 from ssl_models.vit import check_masked_image_backbone
 
 
+@register("simmim")
 class SimMIM(SSLMethod):
     """SimMIM: the ViT encodes every patch, masked ones as a mask token; a linear head
     regresses the raw pixels of the masked patches.
@@ -50,9 +52,6 @@ class SimMIM(SSLMethod):
             (default False: the paper regresses raw pixels).
     """
 
-    num_views = 1
-    backbones = VIT_BACKBONES
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -64,11 +63,9 @@ class SimMIM(SSLMethod):
     ) -> None:
         super().__init__(backbone, feature_dim)
         check_masked_image_backbone(backbone, "SimMIM")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.patch_size: int = backbone.patch_size
         mask_patch_size = mask_patch_size or self.patch_size
-        if mask_patch_size < 0 or mask_patch_size % self.patch_size:
+        if mask_patch_size % self.patch_size:
             raise ValueError(
                 f"mask_patch_size must be a multiple of the patch size {self.patch_size} "
                 f"(or 0 for the patch size), got {mask_patch_size}"
@@ -102,9 +99,16 @@ class SimMIM(SSLMethod):
         tokens = tokens + self.backbone.patch_position_embeddings(grid_h, grid_w)
         return self.head(self.backbone.encode(tokens)[:, 1:])
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 1:
-            raise ValueError(f"SimMIM takes exactly 1 view, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(options, mask_ratio=FRACTION, mask_patch_size=NON_NEGATIVE)
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(global_views=1, backbones=VIT_BACKBONES)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         (images,) = views
         grid_h, grid_w = (side // self.patch_size for side in images.shape[-2:])
         mask = self.sample_mask(images.shape[0], grid_h, grid_w, images.device)

@@ -11,18 +11,22 @@ No negatives and no momentum encoder: the stop-gradient is what prevents collaps
 section 4.1), and the predictor's learning rate is kept fixed (section 4.4).
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.cosine import negative_cosine_similarity
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, SSLMethod
 from ssl_models.optim import param_groups
+from ssl_models.options import AT_LEAST_ONE, AT_LEAST_TWO, check_options
+from ssl_models.registry import register
 
 
+@register("simsiam")
 class SimSiam(SSLMethod):
     """SimSiam: projector with batch norm on every layer, bottleneck predictor, stop-gradient.
 
@@ -51,16 +55,22 @@ class SimSiam(SSLMethod):
         projection_layers: int = 2,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if projection_layers < 2:
-            raise ValueError(f"projection_layers must be >= 2, got {projection_layers}")
         self.projector = ProjectionHead(
             feature_dim, projection_dim, projection_dim, num_layers=projection_layers, last_bn=True
         )
         self.predictor = ProjectionHead(projection_dim, predictor_hidden_dim, projection_dim)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"SimSiam takes exactly 2 views, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            projection_dim=AT_LEAST_ONE,
+            predictor_hidden_dim=AT_LEAST_ONE,
+            projection_layers=AT_LEAST_TWO,
+        )
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         # One pass over both views; batch-norm statistics cover both views.
         z = self.projector(self.backbone(torch.cat(views)))
         p_1, p_2 = self.predictor(z).chunk(2)

@@ -17,6 +17,9 @@ Assignments", arXiv:2006.09882), Algorithm 1 with multi-crop, as in the official
         update(model.params, C)
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,10 +27,13 @@ from torch import Tensor, nn
 from ssl_models.dist import gather_no_grad, rank, world_size
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.swav import sinkhorn_knopp, swapped_prediction_loss
-from ssl_models.method import MethodOutput, SSLMethod, encode_views
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod, encode_views
+from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_options
 from ssl_models.queue import FeatureQueue
+from ssl_models.registry import register
 
 
+@register("swav")
 class SwAV(SSLMethod):
     """SwAV: online clustering with Sinkhorn-Knopp codes and swapped prediction, multi-crop.
 
@@ -65,7 +71,6 @@ class SwAV(SSLMethod):
         projection_dim: embedding and prototype dimension (128 in the paper).
     """
 
-    takes_local_views = True
     #: Crops given codes: the two global views (the official ``crops_for_assign`` = [0, 1]).
     crops_for_assign: tuple[int, ...] = (0, 1)
 
@@ -85,10 +90,6 @@ class SwAV(SSLMethod):
         projection_dim: int = 128,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if num_prototypes < 1 or queue_length < 0 or epoch_queue_starts < 0:
-            raise ValueError("need num_prototypes >= 1, queue_length >= 0, epoch_queue_starts >= 0")
-        if temperature <= 0 or epsilon <= 0 or sinkhorn_iterations < 1:
-            raise ValueError("need temperature > 0, epsilon > 0 and sinkhorn_iterations >= 1")
         self.temperature, self.epsilon = temperature, epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
         self.queue_length, self.epoch_queue_starts = queue_length, epoch_queue_starts
@@ -134,9 +135,27 @@ class SwAV(SSLMethod):
                 result.append(q[-n:])
         return result
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) < 2:
-            raise ValueError(f"SwAV takes 2 global views (+ local views), got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            num_prototypes=AT_LEAST_ONE,
+            temperature=POSITIVE,
+            epsilon=POSITIVE,
+            sinkhorn_iterations=AT_LEAST_ONE,
+            queue_length=NON_NEGATIVE,
+            epoch_queue_starts=NON_NEGATIVE,
+            freeze_prototypes_iters=NON_NEGATIVE,
+            projection_hidden_dim=AT_LEAST_ONE,
+            projection_dim=AT_LEAST_ONE,
+        )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        return MethodRequirements(local_views=True)
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         self.normalize_prototypes()
         z = self.embed(views)
         scores = list(self.prototypes(z).chunk(len(views)))

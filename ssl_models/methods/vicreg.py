@@ -14,13 +14,19 @@ deviation above 1 (no collapse) and the covariance term decorrelates the dimensi
 negatives, momentum encoder or stop-gradient are needed.
 """
 
-from torch import Tensor, nn
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.vicreg import VICRegLoss
-from ssl_models.method import MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, check_options
+from ssl_models.registry import register
 
 
+@register("vicreg")
 class VICReg(SSLMethod):
     """VICReg: backbone, 3-layer expander, variance-invariance-covariance loss.
 
@@ -54,9 +60,19 @@ class VICReg(SSLMethod):
         )
         self.criterion = VICRegLoss(sim_weight, var_weight, cov_weight)
 
-    def forward(self, views: list[Tensor]) -> MethodOutput:
-        if len(views) != 2:
-            raise ValueError(f"VICReg takes exactly 2 views, got {len(views)}")
+    @classmethod
+    def validate(cls, options: Mapping[str, Any]) -> None:
+        check_options(
+            options,
+            projection_hidden_dim=AT_LEAST_ONE,
+            projection_dim=AT_LEAST_ONE,
+            sim_weight=NON_NEGATIVE,
+            var_weight=NON_NEGATIVE,
+            cov_weight=NON_NEGATIVE,
+        )
+
+    def loss(self, batch: Batch) -> MethodOutput:
+        views = batch.views
         z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(y)), one pass
         loss, parts = self.criterion(z_a, z_b)
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), **parts})

@@ -11,13 +11,10 @@ mixing the three needs no masks or copies; hue runs on just the samples that dra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from ssl_models.transforms.views import ViewRecipe
 
 # ITU-R 601-2 luma as torchvision's rgb_to_grayscale writes it (PIL rounds 0.2989 to 0.299).
 _LUMA = (0.2989, 0.587, 0.114)
@@ -59,6 +56,17 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     return out
 
 
+class JitterRecipe(Protocol):
+    """ColorJitter's knobs: the chance a sample is jittered and each op's spread (the view
+    recipe, ``ssl_models.transforms.views.ViewRecipe``, is one)."""
+
+    jitter_prob: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+
+
 @dataclass(frozen=True)
 class JitterParams:
     """Per-sample jitter draws for ``ops`` (brightness, contrast[, saturation, hue]).
@@ -75,7 +83,9 @@ class JitterParams:
         return JitterParams(self.ops, self.factors[start:stop], self.order[start:stop])
 
 
-def sample_jitter(n: int, channels: int, recipe: ViewRecipe, gen: torch.Generator) -> JitterParams:
+def sample_jitter(
+    n: int, channels: int, recipe: JitterRecipe, gen: torch.Generator
+) -> JitterParams:
     """ColorJitter's draws, applied with probability ``recipe.jitter_prob`` per sample."""
     ops = ("brightness", "contrast") + (("saturation", "hue") if channels == 3 else ())
     apply = torch.rand(n, generator=gen) < recipe.jitter_prob
@@ -111,6 +121,6 @@ def apply_jitter(images: Tensor, params: JitterParams) -> Tensor:
     return images
 
 
-def color_jitter(images: Tensor, recipe: ViewRecipe, gen: torch.Generator) -> Tensor:
+def color_jitter(images: Tensor, recipe: JitterRecipe, gen: torch.Generator) -> Tensor:
     """Draw and apply colour jitter for float images in [0, 1]."""
     return apply_jitter(images, sample_jitter(images.shape[0], images.shape[1], recipe, gen))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_models import SSLMethod, build_backbone
-from ssl_models.method import MethodOutput
+from ssl_models.method import Batch, MethodOutput
 
 
 def tiny_backbone(seed: int = 0) -> tuple[nn.Module, int]:
@@ -33,15 +33,15 @@ def assert_state_round_trips(model: SSLMethod, fresh: SSLMethod, views: list[Ten
     """After a training step of ``model``, ``fresh`` loaded with its state dict holds every
     entry exactly and computes the same loss under the same random seed."""
     opt = torch.optim.SGD(model.parameter_groups(0.0), lr=0.1)
-    model(views).loss.backward()
+    model(Batch(views)).loss.backward()
     opt.step()
     fresh.load_state_dict(model.state_dict())
     for (key, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     torch.manual_seed(5)
-    expected = model(views).loss
+    expected = model(Batch(views)).loss
     torch.manual_seed(5)
-    assert torch.equal(fresh(views).loss, expected)
+    assert torch.equal(fresh(Batch(views)).loss, expected)
 
 
 def train_losses(
@@ -63,7 +63,7 @@ def train_losses(
     losses = []
     for step in range(steps):
         batch = views() if callable(views) else list(views)
-        out = model(batch) if indices is None else model(batch, indices)
+        out = model(Batch(batch)) if indices is None else model(Batch(batch, indices))
         opt.zero_grad()
         out.loss.backward()
         model.before_optimizer_step(step)
@@ -77,7 +77,7 @@ def check_forward_backward(model: SSLMethod, views: list[Tensor], log_keys: set[
     """One step's forward and backward: a finite scalar loss, the ``log_keys`` logs, all
     detached, and finite, not all zero gradients on every backbone parameter."""
     assert isinstance(model, SSLMethod)
-    out = model(views)
+    out = model(Batch(views))
     assert isinstance(out, MethodOutput)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert set(out.logs) == log_keys
@@ -86,3 +86,9 @@ def check_forward_backward(model: SSLMethod, views: list[Tensor], log_keys: set[
     grads = [p.grad for p in model.backbone.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def validate_options(cls: type[SSLMethod], **options: Any) -> None:
+    """``cls.validate`` on its defaults updated with ``options``: the check that
+    ``build_method`` and the run config make before a method is built."""
+    cls.validate(cls.option_defaults() | options)

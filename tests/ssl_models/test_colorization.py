@@ -12,8 +12,11 @@ import torch.nn.functional as F
 
 from ssl_models import SSLMethod, build_backbone
 from ssl_models.lab_color import ab_bins, rebalancing_weights, smoothed_distribution, soft_encode
+from ssl_models.method import Batch
 from ssl_models.methods import colorization
-from ssl_models.methods.colorization import Colorization, ColorizationViews
+from ssl_models.methods.colorization import Colorization
+from ssl_models.transforms.lightness import ColorizationViews
+from tests.ssl_models.helpers import validate_options
 
 # Four colours of distinct lightness (L about 19, 43, 64 and 86): gray level tells the colour.
 PALETTE = torch.tensor([[20, 30, 140], [200, 30, 30], [60, 170, 60], [240, 220, 60]])
@@ -65,12 +68,13 @@ def test_data_stage_renders_lightness_and_subsamples_ab():
 
 
 def test_refuses_single_channel_images():
-    assert Colorization.input_channels == 3 and Colorization.num_views == 1
+    assert (
+        Colorization.requirements(Colorization.option_defaults()).input_channels == 3
+        and Colorization.requirements(Colorization.option_defaults()).global_views == 1
+    )
     gray = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
     with pytest.raises(ValueError, match="needs 3-channel RGB images.*shape \\(2, 1, 28, 28\\)"):
         ColorizationViews()([gray], torch.Generator())
-    with pytest.raises(ValueError, match="exactly 1 view"):
-        ColorizationViews()([_blobs(2, 0), _blobs(2, 1)], torch.Generator())
 
 
 def test_pretext_views_follow_the_options_and_pickle():
@@ -85,7 +89,7 @@ def test_pretext_views_follow_the_options_and_pickle():
         "decoder_hidden": 256,
         "decoder_upsamplings": 1,
     }
-    make = Colorization.pretext_views(options | {"target_stride": 2})
+    make = Colorization.requirements(options | {"target_stride": 2}).pretext
     assert make == ColorizationViews(stride=2) and pickle.loads(pickle.dumps(make)) == make
 
 
@@ -93,7 +97,7 @@ def test_one_step_has_finite_loss_logs_and_backbone_gradients():
     model = _model()
     assert isinstance(model, SSLMethod) and model.decoder.out.out_channels == len(ab_bins())
     views, targets = _inputs(_blobs(4, 0))
-    out = model(views, targets=targets)
+    out = model(Batch(views, targets=targets))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert set(out.logs) == {"loss", "pretext_accuracy"}
     assert all(not v.requires_grad for v in out.logs.values())
@@ -109,7 +113,7 @@ def test_loss_is_the_rebalanced_soft_cross_entropy():
     model.decoder.register_forward_hook(lambda m, args, out: captured.append(out.detach()))
     views, targets = _inputs(_blobs(3, 1))
     targets["ab"] = targets["ab"] + torch.randn(targets["ab"].shape) * 6  # off-centre colours
-    out = model(views, targets=targets)
+    out = model(Batch(views, targets=targets))
     logits = captured[0].permute(0, 2, 3, 1).reshape(-1, len(ab_bins()))  # (P, Q)
     points = targets["ab"].permute(0, 2, 3, 1).reshape(-1, 2)
     index, soft = soft_encode(points, ab_bins())
@@ -129,27 +133,27 @@ def test_gray_images_are_masked_and_not_counted():
     model = _model()
     views, targets = _inputs(_blobs(2, 2))
     targets["ab"][0] = torch.empty_like(targets["ab"][0]).uniform_(-4.9, 4.9)  # image 0: gray
-    model(views, targets=targets)
+    model(Batch(views, targets=targets))
     assert model.bin_counts.sum().item() == 64  # image 1's 8 x 8 pixels only
     targets["ab"][1] = 0.0
-    out = model(views, targets=targets)
+    out = model(Batch(views, targets=targets))
     assert out.loss.item() == 0.0 and model.bin_counts.sum().item() == 64
     model.eval()
     views, targets = _inputs(_blobs(2, 3))
-    model(views, targets=targets)
+    model(Batch(views, targets=targets))
     assert model.bin_counts.sum().item() == 64  # evaluation does not count
 
 
 def test_rejects_bad_options_and_inputs():
     with pytest.raises(ValueError, match="rebalance_mix"):
-        _model(rebalance_mix=0.0)
+        validate_options(Colorization, rebalance_mix=0.0)
     with pytest.raises(ValueError, match="neighbours"):
-        _model(neighbours=0)
+        validate_options(Colorization, neighbours=0)
     with pytest.raises(ValueError, match="sigma"):
-        _model(sigma=-1.0)
+        validate_options(Colorization, sigma=-1.0)
     views, _ = _inputs(_blobs(2, 0))
-    with pytest.raises(ValueError, match="targets\\['ab'\\]"):
-        _model()(views)
+    with pytest.raises(ValueError, match="no target 'ab'"):
+        _model()(Batch(views))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
@@ -158,7 +162,7 @@ def test_other_backbones_predict_at_the_target_size(name):
     captured = []
     model.decoder.register_forward_hook(lambda m, args, out: captured.append(out))
     views, targets = _inputs(_blobs(2, 0))
-    assert math.isfinite(model(views, targets=targets).loss.item())
+    assert math.isfinite(model(Batch(views, targets=targets)).loss.item())
     assert captured[0].shape == (2, len(ab_bins()), 8, 8)
 
 
@@ -168,7 +172,7 @@ def test_training_on_colour_blobs_lowers_the_loss_and_learns_the_colours():
     losses, accuracies = [], []
     for step in range(40):
         views, targets = _inputs(_blobs(16, seed=100 + step))  # fresh images every step
-        out = model(views, targets=targets)
+        out = model(Batch(views, targets=targets))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -185,26 +189,25 @@ def test_state_dict_round_trip_keeps_the_counts():
     model, fresh = _model(seed=0), _model(seed=1)
     views, targets = _inputs(_blobs(4, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(views, targets=targets).loss.backward()
+    model(Batch(views, targets=targets)).loss.backward()
     opt.step()
     assert "bin_counts" in model.state_dict() and "bins" not in model.state_dict()
     fresh.load_state_dict(model.state_dict())
     for (key, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert model.bin_counts.sum().item() == 4 * 64
-    loss = model(views, targets=targets).loss
-    assert torch.equal(fresh(views, targets=targets).loss, loss)
+    loss = model(Batch(views, targets=targets)).loss
+    assert torch.equal(fresh(Batch(views, targets=targets)).loss, loss)
 
 
 def test_bin_counts_are_summed_over_workers(monkeypatch):
     other_worker = torch.zeros(len(ab_bins()), dtype=torch.long)
     other_worker[[0, 7]] = torch.tensor([5, 1])
 
-    def all_reduce(tensor: torch.Tensor) -> None:  # a second worker's counts arrive
-        tensor += other_worker
+    def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:  # a second worker's counts arrive
+        return tensor.add_(other_worker)
 
-    monkeypatch.setattr(colorization.ssl_dist, "world_size", lambda: 2)
-    monkeypatch.setattr(colorization.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(colorization, "all_reduce_sum", all_reduce_sum)
     model = _model()
     model.count_bins(torch.tensor([0, 3, 3]))
     expected = other_worker.clone()

@@ -8,19 +8,22 @@ import torch.nn.functional as F
 
 from ssl_models import SSLMethod, build_backbone
 from ssl_models.backbones import image_channels
+from ssl_models.method import Batch
 from ssl_models.methods.context_encoder import (
-    BLOCK_TRIES,
-    REGION_CELLS,
     ChannelWiseFC,
     ContextEncoder,
-    HoleMasks,
-    central_block,
     context_encoder_loss,
     overlap_border,
+)
+from ssl_models.transforms.holes import (
+    BLOCK_TRIES,
+    REGION_CELLS,
+    HoleMasks,
+    central_block,
     random_blocks,
     random_region,
 )
-from tests.ssl_models.helpers import tiny_backbone
+from tests.ssl_models.helpers import tiny_backbone, validate_options
 
 FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
 
@@ -86,9 +89,9 @@ def test_random_region_masks_the_lowest_quarter_of_smooth_noise():
 
 def test_data_stage_passes_the_image_and_draws_the_hole_from_the_generator():
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    make = ContextEncoder.pretext_views(
+    make = ContextEncoder.requirements(
         {"mask_shape": "random_blocks", "coverage": 0.25, "overlap": 0.0}
-    )
+    ).pretext
     torch.manual_seed(0)
     state = torch.get_rng_state()
     out = make([images], torch.Generator().manual_seed(7))
@@ -101,9 +104,9 @@ def test_data_stage_passes_the_image_and_draws_the_hole_from_the_generator():
     central = HoleMasks("central_block")([images], torch.Generator())
     assert torch.equal(central["target_mask"], central_block(5, 32, 32))
     with pytest.raises(ValueError, match="mask_shape"):
-        HoleMasks("random_squares")
+        validate_options(ContextEncoder, mask_shape="random_squares")
     with pytest.raises(ValueError, match="coverage"):
-        HoleMasks("random_region", 1.0)
+        validate_options(ContextEncoder, coverage=1.0)
 
 
 def test_overlap_border_is_the_ring_around_the_hole():
@@ -153,7 +156,7 @@ def test_encoder_sees_the_hole_filled_with_the_mean_and_the_hole_is_the_target()
     seen = []
     model.backbone.features[0].register_forward_pre_hook(lambda _, a: seen.append(a[0]))
     images, hole = _images(), central_block(4, 28, 28)
-    out = model([images], targets={"mask": hole})
+    out = model(Batch([images], targets={"mask": hole}))
     expected = images.clone()
     expected[hole[:, None]] = 0.0  # the normalised mean
     assert torch.equal(seen[0], expected)
@@ -163,16 +166,19 @@ def test_encoder_sees_the_hole_filled_with_the_mean_and_the_hole_is_the_target()
     other[hole[:, None]] += 1.0
     model.eval()
     with torch.no_grad():
-        a = model([images], targets={"mask": hole}).logs["hole_mse"]
-        b = model([other], targets={"mask": hole}).logs["hole_mse"]
+        a = model(Batch([images], targets={"mask": hole})).logs["hole_mse"]
+        b = model(Batch([other], targets={"mask": hole})).logs["hole_mse"]
     assert torch.equal(seen[-1], seen[-2]) and a != b
 
 
 def test_one_step_has_finite_loss_logs_and_gradients_everywhere():
     model = _model()
-    assert isinstance(model, SSLMethod) and ContextEncoder.num_views == 1
+    assert (
+        isinstance(model, SSLMethod)
+        and ContextEncoder.requirements(ContextEncoder.option_defaults()).global_views == 1
+    )
     hole = random_region(4, 28, 28, 0.25, torch.Generator().manual_seed(0))
-    out = model([_images()], targets={"mask": hole})
+    out = model(Batch([_images()], targets={"mask": hole}))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert set(out.logs) == {"loss", "hole_mse", "hole_fraction"}
     assert all(not v.requires_grad for v in out.logs.values())
@@ -205,7 +211,7 @@ def test_other_backbones_and_image_sizes(backbone, channels, side):
     assert image_channels(net) == channels
     images = _images(2, side, channels)
     hole = random_blocks(2, side, side, 0.25, torch.Generator().manual_seed(0))
-    out = model([images], targets={"mask": hole})
+    out = model(Batch([images], targets={"mask": hole}))
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.decoder.out.out_channels == channels
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
@@ -213,30 +219,31 @@ def test_other_backbones_and_image_sizes(backbone, channels, side):
 
 def test_rejects_bad_options_and_inputs():
     with pytest.raises(ValueError, match="mask_shape"):
-        _model(mask_shape="ring")
+        validate_options(ContextEncoder, mask_shape="ring")
     with pytest.raises(ValueError, match="overlap"):
-        _model(overlap=0.5)
+        validate_options(ContextEncoder, overlap=0.5)
     with pytest.raises(ValueError, match="overlap_weight"):
-        _model(overlap_weight=0.0)
+        validate_options(ContextEncoder, overlap_weight=0.0)
     model, hole = _model(), central_block(4, 28, 28)
-    with pytest.raises(ValueError, match="exactly 1 view"):
-        model([_images(), _images()], targets={"mask": hole})
-    with pytest.raises(ValueError, match="targets"):
-        model([_images()])
+    with pytest.raises(ValueError, match=r"takes \d+ views?"):
+        model(Batch([_images(), _images()], targets={"mask": hole}))
+    with pytest.raises(ValueError, match="no target"):
+        model(Batch([_images()]))
     with pytest.raises(ValueError, match="does not match"):
-        model([_images()], targets={"mask": hole[:, :20]})
+        model(Batch([_images()], targets={"mask": hole[:, :20]}))
 
 
 def test_state_dict_round_trip():
     model, fresh = _model(0), _model(1)
     images, hole = _images(), central_block(4, 28, 28)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model([images], targets={"mask": hole}).loss.backward()
+    model(Batch([images], targets={"mask": hole})).loss.backward()
     opt.step()
     fresh.load_state_dict(model.state_dict())
     assert "channel_fc.weight" in model.state_dict()
     assert torch.equal(
-        fresh([images], targets={"mask": hole}).loss, model([images], targets={"mask": hole}).loss
+        fresh(Batch([images], targets={"mask": hole})).loss,
+        model(Batch([images], targets={"mask": hole})).loss,
     )
 
 
@@ -254,7 +261,7 @@ def test_training_on_fashion_mnist_inpaints_unseen_images_better_than_the_mean(
     for step in range(30):
         batch = train[torch.randint(0, len(train), (32,), generator=g)]
         images, hole = _inputs(batch, seed=step)
-        out = model([images], targets={"mask": hole})
+        out = model(Batch([images], targets={"mask": hole}))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -263,6 +270,6 @@ def test_training_on_fashion_mnist_inpaints_unseen_images_better_than_the_mean(
     model.eval()
     images, hole = _inputs(held_out, seed=100)
     with torch.no_grad():
-        hole_mse = model([images], targets={"mask": hole}).logs["hole_mse"].item()
+        hole_mse = model(Batch([images], targets={"mask": hole})).logs["hole_mse"].item()
     mean_fill = images.square()[hole[:, None]].mean().item()  # predicting 0: the mean
     assert hole_mse < 0.6 * mean_fill

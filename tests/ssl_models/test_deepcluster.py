@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ssl_models import METHODS, build_method
 from ssl_models.kmeans import kmeans, preprocess_features
+from ssl_models.method import Batch
 from ssl_models.methods import DeepCluster
 from ssl_models.registry import method_params
 from tests.ssl_models.distributed import run_on_ranks
@@ -37,7 +38,10 @@ def _blob_features(n: int = 32, clusters: int = 4, dim: int = 64, seed: int = 0)
 
 def test_registered_with_its_options_and_needs_num_images():
     assert METHODS["deepcluster"] is DeepCluster
-    assert DeepCluster.num_views == 1 and DeepCluster.uses_image_indices
+    assert (
+        DeepCluster.requirements(DeepCluster.option_defaults()).global_views == 1
+        and DeepCluster.requirements(DeepCluster.option_defaults()).image_indices
+    )
     assert method_params("deepcluster") == {
         "num_clusters": 100,
         "pca_dim": 256,
@@ -65,7 +69,7 @@ def test_classifier_is_never_trust_scaled_and_every_parameter_has_one_group():
 def test_before_any_clustering_the_loss_is_zero_but_reaches_every_parameter():
     method = _deepcluster()
     assert (method.pseudo_labels == -1).all()
-    out = method([torch.randn(8, 1, 16, 16)], torch.arange(8))
+    out = method(Batch([torch.randn(8, 1, 16, 16)], torch.arange(8)))
     assert out.loss.item() == 0.0 and out.loss.requires_grad
     assert out.logs["labelled_fraction"].item() == 0.0
     assert all(not v.requires_grad for v in out.logs.values())
@@ -74,7 +78,7 @@ def test_before_any_clustering_the_loss_is_zero_but_reaches_every_parameter():
     for name, p in method.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
     with pytest.raises(ValueError, match="indices"):
-        method([torch.randn(8, 1, 16, 16)])
+        method(Batch([torch.randn(8, 1, 16, 16)]))
 
 
 def test_assign_writes_kmeans_labels_at_the_slots_and_reinitialises_the_classifier():
@@ -135,7 +139,7 @@ def test_balanced_loss_by_hand():
         method.pseudo_labels.copy_(torch.tensor([0, 0, 0, 1, 2, 2, -1, 3]))
         method.cluster_sizes.copy_(torch.tensor([3, 1, 2, 1]))
     images, indices = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 3, 4, 6])
-    loss = method([images], indices).loss
+    loss = method(Batch([images], indices)).loss
     with torch.no_grad():
         logits = method.classifier(method.backbone(images))
     ce = F.cross_entropy(logits[:5], torch.tensor([0, 0, 0, 1, 2]), reduction="none")
@@ -145,7 +149,7 @@ def test_balanced_loss_by_hand():
     assert loss.item() == pytest.approx(((weights * ce).sum() / weights.sum()).item(), rel=1e-5)
 
     method.balance_clusters = False
-    plain = method([images], indices).loss
+    plain = method(Batch([images], indices)).loss
     assert plain.item() == pytest.approx(ce.mean().item(), rel=1e-5)
 
 
@@ -178,7 +182,7 @@ def test_reset_optimizer_state_forgets_only_the_classifier():
     method = _deepcluster()
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
     method.assign(_blob_features(), torch.arange(32))
-    method([torch.randn(8, 1, 16, 16)], torch.arange(8)).loss.backward()
+    method(Batch([torch.randn(8, 1, 16, 16)], torch.arange(8))).loss.backward()
     optimizer.step()
     assert all(p in optimizer.state for p in method.parameters())
     method.reset_optimizer_state(optimizer)
@@ -212,7 +216,7 @@ def _ddp_rank(rank: int) -> dict:
     for step in range(4):
         if step == 2:  # rank 1's features differ: rank 0's clustering must win
             method.take_dataset_features(_blob_features(seed=rank), torch.arange(32), optimizer)
-        out = model([torch.randn(8, 1, 16, 16)], torch.arange(8) + 8 * rank)
+        out = model(Batch([torch.randn(8, 1, 16, 16)], torch.arange(8) + 8 * rank))
         optimizer.zero_grad()
         out.loss.backward()  # DDP fails here or in the next forward if a parameter has no grad
         optimizer.step()

@@ -11,12 +11,10 @@ import torch.nn.functional as F
 
 from pipeline.data.ingest import ImageSpec, channel_stats, normalize, read_decoded
 from ssl_models import build_backbone
-from ssl_models.methods.denoising_ae import (
-    Corrupt,
-    DenoisingAutoencoder,
-    emphasised_squared_error,
-)
-from tests.ssl_models.helpers import tiny_backbone
+from ssl_models.method import Batch
+from ssl_models.methods.denoising_ae import DenoisingAutoencoder, emphasised_squared_error
+from ssl_models.transforms.corrupt import Corrupt
+from tests.ssl_models.helpers import tiny_backbone, validate_options
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -101,11 +99,13 @@ def test_gaussian_adds_isotropic_noise_in_intensity_units_rounded_and_clipped():
 def test_the_data_stage_reads_the_options_is_seeded_and_pickles():
     signature = inspect.signature(DenoisingAutoencoder.__init__).parameters.values()
     defaults = {p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY}
-    assert DenoisingAutoencoder.num_views == 1
-    assert DenoisingAutoencoder.pretext_views(defaults) == Corrupt("masking", 0.25)
-    make = DenoisingAutoencoder.pretext_views(
-        defaults | {"corruption": "salt_pepper", "noise_level": 0.1}
+    assert (
+        DenoisingAutoencoder.requirements(DenoisingAutoencoder.option_defaults()).global_views == 1
     )
+    assert DenoisingAutoencoder.requirements(defaults).pretext == Corrupt("masking", 0.25)
+    make = DenoisingAutoencoder.requirements(
+        defaults | {"corruption": "salt_pepper", "noise_level": 0.1}
+    ).pretext
     assert make == Corrupt("salt_pepper", 0.1)
     clean = torch.randint(0, 256, (3, 3, 8, 8), generator=_gen(), dtype=torch.uint8)
     a, b = make([clean], _gen(7)), pickle.loads(pickle.dumps(make))([clean], _gen(7))
@@ -128,8 +128,8 @@ def test_emphasised_squared_error_by_hand():
 def test_forward_scores_the_reconstruction_of_the_corrupted_view_against_the_clean_one():
     model = _tiny(emphasis_alpha=2.0, emphasis_beta=0.5)
     images = torch.randint(0, 256, (4, 1, 28, 28), generator=_gen(8), dtype=torch.uint8)
-    views, targets = _batch(model.corrupt, images)
-    out = model(views, targets=targets)
+    views, targets = _batch(Corrupt(), images)
+    out = model(Batch(views, targets=targets))
     pred = model.reconstruct(views[0])  # train-mode batch norm: the same batch, same output
     assert pred.shape == views[1].shape
     mask = targets["corrupted"]
@@ -146,8 +146,8 @@ def test_forward_scores_the_reconstruction_of_the_corrupted_view_against_the_cle
 def test_gradients_reach_the_backbone_and_the_decoder():
     model = _tiny()
     images = torch.randint(0, 256, (4, 1, 28, 28), generator=_gen(9), dtype=torch.uint8)
-    views, targets = _batch(model.corrupt, images)
-    out = model(views, targets=targets)
+    views, targets = _batch(Corrupt(), images)
+    out = model(Batch(views, targets=targets))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     for part in (model.backbone, model.decoder):
@@ -169,32 +169,30 @@ def test_other_backbones_and_image_sizes(name, channels, side, extra):
     backbone, dim = build_backbone(name, width=0.25, in_channels=channels, **extra)
     model = DenoisingAutoencoder(backbone, dim, corruption="gaussian", decoder_hidden=8)
     images = torch.randint(0, 256, (2, channels, side, side), generator=_gen(), dtype=torch.uint8)
-    views, targets = _batch(model.corrupt, images)
+    views, targets = _batch(Corrupt("gaussian"), images)
     assert model.reconstruct(views[0]).shape == (2, channels, side, side)
-    assert torch.isfinite(model(views, targets=targets).loss)
+    assert torch.isfinite(model(Batch(views, targets=targets)).loss)
 
 
 def test_rejects_bad_options_and_inputs():
     with pytest.raises(ValueError, match="corruption must be one of"):
-        _tiny(corruption="blur")
+        validate_options(DenoisingAutoencoder, corruption="blur")
     for level in (0.0, 1.0):
         with pytest.raises(ValueError, match="noise_level"):
-            _tiny(noise_level=level)
-    with pytest.raises(ValueError, match="emphasis_alpha > 0"):
-        _tiny(emphasis_alpha=0.0)
-    with pytest.raises(ValueError, match="emphasis_beta >= 0"):
-        _tiny(emphasis_beta=-1.0)
+            validate_options(DenoisingAutoencoder, noise_level=level)
+    with pytest.raises(ValueError, match="emphasis_alpha must be > 0"):
+        validate_options(DenoisingAutoencoder, emphasis_alpha=0.0)
+    with pytest.raises(ValueError, match="emphasis_beta must be >= 0"):
+        validate_options(DenoisingAutoencoder, emphasis_beta=-1.0)
     clean = _constant(1, (2, 1, 28, 28))
-    with pytest.raises(ValueError, match="corrupts 1 view"):
-        Corrupt()([clean, clean], _gen())
     model = _tiny()
-    views, targets = _batch(model.corrupt, clean)
-    with pytest.raises(ValueError, match="takes 2 views"):
-        model(views[:1], targets=targets)
-    with pytest.raises(ValueError, match=r"targets\['corrupted'\]"):
-        model(views)
+    views, targets = _batch(Corrupt(), clean)
+    with pytest.raises(ValueError, match=r"takes \d+ views?"):
+        model(Batch(views[:1], targets=targets))
+    with pytest.raises(ValueError, match="no target 'corrupted'"):
+        model(Batch(views))
     with pytest.raises(ValueError, match="same shape"):
-        model(views, targets={"corrupted": targets["corrupted"][:, 0]})
+        model(Batch(views, targets={"corrupted": targets["corrupted"][:, 0]}))
 
 
 def test_training_on_fashion_mnist_denoises_better_than_the_corrupted_input(fmnist_small):
@@ -206,9 +204,9 @@ def test_training_on_fashion_mnist_denoises_better_than_the_corrupted_input(fmni
     gen = _gen(10)
     losses, copy_errors = [], []
     for _ in range(30):  # a fresh corruption each step, as the data stage makes them
-        cols = model.corrupt([images], gen)
+        cols = Corrupt()([images], gen)
         views = [normalize(cols[f"view_{i}"], mean, std) for i in range(2)]
-        out = model(views, targets={"corrupted": cols["target_corrupted"]})
+        out = model(Batch(views, targets={"corrupted": cols["target_corrupted"]}))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

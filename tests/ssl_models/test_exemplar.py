@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ssl_models import build_backbone
-from ssl_models.methods.exemplar import (
-    ExemplarCNN,
+from ssl_models.method import Batch
+from ssl_models.methods.exemplar import ExemplarCNN
+from ssl_models.transforms.exemplar import (
     ExemplarTransforms,
     affine_patches,
     hsv_jitter,
@@ -19,6 +20,7 @@ from ssl_models.methods.exemplar import (
     pixel_components,
     rgb_to_hsv,
 )
+from tests.ssl_models.helpers import validate_options
 
 
 def _options(**changes) -> dict:
@@ -145,7 +147,7 @@ def test_contrast_2_raises_s_and_v_to_a_power_times_a_factor_plus_an_offset():
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (3, 64)])
 def test_data_stage_makes_k_transformed_uint8_views(channels, size):
-    make = ExemplarCNN.pretext_views(_options())
+    make = ExemplarCNN.requirements(_options()).pretext
     g = torch.Generator().manual_seed(0)
     views = [torch.randint(0, 256, (5, channels, size, size), dtype=torch.uint8, generator=g)] * 3
     columns = make(views, torch.Generator().manual_seed(1))
@@ -171,7 +173,7 @@ def test_data_stage_without_transformations_is_the_identity():
         hsv_offset=0.0,
         hue_shift=0.0,
     )
-    make = ExemplarCNN.pretext_views(flat)
+    make = ExemplarCNN.requirements(flat).pretext
     assert isinstance(make, ExemplarTransforms)
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     out = make([images], torch.Generator().manual_seed(0))["view_0"]
@@ -192,7 +194,7 @@ def test_labels_are_the_indices_and_the_loss_is_cross_entropy_by_hand():
         method.classifier[0].bias.zero_()
     view_a = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).view(2, 2, 1, 1)
     view_b = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).view(2, 2, 1, 1)
-    out = method([view_a, view_b], torch.tensor([2, 1]))
+    out = method(Batch([view_a, view_b], torch.tensor([2, 1])))
 
     def nll(logits: list[float], label: int) -> float:
         return -logits[label] + math.log(sum(math.exp(z) for z in logits))
@@ -210,11 +212,11 @@ def test_default_model_on_rgb_patches_trains_the_backbone():
     torch.manual_seed(0)
     backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=3)
     method = ExemplarCNN(backbone, dim, 10)  # 512-unit layer with dropout before the softmax
-    make = ExemplarCNN.pretext_views(_options())
+    make = ExemplarCNN.requirements(_options()).pretext
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     columns = make([images, images], torch.Generator().manual_seed(0))
     views = [columns[f"view_{k}"].float() / 255 for k in range(2)]
-    out = method(views, torch.tensor([0, 3, 9, 2, 5, 7]))
+    out = method(Batch(views, torch.tensor([0, 3, 9, 2, 5, 7])))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert all(not value.requires_grad for value in out.logs.values())
     out.loss.backward()
@@ -225,10 +227,12 @@ def test_default_model_on_rgb_patches_trains_the_backbone():
 def test_options_are_validated_and_indices_required():
     backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
     with pytest.raises(ValueError, match="indices"):
-        ExemplarCNN(backbone, dim, 8)([torch.randn(2, 1, 28, 28)])
+        ExemplarCNN(backbone, dim, 8)(Batch([torch.randn(2, 1, 28, 28)] * 2))
     for bad in ({"scale_min": 2.0}, {"pca_factor": 0.5}, {"padding": "wrap"}, {"dropout": 1.0}):
-        with pytest.raises(ValueError):
-            ExemplarCNN(backbone, dim, 8, **bad)
+        with pytest.raises(
+            ValueError, match=next(iter(bad)) if "scale" not in str(bad) else "scale"
+        ):
+            validate_options(ExemplarCNN, **bad)
     with pytest.raises(ValueError, match="num_images"):
         ExemplarCNN(backbone, dim, 1)
 
@@ -244,14 +248,17 @@ def test_surrogate_class_accuracy_rises_on_fashion_mnist_seeds(fmnist_small):
     torch.manual_seed(0)
     backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
     method = ExemplarCNN(backbone, dim, 64, hidden_dim=0)
-    make = ExemplarCNN.pretext_views(_options())
+    make = ExemplarCNN.requirements(_options()).pretext
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-2)
     accuracies = []
     for step in range(40):
-        columns = make([seeds] * ExemplarCNN.num_views, generator)
+        columns = make(
+            [seeds] * ExemplarCNN.requirements(ExemplarCNN.option_defaults()).global_views,
+            generator,
+        )
         views = [(columns[f"view_{k}"].float() / 255 - mean) / std for k in range(2)]
-        out = method(views, indices)
+        out = method(Batch(views, indices))
         optimizer.zero_grad()
         out.loss.backward()
         if step == 0:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ssl_models import build_method
 from ssl_models.losses.nce import nce_loss
+from ssl_models.method import Batch
 from ssl_models.queue import MemoryBank
 from tests.ssl_models.helpers import train_losses
 
@@ -50,10 +51,10 @@ def test_normaliser_is_estimated_once_and_bank_entries_follow_the_batch():
     method = _instdisc(num_images=64, num_negatives=16, objective="nce")
     images, indices = torch.randn(8, 1, 16, 16), torch.arange(8, 16)
     untouched = method.bank.features[:8].clone()
-    method([images], indices)
+    method(Batch([images], indices))
     z = float(method.normalizer)
     assert z > 0
-    method([images], indices)
+    method(Batch([images], indices))
     assert float(method.normalizer) == z  # kept, not re-estimated
     torch.testing.assert_close(method.bank.features[:8], untouched)
     assert not torch.equal(method.bank.features[8:16], untouched)
@@ -62,14 +63,14 @@ def test_normaliser_is_estimated_once_and_bank_entries_follow_the_batch():
 def test_needs_indices_and_one_view():
     method = _instdisc()
     with pytest.raises(ValueError, match="indices"):
-        method([torch.randn(4, 1, 16, 16)])
+        method(Batch([torch.randn(4, 1, 16, 16)]))
     with pytest.raises(ValueError, match="num_images"):
         build_method("instdisc", backbone="small_cnn", width=0.25, in_channels=1)
 
 
 def test_bank_survives_a_state_dict_round_trip():
     method = _instdisc(num_negatives=16, objective="nce")
-    method([torch.randn(8, 1, 16, 16)], torch.arange(8))
+    method(Batch([torch.randn(8, 1, 16, 16)], torch.arange(8)))
     copy = _instdisc(num_negatives=16, objective="nce")
     copy.load_state_dict(method.state_dict())
     assert torch.equal(copy.bank.features, method.bank.features)
@@ -106,7 +107,7 @@ def test_softmax_loss_is_cross_entropy_over_own_entry_and_shared_noise():
     images, indices = torch.randn(4, 1, 16, 16), torch.tensor([3, 0, 9, 5])
     bank = method.bank.features.clone()
     torch.manual_seed(7)
-    loss = method([images], indices).loss
+    loss = method(Batch([images], indices)).loss
     torch.manual_seed(7)
     noise = torch.randint(0, 16, (8,))  # the draw forward() makes after the same seed
     with torch.no_grad():

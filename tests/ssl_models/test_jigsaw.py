@@ -3,7 +3,6 @@ force), the data stage's tile order (position j holds cell perm[j], checked on i
 pixels are their coordinates), the shortcut defences, the late-fusion classifier, and a few
 dozen steps on real Fashion-MNIST solving puzzles of unseen images far above chance."""
 
-import inspect
 import itertools
 import math
 import pickle
@@ -13,14 +12,15 @@ import pytest
 import torch
 
 from ssl_models import SSLMethod, build_backbone
-from ssl_models.methods.jigsaw import (
-    Jigsaw,
+from ssl_models.method import Batch
+from ssl_models.methods.jigsaw import Jigsaw
+from ssl_models.patches import grid_tiles, standardize_tiles
+from ssl_models.transforms.jigsaw import (
     ShuffledTiles,
     lexicographic_permutations,
     maximal_hamming_permutations,
 )
-from ssl_models.patches import grid_tiles, standardize_tiles
-from tests.ssl_models.helpers import tiny_backbone
+from tests.ssl_models.helpers import tiny_backbone, validate_options
 
 
 def _hamming(perms: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def _algorithm_1(size: int, seed: int, items: int) -> list[tuple[int, ...]]:
 
 
 def _transform(perms: int = 10, **options) -> ShuffledTiles:
-    return ShuffledTiles(tuple(map(tuple, maximal_hamming_permutations(perms).tolist())), **options)
+    return ShuffledTiles(num_permutations=perms, **options)
 
 
 def _coordinates(n: int, size: int, channel: str) -> torch.Tensor:
@@ -211,8 +211,8 @@ def test_each_tile_and_channel_is_standardised_on_its_own():
         a = model.classifier(
             model.tile_head(model.backbone(standardize_tiles(views[0]).flatten(0, 1))).view(4, -1)
         )
-        b = model([views[0] * scale + shift], targets=targets)
-        c = model(views, targets=targets)
+        b = model(Batch([views[0] * scale + shift], targets=targets))
+        c = model(Batch(views, targets=targets))
     assert torch.allclose(b.loss, c.loss, atol=1e-5)
     assert torch.allclose(c.loss, torch.nn.functional.cross_entropy(a, targets["permutation"]))
 
@@ -223,7 +223,7 @@ def test_tiles_share_the_encoder_and_are_concatenated_in_view_order():
     calls: list[int] = []
     model.backbone.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     with torch.no_grad():
-        out = model([tiles], targets={"permutation": torch.tensor([0, 1, 2])})
+        out = model(Batch([tiles], targets={"permutation": torch.tensor([0, 1, 2])}))
         per_tile = [
             model.tile_head(model.backbone(standardize_tiles(tiles[:, j]))) for j in range(9)
         ]
@@ -234,16 +234,19 @@ def test_tiles_share_the_encoder_and_are_concatenated_in_view_order():
     # Late fusion keeps the positions: swapping two tiles changes the prediction.
     swapped = tiles[:, [1, 0, 2, 3, 4, 5, 6, 7, 8]]
     with torch.no_grad():
-        moved = model([swapped], targets={"permutation": torch.tensor([0, 1, 2])})
+        moved = model(Batch([swapped], targets={"permutation": torch.tensor([0, 1, 2])}))
     assert not torch.allclose(moved.loss, out.loss)
 
 
 def test_one_step_has_finite_loss_logs_and_backbone_gradients():
     model = _tiny(num_permutations=100)
-    assert isinstance(model, SSLMethod) and Jigsaw.num_views == 1
+    assert (
+        isinstance(model, SSLMethod)
+        and Jigsaw.requirements(Jigsaw.option_defaults()).global_views == 1
+    )
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     views, targets = _inputs(images, _transform(100))
-    out = model(views, targets=targets)
+    out = model(Batch(views, targets=targets))
     assert set(out.logs) == {"loss", "pretext_accuracy"}
     assert all(not v.requires_grad for v in out.logs.values())
     assert out.loss.item() == pytest.approx(math.log(100), rel=0.1)  # chance at the start
@@ -261,7 +264,7 @@ def test_rgb_32_and_64_px_images_with_other_backbones():
         images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
         views, targets = _inputs(images, _transform(100))
         assert views[0].shape == (4, 9, 3, tile, tile)
-        assert torch.isfinite(model(views, targets=targets).loss)
+        assert torch.isfinite(model(Batch(views, targets=targets)).loss)
     # A ViT needs tiles a multiple of its patch size: tile_size sets them.
     backbone, dim = build_backbone("vit_tiny", width=0.25, in_channels=3, small_images=True)
     model = Jigsaw(backbone, dim, num_permutations=100, tile_size=8, tile_dim=8, hidden_dim=16)
@@ -269,27 +272,21 @@ def test_rgb_32_and_64_px_images_with_other_backbones():
         torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), _transform(100, tile_size=8)
     )
     assert views[0].shape == (2, 9, 3, 8, 8)
-    assert torch.isfinite(model(views, targets=targets).loss)
+    assert torch.isfinite(model(Batch(views, targets=targets)).loss)
 
 
 def test_pretext_views_follow_the_options_and_pickle():
-    defaults = {
-        p.name: p.default
-        for p in inspect.signature(Jigsaw.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    defaults = Jigsaw.option_defaults()
     assert defaults["num_permutations"] == 1000 and defaults["grayscale_prob"] == 0.3
-    make = Jigsaw.pretext_views(defaults | {"num_permutations": 100, "permutation_seed": 4})
+    make = Jigsaw.requirements(defaults | {"num_permutations": 100, "permutation_seed": 4}).pretext
     assert isinstance(make, ShuffledTiles)
-    assert torch.equal(torch.tensor(make.permutations), maximal_hamming_permutations(100, 4))
+    assert (make.num_permutations, make.permutation_seed) == (100, 4)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     again = pickle.loads(pickle.dumps(make))
     a = make([images], torch.Generator().manual_seed(0))
     b = again([images], torch.Generator().manual_seed(0))
     assert set(a) == {"view_0", "target_permutation"}
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="exactly 1 view"):
-        make([images, images], torch.Generator())
 
 
 def test_rejects_bad_options_and_inputs():
@@ -301,12 +298,12 @@ def test_rejects_bad_options_and_inputs():
         {"dropout": 1.0},
     ]:
         with pytest.raises(ValueError, match=next(iter(bad))):
-            _tiny(**bad)
+            validate_options(Jigsaw, **bad)
     model = _tiny()
     with pytest.raises(ValueError, match=r"\(N, 9, C, t, t\)"):
-        model([torch.randn(2, 1, 28, 28)], targets={"permutation": torch.zeros(2)})
-    with pytest.raises(ValueError, match="targets"):
-        model([torch.randn(2, 9, 1, 8, 8)])
+        model(Batch([torch.randn(2, 1, 28, 28)], targets={"permutation": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="no target"):
+        model(Batch([torch.randn(2, 9, 1, 8, 8)]))
 
 
 def test_training_on_fashion_mnist_solves_puzzles_of_unseen_images(fmnist_small):
@@ -325,7 +322,7 @@ def test_training_on_fashion_mnist_solves_puzzles_of_unseen_images(fmnist_small)
     for step in range(40):
         batch = train[torch.randint(0, len(train), (32,), generator=g)]
         views, targets = _inputs(batch, transform, seed=step)
-        out = model(views, targets=targets)
+        out = model(Batch(views, targets=targets))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -335,5 +332,5 @@ def test_training_on_fashion_mnist_solves_puzzles_of_unseen_images(fmnist_small)
     model.eval()
     with torch.no_grad():
         views, targets = _inputs(held_out, transform, seed=100)
-        out = model(views, targets=targets)
+        out = model(Batch(views, targets=targets))
     assert out.logs["pretext_accuracy"].item() > 0.5

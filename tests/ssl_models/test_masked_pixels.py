@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
-from ssl_models.losses.masked_pixels import (
+from ssl_models.losses.masked_pixels import masked_pixel_loss, normalize_patches
+from ssl_models.patches import (
     expand_block_mask,
     gather_tokens,
-    masked_pixel_loss,
-    normalize_patches,
     num_masked,
     patchify,
     random_masking,

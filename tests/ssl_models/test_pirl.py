@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ssl_models.methods.pirl as pirl_module
-from ssl_models.methods.pirl import PIRL, JigsawTiles
+from ssl_models.method import Batch
+from ssl_models.methods.pirl import PIRL
 from ssl_models.patches import standardize_tiles
-from tests.ssl_models.helpers import tiny_backbone
+from ssl_models.transforms.image_and_tiles import JigsawTiles
+from tests.ssl_models.helpers import tiny_backbone, validate_options
 
 
 def _defaults() -> dict:
@@ -28,7 +30,7 @@ def test_tiles_are_jittered_grid_cells_in_a_random_order():
     image = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
     images = image.repeat(8, 1, 1, 1)
     first = torch.zeros(8, 1, 16, 16, dtype=torch.uint8)
-    make = PIRL.pretext_views(_defaults())
+    make = PIRL.requirements(_defaults()).pretext
     out = make([first, images], torch.Generator().manual_seed(0))
     assert set(out) == {"view_0", "view_1"} and out["view_0"] is first
     tiles = out["view_1"]
@@ -145,7 +147,7 @@ def test_loss_matches_hand_computation(objective):
     model = _hand_model(objective, loss_weight=0.3)
     views, indices = _hand_batch()
     torch.manual_seed(3)
-    out = model(views, indices)
+    out = model(Batch(views, indices))
     torch.manual_seed(3)
     noise = torch.randint(0, 4, (3,)).tolist()  # the draw forward() makes after that seed
     expected = _expected_loss(objective, noise, loss_weight=0.3)
@@ -162,13 +164,13 @@ def test_loss_matches_hand_computation(objective):
 def test_bank_moves_towards_f_not_g():
     model = _hand_model("softmax")
     views, indices = _hand_batch()
-    model(views, indices)
+    model(Batch(views, indices))
     bank = model.bank.features
     # m_3 = normalise(0.5 * (0.6, 0.8) + 0.5 * f_0) with f_0 = (0.6, 0.8); m_1 likewise.
     torch.testing.assert_close(bank[3], torch.tensor([0.6, 0.8]))
     torch.testing.assert_close(bank[1], torch.tensor([0.0, 1.0]))
     model.bank.features[3] = torch.tensor([1.0, 0.0])
-    model(views, indices)
+    model(Batch(views, indices))
     expected = F.normalize(torch.tensor([0.5 * 1.0 + 0.5 * 0.6, 0.5 * 0.8]), dim=0)
     torch.testing.assert_close(bank[3], expected)  # f's (0.6, 0.8), not g's (0.8, 0.6)
     torch.testing.assert_close(bank[[0, 2]], torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
@@ -179,7 +181,7 @@ def test_gradient_reaches_the_backbone_from_each_term(loss_weight):
     backbone, dim = tiny_backbone()
     model = PIRL(backbone, dim, 16, num_negatives=8, loss_weight=loss_weight)
     views = [torch.randn(4, 1, 28, 28), torch.randn(4, 9, 1, 7, 7)]
-    out = model(views, torch.arange(4))
+    out = model(Batch(views, torch.arange(4)))
     assert set(out.logs) == {
         "loss",
         "loss_tiles",
@@ -200,19 +202,19 @@ def test_needs_indices_tiles_and_sound_options():
     backbone, dim = tiny_backbone()
     model = PIRL(backbone, dim, 8, num_negatives=4)
     with pytest.raises(ValueError, match="indices"):
-        model([torch.randn(2, 1, 28, 28), torch.randn(2, 9, 1, 7, 7)])
+        model(Batch([torch.randn(2, 1, 28, 28), torch.randn(2, 9, 1, 7, 7)]))
     with pytest.raises(ValueError, match="tiles"):
-        model([torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)], torch.arange(2))
+        model(Batch([torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)], torch.arange(2)))
     with pytest.raises(ValueError, match="9 tiles"):
-        model([torch.randn(2, 1, 28, 28), torch.randn(2, 4, 1, 7, 7)], torch.arange(2))
+        model(Batch([torch.randn(2, 1, 28, 28), torch.randn(2, 4, 1, 7, 7)], torch.arange(2)))
     for bad in ({"objective": "nope"}, {"temperature": 0.0}, {"tile_ratio": 1.5}):
-        with pytest.raises(ValueError):
-            PIRL(backbone, dim, 8, **bad)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            validate_options(PIRL, **bad)
 
 
 def test_bank_and_normaliser_survive_a_state_dict_round_trip():
     model, copy = _hand_model("nce"), _hand_model("nce")
-    model(*_hand_batch())
+    model(Batch(*_hand_batch()))
     copy.load_state_dict(model.state_dict())
     assert torch.equal(copy.bank.features, model.bank.features)
     assert torch.equal(copy.normalizer, model.normalizer)
@@ -231,17 +233,17 @@ def test_every_workers_bank_update_is_applied(monkeypatch):
     monkeypatch.setattr(pirl_module, "gather_no_grad", record)
     other = _hand_model("nce")
     torch.manual_seed(3)  # every worker draws the single process's noise entries
-    other([v[1:] for v in views], indices[1:])
+    other(Batch([v[1:] for v in views], indices[1:]))
     partner = iter(sent)
     monkeypatch.setattr(pirl_module, "gather_no_grad", lambda x: torch.cat([x, next(partner)]))
     worker = _hand_model("nce")
     torch.manual_seed(3)
-    worker([v[:1] for v in views], indices[:1])
+    worker(Batch([v[:1] for v in views], indices[:1]))
     assert next(partner, None) is None  # every message was gathered
     monkeypatch.undo()
     one = _hand_model("nce")
     torch.manual_seed(3)
-    one(views, indices)
+    one(Batch(views, indices))
     torch.testing.assert_close(worker.bank.features, one.bank.features)
     torch.testing.assert_close(worker.normalizer, one.normalizer)
 
@@ -253,7 +255,9 @@ def test_training_on_fashion_mnist_lowers_the_loss_and_finds_own_entries(fmnist_
     from ssl_models.transforms.views import ViewRecipe
 
     pixels = torch.from_numpy(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 32).pixels)
-    plan = ViewPlan((ViewRecipe(28, crop_scale=(0.3, 1.0)),) * 2, PIRL.pretext_views(_defaults()))
+    plan = ViewPlan(
+        (ViewRecipe(28, crop_scale=(0.3, 1.0)),) * 2, PIRL.requirements(_defaults()).pretext
+    )
     mean, std = pixels.float().mean().view(1) / 255, pixels.float().std().view(1) / 255
     backbone, dim = tiny_backbone()
     model = PIRL(backbone, dim, 32, num_negatives=64)
@@ -266,7 +270,7 @@ def test_training_on_fashion_mnist_lowers_the_loss_and_finds_own_entries(fmnist_
 
     losses = []
     for _ in range(40):
-        out = model(views(), everyone)
+        out = model(Batch(views(), everyone))
         opt.zero_grad()
         out.loss.backward()
         opt.step()

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from ssl_models import SSLMethod, build_backbone
-from ssl_models.methods.rotation import RotatedCopies, RotNet
-from tests.ssl_models.helpers import assert_state_round_trips, tiny_backbone
+from ssl_models.method import Batch, MethodOutput
+from ssl_models.methods.rotation import RotNet
+from ssl_models.transforms.rotations import RotatedCopies
+from tests.ssl_models.helpers import assert_state_round_trips, tiny_backbone, validate_options
 
 
 def _make(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    return RotNet.pretext_views({"classifier_hidden_dim": 0})([images], torch.Generator())
+    return RotNet.requirements({"classifier_hidden_dim": 0}).pretext([images], torch.Generator())
 
 
 def _inputs(images: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -71,7 +73,7 @@ def test_the_training_loops_normalisation_is_per_channel_on_every_copy():
 
 
 def test_data_stage_transform_pickles_ignores_the_generator_and_needs_square_images():
-    make = RotNet.pretext_views({"classifier_hidden_dim": 0})
+    make = RotNet.requirements({"classifier_hidden_dim": 0}).pretext
     assert isinstance(make, RotatedCopies)
     images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     a = pickle.loads(pickle.dumps(make))([images], torch.Generator().manual_seed(1))
@@ -79,8 +81,6 @@ def test_data_stage_transform_pickles_ignores_the_generator_and_needs_square_ima
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="square"):
         make([torch.zeros(2, 1, 4, 6, dtype=torch.uint8)], torch.Generator())
-    with pytest.raises(ValueError, match="1 view"):
-        make([images, images], torch.Generator())
 
 
 def test_loss_is_the_four_way_cross_entropy_computed_by_hand():
@@ -95,14 +95,14 @@ def test_loss_is_the_four_way_cross_entropy_computed_by_hand():
         model.classifier.weight.zero_()
         for y, pixel in enumerate([0, 2, 3, 1]):
             model.classifier.weight[y, pixel] = s
-    out = model(views, targets=targets)
+    out = model(Batch(views, targets=targets))
     # Every copy: logit s for its own rotation, 0 for the other three.
     assert out.loss.item() == pytest.approx(math.log(1 + 3 * math.exp(-s)), rel=1e-6)
     assert out.logs["pretext_accuracy"].item() == 1.0
     # Scoring each copy as the next rotation: the same margin, all wrong.
     with torch.no_grad():
         model.classifier.weight.copy_(model.classifier.weight.roll(1, dims=0))
-    out = model(views, targets=targets)
+    out = model(Batch(views, targets=targets))
     assert out.loss.item() == pytest.approx(math.log(3 + math.exp(s)), rel=1e-6)
     assert out.logs["pretext_accuracy"].item() == 0.0
 
@@ -112,7 +112,7 @@ def test_a_zero_classifier_gives_log_4_and_chance_accuracy():
     nn.init.zeros_(model.classifier.weight)
     nn.init.zeros_(model.classifier.bias)
     views, targets = _inputs(torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8))
-    out = model(views, targets=targets)
+    out = model(Batch(views, targets=targets))
     assert out.loss.item() == pytest.approx(math.log(4), rel=1e-6)
     assert out.logs["pretext_accuracy"].item() == 0.25  # ties go to 0: the unrotated quarter
 
@@ -123,7 +123,7 @@ def test_one_backbone_pass_whose_first_rows_are_the_unrotated_images_in_order():
     model.backbone.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
     images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
     views, targets = _inputs(images)
-    model(views, targets=targets)
+    model(Batch(views, targets=targets))
     assert len(seen) == 1 and seen[0].shape == (12, 1, 28, 28)
     for y in range(4):  # rotation-major: the online probe reads rows 0..N-1 with the labels
         assert torch.equal(seen[0][3 * y : 3 * y + 3], torch.rot90(images, y, (-2, -1)).float())
@@ -132,9 +132,12 @@ def test_one_backbone_pass_whose_first_rows_are_the_unrotated_images_in_order():
 def test_one_step_has_finite_loss_logs_and_gradients_for_both_heads():
     for hidden in (0, 16):
         model = _tiny(classifier_hidden_dim=hidden)
-        assert isinstance(model, SSLMethod) and RotNet.num_views == 1
+        assert (
+            isinstance(model, SSLMethod)
+            and RotNet.requirements(RotNet.option_defaults()).global_views == 1
+        )
         views, targets = _inputs(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8))
-        out = model(views, targets=targets)
+        out = model(Batch(views, targets=targets))
         assert out.loss.ndim == 0 and torch.isfinite(out.loss)
         assert set(out.logs) == {"loss", "pretext_accuracy"}
         assert all(not v.requires_grad for v in out.logs.values())
@@ -147,22 +150,22 @@ def test_one_step_has_finite_loss_logs_and_gradients_for_both_heads():
 def test_rejects_bad_inputs_and_options():
     model = _tiny()
     views, targets = _inputs(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="rotation labels"):
-        model(views)
+    with pytest.raises(ValueError, match="no target 'rotation'"):
+        model(Batch(views))
     with pytest.raises(ValueError, match=r"\(N, 4, C, H, W\)"):
-        model([views[0][:, 0]], targets=targets)
-    with pytest.raises(ValueError, match="do not match"):
-        model(views, targets={"rotation": targets["rotation"][:1]})
+        model(Batch([views[0][:, 0]], targets=targets))
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        model(Batch(views, targets={"rotation": targets["rotation"][:1]}))
     with pytest.raises(ValueError, match="classifier_hidden_dim"):
-        _tiny(classifier_hidden_dim=-1)
+        validate_options(RotNet, classifier_hidden_dim=-1)
 
 
 def test_state_round_trips():
     views, targets = _inputs(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8))
 
-    class WithTargets(RotNet):  # the helper calls model(views)
-        def forward(self, views, indices=None, targets=targets):  # type: ignore[override]
-            return super().forward(views, targets=targets)
+    class WithTargets(RotNet):  # the helper calls model(Batch(views))
+        def forward(self, batch: Batch) -> MethodOutput:
+            return super().forward(Batch(batch.views, targets=targets))
 
     backbone, dim = tiny_backbone(0)
     model = WithTargets(backbone, dim, classifier_hidden_dim=8)
@@ -188,7 +191,7 @@ def test_training_on_fashion_mnist_recognises_rotations_of_unseen_images(fmnist_
     accuracies = []
     for _ in range(40):
         views, targets = normalised(train[torch.randint(0, len(train), (32,), generator=g)])
-        out = model(views, targets=targets)
+        out = model(Batch(views, targets=targets))
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -199,5 +202,5 @@ def test_training_on_fashion_mnist_recognises_rotations_of_unseen_images(fmnist_
     # averages still lag the fast-moving weights.
     views, targets = normalised(held_out)
     with torch.no_grad():
-        out = model(views, targets=targets)
+        out = model(Batch(views, targets=targets))
     assert out.logs["pretext_accuracy"].item() > 0.6

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from ssl_models import METHODS, SSLMethod, build_backbone, build_method
-from ssl_models.losses.masked_pixels import patchify
+from ssl_models.method import Batch
 from ssl_models.methods.simmim import SimMIM
+from ssl_models.patches import patchify
 from ssl_models.registry import method_params
 from tests.ssl_models.helpers import (
     assert_state_round_trips,
     check_forward_backward,
     train_losses,
+    validate_options,
 )
 
 N, SIDE = 4, 28  # 28 px: a 7x7 grid of 4 px patches
@@ -63,19 +65,22 @@ def test_loss_is_l1_over_the_masked_pixels_only(monkeypatch):
     images = _images()
     mask = _fixed_mask(model, monkeypatch)
     assert mask.sum(dim=1).tolist() == [29] * N  # round(49 * 0.6) patches each
-    out = model([images])
+    out = model(Batch([images]))
     error = (model.reconstruct(images, mask) - patchify(images, 4)).abs()
     assert out.loss.item() == pytest.approx(error[mask].mean().item(), rel=1e-5)
     assert out.logs["mask_ratio"].item() == pytest.approx(29 / 49)
     # Raw pixels by default; norm_pix_loss normalises the targets per patch.
     normed = _tiny(norm_pix_loss=True)
     monkeypatch.setattr(normed, "sample_mask", lambda *args: mask)
-    assert normed([images]).loss.item() != pytest.approx(out.loss.item(), rel=1e-3)
+    assert normed(Batch([images])).loss.item() != pytest.approx(out.loss.item(), rel=1e-3)
 
 
 def test_one_step_has_finite_loss_logs_and_backbone_gradients():
     model = _tiny()
-    assert isinstance(model, SSLMethod) and SimMIM.num_views == 1
+    assert (
+        isinstance(model, SSLMethod)
+        and SimMIM.requirements(SimMIM.option_defaults()).global_views == 1
+    )
     check_forward_backward(model, [_images()], {"loss", "mask_ratio"})
     assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
     assert model.head.weight.grad is not None
@@ -88,11 +93,11 @@ def test_mask_patch_size_masks_square_blocks():
     grid = mask.reshape(N, 4, 2, 4, 2)  # (block row, row in block, block col, col in block)
     assert (grid == grid[:, :, :1, :, :1]).all()  # each 2x2 block all masked or all not
     assert grid[:, :, 0, :, 0].sum(dim=(1, 2)).tolist() == [10] * N  # round(16 * 0.6)
-    assert model([_images(side=32)]).logs["mask_ratio"].item() == pytest.approx(40 / 64)
+    assert model(Batch([_images(side=32)])).logs["mask_ratio"].item() == pytest.approx(40 / 64)
     # Default: one patch per block.
     assert _tiny().mask_patch_size == 4
     with pytest.raises(ValueError, match="7x7 grid.*8 px mask blocks"):
-        model([_images()])  # 28 px: 7 patches do not split into pairs
+        model(Batch([_images()]))  # 28 px: 7 patches do not split into pairs
     with pytest.raises(ValueError, match="multiple of the patch size 4"):
         _tiny(mask_patch_size=6)
 
@@ -118,9 +123,9 @@ def test_rejects_a_backbone_without_patch_tokens_and_bad_options():
     with pytest.raises(ValueError, match=r"SimMIM.*SmallCNN.*model.backbone=vit_tiny"):
         SimMIM(backbone, dim)
     with pytest.raises(ValueError, match="mask_ratio"):
-        _tiny(mask_ratio=0.0)
-    with pytest.raises(ValueError, match="exactly 1 view"):
-        _tiny()([_images(), _images()])
+        validate_options(SimMIM, mask_ratio=0.0)
+    with pytest.raises(ValueError, match=r"takes \d+ views?"):
+        _tiny()(Batch([_images(), _images()]))
 
 
 def test_state_dict_round_trip():
@@ -141,4 +146,4 @@ def test_registry_builds_it_with_options():
     )
     assert isinstance(model, SimMIM) and model.mask_patch_size == 8
     assert model.head.out_features == 4 * 4 * 3
-    assert model([torch.randn(2, 3, 32, 32)]).logs["mask_ratio"].item() == 0.5
+    assert model(Batch([torch.randn(2, 3, 32, 32)])).logs["mask_ratio"].item() == 0.5

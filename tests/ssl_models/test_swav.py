@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ssl_models import build_method
 from ssl_models.losses.swav import sinkhorn_knopp, swapped_prediction_loss
+from ssl_models.method import Batch
 from ssl_models.methods.swav import SwAV
 from ssl_models.registry import method_params
 from tests.ssl_models.distributed import run_on_ranks
@@ -190,7 +191,7 @@ def test_prototypes_are_unit_norm_after_normalisation():
     assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(6), atol=1e-6)
     with torch.no_grad():
         model.prototypes.weight.mul_(0.5)
-    model(noisy_views(8, 16, seed=0))  # forward normalises first, as each official iteration
+    model(Batch(noisy_views(8, 16, seed=0)))  # forward normalises first, as each official iteration
     assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(6), atol=1e-6)
 
 
@@ -199,7 +200,7 @@ def test_prototypes_frozen_for_the_first_iterations_then_trained():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     changed = []
     for step in range(4):
-        out = model(noisy_views(8, 16, seed=step))
+        out = model(Batch(noisy_views(8, 16, seed=step)))
         before = model.prototypes.weight.detach().clone()  # normalised by the forward
         opt.zero_grad()
         out.loss.backward()
@@ -215,7 +216,7 @@ def _queue_step(model: SwAV, step: int) -> torch.Tensor:
     views = noisy_views(4, 16, seed=10 + step)
     with torch.no_grad():
         z = model.embed(views)  # train-mode BN: the same batch statistics as the forward
-    model(views)
+    model(Batch(views))
     model.after_optimizer_step(step, 100)
     return z
 
@@ -257,10 +258,10 @@ def test_queue_starts_at_its_epoch_fills_fifo_is_used_and_checkpoints():
 def test_queue_needs_the_schedule_and_eval_leaves_it_alone():
     model = _model(queue_length=8, epoch_queue_starts=0)
     with pytest.raises(RuntimeError, match="set_schedule"):
-        model(noisy_views(4, 16, seed=0))
+        model(Batch(noisy_views(4, 16, seed=0)))
     model.set_schedule(steps_per_epoch=1, total_steps=10)
     model.eval()
-    model(noisy_views(4, 16, seed=0))
+    model(Batch(noisy_views(4, 16, seed=0)))
     assert int(model.queue_filled) == 0
 
 
@@ -268,7 +269,7 @@ def test_registry_builds_swav_with_options():
     model = build_method(
         "swav", backbone="small_cnn", width=0.25, in_channels=1, num_prototypes=10, queue_length=0
     )
-    assert isinstance(model, SwAV) and model.takes_local_views
+    assert isinstance(model, SwAV) and model.declared().local_views
     assert model.prototypes.weight.shape == (10, 128) and len(model.queues) == 0
     params = method_params("swav")
     assert params["temperature"] == 0.1 and params["epsilon"] == 0.05
@@ -281,4 +282,4 @@ def test_multi_crop_loss_decreases_without_collapse_on_fixed_batch():
     losses = train_losses(model, views, steps=20, lr=0.05)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     # The equipartition keeps the batch spread over the prototypes (6 here).
-    assert model(views).logs["prototypes_used"] >= 4
+    assert model(Batch(views)).logs["prototypes_used"] >= 4

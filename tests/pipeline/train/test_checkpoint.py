@@ -17,7 +17,7 @@ from pipeline.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from ssl_models import METHODS, build_method
+from ssl_models import METHODS, Batch, build_method
 from ssl_models.registry import method_params
 from ssl_models.transforms.views import ViewRecipe
 
@@ -51,23 +51,20 @@ def _fields(state: CheckpointState) -> dict:
 def test_method_state_round_trips_through_a_checkpoint_file(name, tmp_path):
     torch.manual_seed(0)
     backbone = "vit_tiny" if name in NEEDS_VIT else "small_cnn"
-    channels = METHODS[name].input_channels or 1
+    all_options = method_params(name) | ({"queue_size": 16} if name == "moco_v2" else {})
+    needs = METHODS[name].requirements(all_options)
+    channels = needs.input_channels or 1
     build = {"backbone": backbone, "width": 0.25, "in_channels": channels, "num_images": 32}
     options = {"queue_size": 16} if name == "moco_v2" else {}
     method = build_method(name, **build, **options)
     # The views (and a pretext task's targets) as the data stage makes them.
-    all_options = method_params(name) | options
-    recipes = (ViewRecipe.simclr(32),) * METHODS[name].views_per_image(all_options)
-    plan = ViewPlan(recipes, METHODS[name].pretext_views(all_options))
+    plan = ViewPlan((ViewRecipe.simclr(32),) * needs.global_views, needs.pretext)
     images = np.random.default_rng(0).integers(0, 256, (8, channels, 32, 32), dtype=np.uint8)
     gen = torch.Generator().manual_seed(0)
     uint8_views, targets = views_on_device({"image": images}, plan, torch.device("cpu"), gen)
     views = [view.float() / 255 for view in uint8_views]
-    extra: dict = {"targets": targets} if targets else {}
-    if method.uses_image_indices:
-        extra["indices"] = torch.arange(8)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
-    method(views, **extra).loss.backward()
+    method(Batch(views, torch.arange(8), targets)).loss.backward()
     optimizer.step()
     method.after_optimizer_step(0, 10)  # moves teachers, queues, banks away from init
 

@@ -18,6 +18,7 @@ from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.train.driver import pretrain, run_dir
 from pipeline.train.views import view_recipes
 from ssl_models import METHODS
+from ssl_models.method import MethodRequirements
 
 
 def _config(fmnist_small, tmp_path, epochs: int, *extra: str):
@@ -182,7 +183,8 @@ def test_a_method_needing_colour_refuses_grayscale_shards_before_ray_starts(
     fmnist_small, tmp_path, monkeypatch
 ):
     monkeypatch.setattr("pipeline.train.driver.init_ray", lambda: pytest.fail("Ray was started"))
-    monkeypatch.setattr(METHODS["simclr"], "input_channels", 3)
+    colour = MethodRequirements(input_channels=3)
+    monkeypatch.setattr(METHODS["simclr"], "requirements", classmethod(lambda cls, _: colour))
     config = _config(fmnist_small, tmp_path, 1)
     with pytest.raises(ValueError, match="'simclr' needs 3-channel images, but .* 1-channel"):
         pretrain(config)
@@ -212,7 +214,8 @@ def test_view_recipes_are_the_methods_global_views_then_the_local_crops(monkeypa
     assert two[0].size == 28 and two[0].crop_scale == (0.4, 1.0) and two[0].brightness == 0.8
     # A method that takes multi-crop's local views gets them after its global ones; the
     # local side defaults to the papers' 96/224 of the global side.
-    monkeypatch.setattr(METHODS["simclr"], "takes_local_views", True)
+    multi_crop = MethodRequirements(local_views=True)
+    monkeypatch.setattr(METHODS["simclr"], "requirements", classmethod(lambda cls, _: multi_crop))
     config = load_config(None, ["augment.local_crops=3", "augment.local_crop_scale_max=0.3"])
     views = view_recipes(config, 28)
     assert [v.size for v in views] == [28, 28, 12, 12, 12]

@@ -20,6 +20,7 @@ from pipeline.data.ingest import dataset_rows
 from pipeline.train.checkpoint import method_from_checkpoint
 from pipeline.train.driver import pretrain
 from ssl_models import METHODS
+from ssl_models.registry import method_params
 
 ALONE = ["swav", "dino", "deepcluster", "colorization"]
 GROUPS = {
@@ -103,6 +104,11 @@ def _run(name: str, data: dict, tmp_path, *overrides: str) -> dict:
     return metrics
 
 
+def _takes_local_views(name: str) -> bool:
+    """Whether the method takes multi-crop's local views (SwAV, DINO)."""
+    return METHODS[name].requirements(method_params(name)).local_views
+
+
 def _check_learning(name: str, metrics: dict, prefix: str = "") -> None:
     """``name``'s loss fell within the epoch (unless it cannot yet) and its pretext accuracy
     beat chance; ``prefix`` selects a task's metrics in a multi-task run."""
@@ -131,7 +137,7 @@ def test_method_trains_through_ray(name, ray_session, request, tmp_path):
         tmp_path,
         f"method.name={name}",
         f"model.backbone={BACKBONES.get(name, 'small_cnn')}",
-        f"augment.local_crops={2 if METHODS[name].takes_local_views else 0}",
+        f"augment.local_crops={2 if _takes_local_views(name) else 0}",
         *OVERRIDES.get(name, []),
     )
     _check_learning(name, metrics)

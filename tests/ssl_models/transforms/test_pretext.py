@@ -1,6 +1,6 @@
 import torch
 
-from ssl_models.method import split_columns
+from ssl_models.transforms.pretext import split_columns
 
 
 def test_split_columns_orders_views_by_index_and_names_targets():
