@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,17 @@ def _candidates(key: str, distribution: Any) -> list[Any]:
     return [low, high - 1] if kind == "randint" else [low, high]
 
 
-def check_space(space: Space, config_values: dict[str, Any]) -> None:
+def check_space(
+    space: Space,
+    config_values: dict[str, Any],
+    validate: Callable[[dict[str, Any]], object],
+) -> None:
     """Raise SpaceError unless every value the space can draw makes a valid config.
 
     ``config_values`` is the base config as nested dicts; each edge value and each choice is
-    put into it in turn and validated by the config's own rules, so errors name the key.
+    put into it in turn and checked by ``validate`` (the run config's own rules, e.g.
+    ``pipeline.config.from_dict``, raising a ValueError that names the key).
     """
-    from pipeline.config import ConfigError, from_dict, set_value
-
     if not space:
         raise SpaceError("the search space is empty: nothing to sweep")
     workers = config_values["train"]["num_workers"]
@@ -145,10 +149,11 @@ def check_space(space: Space, config_values: dict[str, Any]) -> None:
                     f"train.num_workers={workers}"
                 )
             trial = copy.deepcopy(config_values)
+            section, _, name = key.partition(".")
             try:
-                set_value(trial, key, value)
-                from_dict(trial)
-            except ConfigError as error:
+                trial.setdefault(section, {})[name] = value
+                validate(trial)
+            except (ValueError, TypeError) as error:
                 raise SpaceError(f"{key} = {value!r} gives an invalid config: {error}") from None
 
 

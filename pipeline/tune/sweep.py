@@ -112,7 +112,7 @@ def sweep(
         raise SpaceError(f"sweep name {settings.name!r} must be {SAFE_NAME_RULE}")
     if config.train.online_knn_bank == 0:
         raise SpaceError("train.online_knn_bank is 0: a sweep needs the online kNN metric")
-    check_space(space, base)
+    check_space(space, base, from_dict)
     for shard_dir in dict.fromkeys([config.data.train, config.data.eval_train]):
         validate_shards(shard_dir)
     directory = sweep_dir(config, settings)

@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import pytest
+import ray
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, from_dict, load_config
+from ssl_models import METHODS
+from ssl_models.registry import method_params
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -96,3 +99,41 @@ def test_switching_method_by_override_drops_the_presets_method_options(tmp_path)
     assert moco.method == {"name": "moco_v3", "temperature": 0.3}
     same = load_config(preset, ["method.name=simclr"])
     assert same.method == {"name": "simclr", "temperature": 0.2}
+
+
+def _out_of_range(default: object) -> object:
+    """A value the option cannot take: negative for numbers (every numeric method option is
+    a size, rate, weight, seed or probability), an unknown name for strings and task lists,
+    a wrong type for booleans, which have no out-of-range value."""
+    if isinstance(default, bool):
+        return "yes"
+    if isinstance(default, int | float):
+        return -1 if isinstance(default, int) else -1.0
+    if isinstance(default, str):
+        return "no_such_choice"
+    if isinstance(default, tuple | list):
+        return ["no_such_method"]
+    raise AssertionError(f"no bad value for default {default!r}")
+
+
+#: Options whose default is None (multi-task's optional structures) and their bad values.
+_BAD_OPTIONAL = {"weights": [-1.0, 1.0], "task_options": {"no_such_task": {}}}
+
+
+@pytest.mark.parametrize(
+    ("method", "option"),
+    [(name, option) for name in sorted(METHODS) for option in method_params(name)],
+)
+def test_every_method_option_is_range_checked_on_the_driver_before_ray(method, option):
+    default = method_params(method)[option]
+    bad = _BAD_OPTIONAL[option] if default is None else _out_of_range(default)
+    with pytest.raises(ConfigError, match=f"'method.{option}'"):
+        from_dict({"method": {"name": method, option: bad}})
+    assert not ray.is_initialized()
+
+
+def test_a_bad_task_option_inside_multitask_is_named():
+    bad = {"name": "multitask", "tasks": ["rotation"], "task_options": {"rotation": {}}}
+    bad["task_options"]["rotation"]["classifier_hidden_dim"] = -1
+    with pytest.raises(ConfigError, match=r"'method.task_options' rotation.classifier_hidden_dim"):
+        from_dict({"method": bad})

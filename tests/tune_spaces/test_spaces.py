@@ -6,12 +6,13 @@ import torch
 from ray import tune
 
 from pipeline.config import from_dict
-from ssl_models import METHODS, build_method
+from ssl_models import METHODS, Batch, build_method
 from tune_spaces import SPACES, SpaceError, check_space, load_space, to_tune
 
 
 def _base(method: str = "simclr", **train) -> dict:
-    needs = METHODS[method].backbones  # e.g. a ViT for masked image modelling
+    # e.g. a ViT for masked image modelling
+    needs = METHODS[method].requirements(METHODS[method].option_defaults()).backbones
     model = {"backbone": needs[0]} if needs else {}
     values = from_dict({"method": {"name": method}, "model": model}).to_dict()
     values["train"].update(train)
@@ -21,8 +22,8 @@ def _base(method: str = "simclr", **train) -> dict:
 def test_every_method_has_a_valid_space():
     assert set(SPACES) == set(METHODS)
     for method, space in SPACES.items():
-        check_space(space, _base(method))
-        check_space(space, _base(method, num_workers=4))  # batch choices divide by 4
+        check_space(space, _base(method), from_dict)
+        check_space(space, _base(method, num_workers=4), from_dict)  # batch choices divide by 4
 
 
 @pytest.mark.parametrize("method", ["mae", "simmim"])
@@ -34,7 +35,7 @@ def test_masked_image_spaces_pin_adamw_and_train_at_both_mask_ratio_edges(method
         model = build_method(
             method, backbone="vit_tiny", width=0.25, in_channels=1, mask_ratio=ratio
         )
-        out = model([torch.randn(2, 1, 28, 28)])  # Fashion-MNIST size: 49 patches
+        out = model(Batch([torch.randn(2, 1, 28, 28)]))  # Fashion-MNIST size: 49 patches
         assert torch.isfinite(out.loss)
         assert out.logs["mask_ratio"].item() == pytest.approx(ratio, abs=0.5 / 49)
 
@@ -68,7 +69,7 @@ def test_overrides_from_file_and_flags_merge_in_order(tmp_path):
 )
 def test_bad_spaces_are_rejected_naming_the_key(key, distribution, message):
     with pytest.raises(SpaceError, match=message):
-        check_space({key: distribution}, _base())
+        check_space({key: distribution}, _base(), from_dict)
 
 
 def test_unknown_space_and_malformed_override():
