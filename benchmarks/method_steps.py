@@ -114,7 +114,7 @@ def measure(name: str, args: argparse.Namespace, gray: np.ndarray) -> dict[str, 
     timed = args.steps - args.warmup
     return {
         "method": name + (" (tinted RGB)" if colour else ""),
-        "views": " ".join("x".join(map(str, v.shape[1:])) for v in batches[0][0]),
+        "views": " ".join("x".join(map(str, v.shape[1:])) for v in batches[0].views),
         "first": losses[:EDGE].mean().item(),
         "last": losses[-EDGE:].mean().item(),
         "finite": bool(torch.isfinite(losses).all()),
