@@ -64,6 +64,7 @@ class IdleWhileBackpressured(ExecutionCallback):
     """
 
     def on_execution_step(self, executor: object) -> None:
+        """Ray Data's per-step hook: sleep while an operator is in output backpressure."""
         # Ray Data's private state (pinned Ray version); absent, the loop just runs as before.
         topology = getattr(executor, "_topology", None) or {}
         if any(getattr(op, "_in_task_output_backpressure", False) for op in topology):

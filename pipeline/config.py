@@ -37,6 +37,8 @@ DEFAULT_METHOD = "simclr"  # what a config without method.name trains
 
 @dataclass
 class RunConfig:
+    """The run's name, the root its directory goes under (``root/name``) and its seed."""
+
     name: str = "fmnist-simclr"
     root: str = "runs"  # local directory, or s3:// / gs:// URI for Ray Train storage
     seed: int = 0
@@ -44,6 +46,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
+    """Which shards train and evaluate, and how the data stage reads and decodes them."""
+
     train: str = "data/shards/fashion-mnist/train"  # shards used for pretraining (labels unused)
     eval_train: str = "data/shards/fashion-mnist/train"  # labelled shards: the kNN memory bank
     eval_test: str = "data/shards/fashion-mnist/test"  # labelled shards: the kNN queries
@@ -81,6 +85,8 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
+    """The backbone: its architecture, width multiplier and small-image stem."""
+
     backbone: str = "resnet18"
     width: float = 0.25
     small_images: bool = True  # for 28-64 px: ResNet 3x3 stem, no max-pool; ViT 4 px patches
@@ -88,6 +94,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """Pretraining: epochs, batch, workers, optimiser and schedule, restarts and the online
+    monitors."""
+
     epochs: int = 2
     batch_size: int = 256  # global: split evenly over workers
     num_workers: int = 2
@@ -114,6 +123,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """The kNN protocol's k and temperature, and the batch size of embedding."""
+
     knn_k: int = 200
     knn_temperature: float = 0.1
     batch_size: int = 512
@@ -121,6 +132,9 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """A whole run, one field per YAML section; ``method`` holds the method's name and the
+    options set for it."""
+
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -130,14 +144,17 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts, in the YAML's shape."""
         return dataclasses.asdict(self)
 
     @property
     def method_name(self) -> str:
+        """The registered name of the method to train."""
         return self.method["name"]
 
     @property
     def method_kwargs(self) -> dict[str, Any]:
+        """The ``method.*`` options the config sets (without defaults)."""
         return {k: v for k, v in self.method.items() if k != "name"}
 
     @property
@@ -398,6 +415,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def to_yaml(config: Config) -> str:
+    """The config as YAML, sections and keys in their declared order."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
@@ -407,7 +425,6 @@ def with_absolute_paths(config: Config) -> Config:
     Ray Train workers run in their own working directory, so a relative path that is right
     for the driver would point elsewhere on a worker. URIs (s3://, gs://) pass unchanged.
     """
-
     data = dataclasses.replace(
         config.data,
         train=locations.absolute(config.data.train),

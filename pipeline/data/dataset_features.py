@@ -31,6 +31,7 @@ class DatasetFeatures:
 
     @property
     def missing(self) -> int:
+        """How many training images were rejected, so have no features."""
         return self.expected - len(self.slots)
 
 

@@ -49,6 +49,8 @@ class ImageSpec:
 
     @classmethod
     def from_manifest(cls, manifest: ShardManifest, size: int | None) -> ImageSpec:
+        """The spec of a manifest's images at side ``size``; None: the shards' own size, which
+        must be one square size."""
         if size is None:
             if manifest.image_size is None or manifest.image_size[0] != manifest.image_size[1]:
                 raise ValueError(
@@ -67,9 +69,10 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("L" if spec.channels == 1 else "RGB", (spec.size, spec.size))
-            img.load()
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.draft("L" if spec.channels == 1 else "RGB", (spec.size, spec.size))
+            opened.load()
+            img: Image.Image = opened
             if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits, not a clip
                 img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
             img = img.convert("L" if spec.channels == 1 else "RGB")
@@ -88,7 +91,9 @@ class DecodedBatch:
     rejects: dict[int, str]
 
 
-def decode_batch(ids: Sequence[object], images: np.ndarray, spec: ImageSpec) -> DecodedBatch:
+def decode_batch(
+    ids: Sequence[object] | np.ndarray, images: np.ndarray, spec: ImageSpec
+) -> DecodedBatch:
     """Decode a batch; an undecodable row is rejected with its reason (logged), not raised."""
     kept, arrays, rejects = [], [], {}
     for position, data in enumerate(images):
@@ -199,7 +204,10 @@ def read_shard_rows(
 
     Passes that training has already completed (per the ``ledger``) are not read.
     """
-    epochs_done = ray.get(ledger.completed.remote()) if ledger is not None else 0
+    epochs_done = 0
+    if ledger is not None:
+        reply: ray.ObjectRef[int] = ledger.completed.remote()  # actor methods are untyped
+        epochs_done = ray.get(reply)
     tables = [_ROWS_SCHEMA.empty_table()]
     for path, epoch in zip(batch["path"].to_pylist(), batch["epoch"].to_pylist(), strict=True):
         if epoch <= epochs_done:
@@ -341,7 +349,9 @@ def training_dataset(
     )
 
 
-def shard_rows_dataset(shard_dir: str, columns: Sequence[str]) -> ray.data.Dataset:
+def shard_rows_dataset(
+    shard_dir: str | os.PathLike[str], columns: Sequence[str]
+) -> ray.data.Dataset:
     """Lazy Ray dataset of ``columns`` of every row of the shards in ``shard_dir`` (a local
     directory or an object-storage prefix), read by Ray Data's Parquet reader in tasks."""
     files = shard_files(shard_dir)
@@ -413,9 +423,12 @@ def _views_of_passes(
     training's pace from the first epoch, whatever the number of epochs.
     """
     lanes = max(1, min(tasks, len(passes.files) * passes.epochs))
-    ds = ray.data.from_items([{"lane": lane} for lane in range(lanes)], override_num_blocks=lanes)
+    ds: ray.data.Dataset = ray.data.from_items(
+        [{"lane": lane} for lane in range(lanes)], override_num_blocks=lanes
+    )
+    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
     ds = ds.map_batches(
-        lane_batches,
+        lane_batches,  # type: ignore[arg-type]
         fn_kwargs={
             "passes": passes,
             "lanes": lanes,
@@ -440,12 +453,13 @@ def _views_of_passes(
 
 
 def image_slots(shard_dir: str | Path, limit: int | None) -> dict[str, int]:
-    """id -> position among the first ``limit`` images: the slot of a memory-bank method."""
+    """Each id's position among the first ``limit`` images: its slot in a memory-bank method."""
     ids, _ = read_labels(shard_dir)
     return {image_id: slot for slot, image_id in enumerate(ids[:limit])}
 
 
 def dataset_rows(shard_dir: str | Path, limit: int | None) -> int:
+    """How many images training uses: the shards' rows, at most ``limit``."""
     rows = load_manifest(shard_dir).rows
     return rows if limit is None else min(rows, limit)
 

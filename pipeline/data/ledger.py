@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow.fs
 import ray
+from ray.actor import ActorHandle
 
 REPORT_FILE = "ingest_report.json"
 
@@ -40,9 +41,11 @@ class IngestLedger:
                 del counts[epoch]
 
     def completed(self) -> int:
+        """How many epochs training has completed (the passes the stream skips unread)."""
         return self.epochs_done
 
     def record(self, epoch: int, delivered: int, rejected: list[tuple[str, str]]) -> None:
+        """Count one batch of ``epoch``: rows delivered and (id, reason) of those rejected."""
         self.delivered[epoch] += delivered
         self.rejected[epoch].extend(rejected)
 
@@ -61,7 +64,23 @@ class IngestLedger:
         return report
 
 
+def start_ledger(rows_per_epoch: int, **actor_options: Any) -> ActorHandle:
+    """Start an ``IngestLedger`` actor for passes of ``rows_per_epoch`` rows;
+    ``actor_options`` are Ray's (e.g. a scheduling strategy)."""
+    # mypy does not apply class decorators, so it misses the actor class @ray.remote made.
+    actor_class = IngestLedger.options(**actor_options)  # type: ignore[attr-defined]
+    return actor_class.remote(rows_per_epoch)
+
+
+def fetch_report(ledger: ActorHandle) -> dict[int, dict[str, Any]]:
+    """The ledger actor's ``IngestLedger.report``, so far (blocks until it answers)."""
+    # An ActorHandle's methods are untyped (Never): the reply's type is IngestLedger.report's.
+    reply: ray.ObjectRef[dict[int, dict[str, Any]]] = ledger.report.remote()
+    return ray.get(reply)
+
+
 def summary_line(epoch: int, counts: dict[str, Any]) -> str:
+    """One epoch's tally as a progress line, naming the first few rejected ids."""
     line = (
         f"data, epoch {epoch}: {counts['rows']} rows = {counts['delivered']} delivered + "
         f"{counts['rejected']} rejected"

@@ -125,10 +125,12 @@ def exists(location: str | os.PathLike[str]) -> bool:
 
 
 def is_file(location: str | os.PathLike[str]) -> bool:
+    """Whether a file is there."""
     return _info(location).type == pafs.FileType.File
 
 
 def is_dir(location: str | os.PathLike[str]) -> bool:
+    """Whether a directory is there (in object storage, a non-empty prefix)."""
     return _info(location).type == pafs.FileType.Directory
 
 
@@ -156,6 +158,7 @@ def read_bytes(location: str | os.PathLike[str]) -> bytes:
 
 
 def read_text(location: str | os.PathLike[str]) -> str:
+    """The whole file as UTF-8 text; FileNotFoundError when it is not there."""
     return read_bytes(location).decode()
 
 
@@ -179,6 +182,7 @@ def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
 
 
 def write_text(location: str | os.PathLike[str], text: str) -> None:
+    """Write a whole text file (UTF-8) atomically, as ``write_bytes`` does."""
     write_bytes(location, text.encode())
 
 

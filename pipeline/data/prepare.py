@@ -37,6 +37,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def _split_planners(
         path = Path(location).expanduser()
         if not path.exists():
             raise SourceError(f"source path {path} does not exist")
-        return {n: (lambda n=n: plan_cifar10(path, n, rows_per_shard)) for n in ("train", "test")}
+        return {n: partial(plan_cifar10, path, n, rows_per_shard) for n in ("train", "test")}
     planner = {"folder": plan_folder, "parquet": plan_parquet, "list": plan_list}.get(kind)
     if planner is None:
         return {split: lambda: plan_tar(location)}
@@ -134,6 +135,7 @@ class Progress:
     eta_s: float | None
 
     def line(self) -> str:
+        """The progress line printed for the split."""
         eta = "?" if self.eta_s is None else f"{int(self.eta_s // 60)}m{int(self.eta_s % 60):02d}s"
         resumed = f" ({self.chunks_resumed} resumed)" if self.chunks_resumed else ""
         return (
@@ -301,8 +303,9 @@ def _run_job(
         }
         for chunk in pending
     ]
+    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _run_chunks,
+        _run_chunks,  # type: ignore[arg-type]
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=tasks),

@@ -55,10 +55,11 @@ class ShardManifest:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """The manifest as indented JSON, as ``manifest.json`` holds it."""
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, origin: Path) -> ShardManifest:
+    def from_json(cls, text: str, origin: str) -> ShardManifest:
         """Parse and type-check a manifest; ``origin`` names the file in errors."""
         try:
             raw: Any = json.loads(text)
@@ -141,10 +142,12 @@ class PartStats:
     sources: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The stats as plain values, to travel from a prepare task to the driver."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> PartStats:
+        """The stats back from ``to_dict``'s values."""
         return cls(
             shard=raw["shard"],
             rows=int(raw["rows"]),
@@ -239,7 +242,7 @@ def manifest_from_parts(
 ) -> ShardManifest:
     """The manifest of the shards described by ``parts`` (in shard order)."""
     parts = list(parts)
-    sizes = {tuple(size) for part in parts for size in part.sizes}
+    sizes = {(height, width) for part in parts for height, width in part.sizes}
     sources = {name for part in parts for name in part.sources}
     max_label = max((part.max_label for part in parts), default=-1)
     return ShardManifest(
@@ -327,7 +330,8 @@ def write_shards(
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        remaining, seen = iter(records), set()
+        remaining = iter(records)
+        seen: set[str] = set()
         parts: list[PartStats] = []
         while True:
             part = write_part(

@@ -85,6 +85,7 @@ class SkipCounter:
     reasons: dict[str, str] = field(default_factory=dict)
 
     def add(self, record_id: str, reason: str) -> None:
+        """Record that input ``record_id`` was left out, and why."""
         self.reasons[record_id] = reason
 
     def __len__(self) -> int:
@@ -338,7 +339,8 @@ def plan_cifar10(root: Path, split: str, rows_per_shard: int) -> SourcePlan:
             f"CIFAR-10 {split}: {', '.join(missing)} not found in {directory} "
             "(expected the extracted cifar-10-python.tar.gz)"
         )
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for name in names:
         path = directory / name
         try:

@@ -1,0 +1,2 @@
+"""Evaluating a checkpoint: embeddings, kNN, linear probe and fine-tuning, pictures and the
+report."""

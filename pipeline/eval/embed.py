@@ -32,7 +32,7 @@ from ray.actor import ActorHandle
 from pipeline.data import locations
 from pipeline.data.image_features import extract_features
 from pipeline.data.ingest import ImageSpec, decode_batch, shard_rows_dataset
-from pipeline.data.ledger import IngestLedger
+from pipeline.data.ledger import fetch_report, start_ledger
 from pipeline.data.shards import load_manifest, open_parquet, read_parquet
 from pipeline.eval.encoders import ENCODER_FEATURES, raw_pixel_features
 from pipeline.train.checkpoint import load_checkpoint, method_from_checkpoint, random_init_method
@@ -164,8 +164,9 @@ def embedding_dataset(
     checkpoint = locations.absolute(checkpoint)
     state = load_checkpoint(checkpoint)
     spec = ImageSpec(size=state.image_size, channels=state.channels)
+    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
     ds = shard_rows_dataset(shard_dir, ["id", "image", "label"]).map_batches(
-        _decode_rows,
+        _decode_rows,  # type: ignore[arg-type]
         fn_kwargs={"spec": spec, "ledger": ledger},
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -201,6 +202,7 @@ class EmbedSummary:
 
     @property
     def rejected(self) -> int:
+        """How many rows were rejected."""
         return len(self.rejects)
 
 
@@ -247,7 +249,7 @@ def export_embeddings(
     out_dir = locations.absolute(out_dir)
     _clear_output(out_dir, overwrite)
     rows = load_manifest(shard_dir).rows
-    ledger = IngestLedger.remote(rows)
+    ledger = start_ledger(rows)
     try:
         ds = embedding_dataset(
             checkpoint,
@@ -259,7 +261,7 @@ def export_embeddings(
         )
         filesystem, path = locations.resolve(out_dir)
         ds.write_parquet(path, filesystem=filesystem)
-        counts = ray.get(ledger.report.remote())[_PASS]
+        counts = fetch_report(ledger)[_PASS]
     finally:
         ray.kill(ledger)
     files = _parquet_files(out_dir)

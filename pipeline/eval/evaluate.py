@@ -119,10 +119,12 @@ class EvalContext:
 
     @property
     def spec(self) -> ImageSpec:
+        """The image size and channels the checkpoint was trained on."""
         return ImageSpec(size=self.state.image_size, channels=self.state.channels)
 
     @property
     def mean_std(self) -> tuple[Tensor, Tensor]:
+        """The per-channel normalisation the checkpoint was trained with."""
         return torch.tensor(self.state.mean), torch.tensor(self.state.std)
 
     @property
@@ -138,13 +140,16 @@ class EvalContext:
 
     @functools.cached_property
     def test_labels(self) -> np.ndarray:
+        """The test split's labels (every image must have one)."""
         return _checked_labels(self.test_dir, read_labels(self.test_dir)[1])
 
     @property
     def num_classes(self) -> int:
+        """One more than the largest label of either split."""
         return int(max(self.train_ids_labels[1].max(), self.test_labels.max())) + 1
 
     def split_dir(self, split: str) -> str:
+        """The shard directory of ``split`` ("train" or "test")."""
         return {"train": self.train_dir, "test": self.test_dir}[split]
 
     def request(self, encoders: Iterable[str]) -> None:
@@ -186,7 +191,7 @@ class EvalContext:
         import ray
 
         from pipeline.cluster import init_ray
-        from pipeline.data.ledger import IngestLedger
+        from pipeline.data.ledger import fetch_report, start_ledger
         from pipeline.eval.embed import embedding_column, embedding_dataset
         from pipeline.eval.features import write_feature_columns
 
@@ -195,7 +200,7 @@ class EvalContext:
             remote_run = self.run_dir if locations.is_remote(self.checkpoint) else None
             self._scratch_dir = self._scratch.enter_context(scratch_location(remote_run))
         rows = load_manifest(shard_dir).rows
-        ledger = IngestLedger.remote(rows)
+        ledger = start_ledger(rows)
         columns = {encoder: embedding_column(encoder) for encoder in encoders}
         try:
             ds = embedding_dataset(
@@ -210,7 +215,7 @@ class EvalContext:
             out = locations.join(self._scratch_dir, f"{split}-{self._passes}")
             batches = ds.iter_batches(batch_format="pyarrow")
             written = write_feature_columns(batches, out, list(columns.values()))
-            counts = ray.get(ledger.report.remote()).get(1, {"delivered": 0, "rejects": []})
+            counts = fetch_report(ledger).get(1, {"delivered": 0, "rejects": []})
         finally:
             ray.kill(ledger)
         rejects = [(r["id"], r["reason"]) for r in counts["rejects"]]
@@ -232,6 +237,7 @@ class EvalContext:
         return random_init_method(self.config, self.state)
 
     def label(self) -> str:
+        """The run in a few words (method, backbone, width) for report rows."""
         model = self.config.model
         return f"{self.config.method_name} {model.backbone} w{model.width:g}"
 
@@ -281,7 +287,7 @@ def evaluate_checkpoint(
     k: int | None = None,
     temperature: float | None = None,
 ) -> KNNReport:
-    """kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
+    """The kNN top-1/top-5 of a checkpoint's frozen backbone on its config's eval splits.
 
     The queries' features are held (Q x D); the bank streams past them in chunks keeping
     each query's running top-k (ssl_models.knn), so memory does not grow with the bank. With

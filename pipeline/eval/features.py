@@ -64,6 +64,7 @@ class FeatureSplit:
 
     @property
     def rejected(self) -> int:
+        """How many rows of the split were rejected (not embedded)."""
         return len(self.rejects)
 
     def ids_at(self, positions: Iterable[int]) -> dict[int, str]:

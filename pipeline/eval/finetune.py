@@ -190,8 +190,9 @@ def subset_rows(shard_dir: str, ids: Sequence[str]) -> ray.data.Dataset:
     epoch decodes them afresh, so only the subset's encoded bytes are kept."""
     return (
         shard_rows_dataset(shard_dir, ["id", "image", "label"])
+        # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
         .map_batches(
-            _keep_ids,
+            _keep_ids,  # type: ignore[arg-type]
             fn_kwargs={"ids": pa.array(list(ids), pa.string())},
             batch_format="pyarrow",
         )
@@ -237,8 +238,12 @@ def finetune_accuracy_streamed(
         raise ValueError("train_pixels is empty")
     settings = SGDSettings(epochs, batch_size, lr, weight_decay, seed, device)
     batch_size = min(batch_size, train_count)
+    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
     decoded = train_rows.map_batches(
-        decoded_batch, fn_kwargs={"spec": spec}, batch_size=256, batch_format="numpy"
+        decoded_batch,  # type: ignore[arg-type]
+        fn_kwargs={"spec": spec},
+        batch_size=256,
+        batch_format="numpy",
     ).select_columns(["image", "label"])
 
     def epoch_batches(epoch: int, gen: torch.Generator) -> Batches:

@@ -60,8 +60,9 @@ class Moments:
     def __init__(self) -> None:
         self.count = 0
         self.shift: Tensor | None = None
-        self.total: Tensor | None = None
-        self.squares: Tensor | None = None
+        # Scalar zeros, broadcast to (D,) by the first batch's sums.
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.squares = torch.zeros((), dtype=torch.float64)
 
     def add(self, features: Tensor) -> None:
         """Accumulate one batch of features (B, D)."""
@@ -70,11 +71,9 @@ class Moments:
             return
         if self.shift is None:
             self.shift = x.mean(0)
-            self.total = torch.zeros_like(self.shift)
-            self.squares = torch.zeros_like(self.shift)
         x = x - self.shift
-        self.total += x.sum(0)
-        self.squares += (x * x).sum(0)
+        self.total = self.total + x.sum(0)
+        self.squares = self.squares + (x * x).sum(0)
         self.count += len(x)
 
     def mean_std(self) -> tuple[Tensor, Tensor]:

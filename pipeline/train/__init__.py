@@ -1,0 +1,1 @@
+"""Pretraining on Ray Train: the driver, the per-worker loop, checkpoints and monitors."""

@@ -180,9 +180,10 @@ def check_resumable(run_dir: str | os.PathLike[str], config: Config) -> int:
     saved, wanted = state.config, config.to_dict()
 
     def lookup(values: dict[str, Any], key: str) -> Any:
+        node: Any = values
         for part in key.split("."):
-            values = values.get(part) if isinstance(values, dict) else None
-        return values
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
 
     changed = [
         f"{key}: {lookup(saved, key)!r} -> {lookup(wanted, key)!r}"

@@ -13,15 +13,18 @@ from collections.abc import Sequence
 
 import ray
 import ray.train
-from ray.train import (
+
+# Train v2's classes, which ray.train exports when v2 is on (Ray's default; LoggingConfig and
+# UserCallback exist only there); imported from v2 itself so mypy reads these, not v1's.
+from ray.train.v2.api.callback import UserCallback
+from ray.train.v2.api.config import (
     CheckpointConfig,
     FailureConfig,
     LoggingConfig,
     RunConfig,
     ScalingConfig,
-    UserCallback,
 )
-from ray.train.torch import TorchTrainer
+from ray.train.v2.torch.torch_trainer import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.cluster import init_ray
@@ -33,7 +36,7 @@ from pipeline.data.ingest import (
     read_decoded,
     training_dataset,
 )
-from pipeline.data.ledger import IngestLedger, write_report
+from pipeline.data.ledger import fetch_report, start_ledger, write_report
 from pipeline.data.shards import ShardManifest, load_manifest, validate_shards
 from pipeline.train.checkpoint import check_resumable
 from pipeline.train.runner import LoopConfig, train_loop_per_worker
@@ -87,7 +90,7 @@ def _training_stream(
         return {}, None
     # On the driver's node: losing a worker node must not take the accounting with it.
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), False)
-    ledger = IngestLedger.options(scheduling_strategy=driver_node).remote(rows)
+    ledger = start_ledger(rows, scheduling_strategy=driver_node)
     stream = training_dataset(
         config.data.train,
         spec,
@@ -132,7 +135,7 @@ def _trainer(
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
+        datasets=dict(datasets),  # typed as a dict of datasets or dataset factories
         dataset_config=own_execution_options(datasets),
     )
 
@@ -174,5 +177,5 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
         return _trainer(loop, datasets, callbacks).fit()
     finally:
         if ledger is not None:  # the final tally, including a last pass cut short
-            write_report(directory, ray.get(ledger.report.remote()))
+            write_report(directory, fetch_report(ledger))
             ray.kill(ledger)

@@ -177,8 +177,10 @@ class OnlineProbe:
         loss.backward()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for parameter in self.head.parameters():  # gloo has no AVG: sum, then divide
-                dist.all_reduce(parameter.grad)
-                parameter.grad /= dist.get_world_size()
+                grad = parameter.grad  # every head parameter has one after the backward
+                if grad is not None:
+                    dist.all_reduce(grad)
+                    grad /= dist.get_world_size()
         self.optimizer.step()
         self.correct += ((logits.argmax(1) == labels) & known).sum()
         self.seen += known.sum()

@@ -29,7 +29,7 @@ from ray.actor import ActorHandle
 from pipeline.config import Config
 from pipeline.data.dataset_features import dataset_features
 from pipeline.data.ingest import ImageSpec, image_slots, synthetic_batch, views_on_device
-from pipeline.data.ledger import summary_line, write_report
+from pipeline.data.ledger import fetch_report, summary_line, write_report
 from pipeline.train.checkpoint import (
     CheckpointState,
     build_method_for,
@@ -192,7 +192,7 @@ class TrainLoopRunner:
         self.start_epoch, self.step = state.epoch, state.step
 
     def batches(self) -> Iterator[StreamBatch]:
-        """This worker's batches for every remaining epoch: one stream (see
+        """The worker's batches for every remaining epoch: one stream (see
         ``training_dataset``; an epoch is a step count), or with ``data.synthetic`` one fixed
         batch of random views again and again."""
         config, local_batch = self.config, self.config.train.batch_size // self.world
@@ -349,7 +349,7 @@ class TrainLoopRunner:
         """Rank 0: the ingest ledger's line for this epoch and its report file, so far."""
         if self.loop.ledger is None:
             return
-        data_report = ray.get(self.loop.ledger.report.remote())
+        data_report = fetch_report(self.loop.ledger)
         if epoch + 1 in data_report:
             print(summary_line(epoch + 1, data_report[epoch + 1]), flush=True)
         write_report(self.loop.run_dir, data_report)

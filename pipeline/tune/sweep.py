@@ -176,10 +176,12 @@ def result_rows(grid: tune.ResultGrid, keys: list[str], max_epochs: int) -> list
     rows = []
     # ResultGrid keeps its trials in result order; their status is not on the Result.
     trials = grid._experiment_analysis.trials
-    for result, trial in zip(grid, trials, strict=True):
+    # ResultGrid iterates through __getitem__, which mypy does not count as iterable.
+    results = [grid[i] for i in range(len(grid))]
+    for result, trial in zip(results, trials, strict=True):
         history = result.metrics_dataframe
         scores = history[METRIC].dropna() if history is not None and METRIC in history else []
-        epochs = int(history["epoch"].max()) if len(scores) else 0
+        epochs = int(history["epoch"].max()) if history is not None and len(scores) else 0
         if result.error is not None:
             status = f"ERROR: {type(result.error).__name__}"
         elif trial.status != "TERMINATED":
@@ -232,7 +234,7 @@ def write_results(rows: list[dict], keys: list[str], base: dict, directory: str)
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars to Python numbers, so the YAML stays plain."""
+    """A numpy scalar as a Python number (anything else unchanged), so the YAML stays plain."""
     return value.item() if hasattr(value, "item") else value
 
 
