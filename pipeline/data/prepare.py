@@ -35,7 +35,7 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -256,6 +256,35 @@ def _default_tasks() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def _chunk_job(pending: list[Chunk], split_dir: str, tasks: int | None) -> Iterator[dict[str, Any]]:
+    """Run the ``pending`` chunks as a Ray Data job in up to ``tasks`` parallel tasks (None:
+    one per cluster CPU); yield each chunk's record as it finishes."""
+    import ray.data
+
+    from pipeline.cluster import init_ray
+
+    init_ray()
+    tasks = max(1, min(tasks or _default_tasks(), len(pending)))
+    items = [
+        {
+            "spec": json.dumps({"index": chunk.index, "chunk": chunk.spec}),
+            "payload": chunk.payload,
+        }
+        for chunk in pending
+    ]
+    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _run_chunks,  # type: ignore[arg-type]
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=tasks),
+        fn_kwargs={"split_dir": split_dir},
+        num_cpus=1,
+    )
+    for row in dataset.iter_rows():
+        yield json.loads(row["record"])
+
+
 def _run_job(
     split: str,
     split_dir: str,
@@ -265,10 +294,6 @@ def _run_job(
     progress: Callable[[Progress], None],
 ) -> dict[int, dict[str, Any]]:
     """Run the plan's unfinished chunks as a Ray Data job; return every chunk's record."""
-    import ray.data
-
-    from pipeline.cluster import init_ray
-
     records = dict(done)
     pending = [chunk for chunk in plan.chunks if chunk.index not in done]
     total_work = sum(chunk.work for chunk in pending) or 1
@@ -294,26 +319,7 @@ def _run_job(
     if not pending:
         report()
         return records
-    init_ray()
-    tasks = max(1, min(tasks or _default_tasks(), len(pending)))
-    items = [
-        {
-            "spec": json.dumps({"index": chunk.index, "chunk": chunk.spec}),
-            "payload": chunk.payload,
-        }
-        for chunk in pending
-    ]
-    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
-    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _run_chunks,  # type: ignore[arg-type]
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=tasks),
-        fn_kwargs={"split_dir": split_dir},
-        num_cpus=1,
-    )
-    for row in dataset.iter_rows():
-        record = json.loads(row["record"])
+    for record in _chunk_job(pending, split_dir, tasks):
         records[record["index"]] = record
         if "error" not in record:
             images += record["rows"]

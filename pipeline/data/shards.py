@@ -163,6 +163,34 @@ def _write_row_group(writer: pq.ParquetWriter, records: list[ImageRecord]) -> No
     writer.write_table(pa.Table.from_pydict(columns, schema=SHARD_SCHEMA))
 
 
+def _image_header(
+    record: ImageRecord, seen: set[str], skipped: SkipCounter
+) -> tuple[tuple[int, int], str] | None:
+    """The (height, width) and mode of a record's image, once its id and label are checked
+    (ShardError if not); None, with the reason added to ``skipped``, if the header is
+    unreadable."""
+    if record.id in seen:
+        raise ShardError(f"duplicate id {record.id!r} (source {record.source})")
+    if record.label is not None and not 0 <= record.label < 2**31:
+        raise ShardError(f"{record.id}: label {record.label} is not in [0, 2**31)")
+    try:
+        with Image.open(io.BytesIO(record.image)) as header:
+            return (header.height, header.width), header.mode
+    except Exception as exc:  # unreadable bytes: leave the row out, keep the reason
+        skipped.add(record.id, skip_reason(exc))
+        return None
+
+
+def _flush_rows(
+    writer: pq.ParquetWriter | None, sink: pa.BufferOutputStream, records: list[ImageRecord]
+) -> pq.ParquetWriter:
+    """Write ``records`` as one row group, opening the writer on ``sink`` at the first."""
+    if writer is None:
+        writer = _parquet_writer(sink)
+    _write_row_group(writer, records)
+    return writer
+
+
 def write_part(
     records: Iterator[ImageRecord],
     location: str | os.PathLike[str],
@@ -189,16 +217,10 @@ def write_part(
     pending: list[ImageRecord] = []
     try:
         for record in records:
-            if record.id in seen:
-                raise ShardError(f"duplicate id {record.id!r} (source {record.source})")
-            if record.label is not None and not 0 <= record.label < 2**31:
-                raise ShardError(f"{record.id}: label {record.label} is not in [0, 2**31)")
-            try:
-                with Image.open(io.BytesIO(record.image)) as header:
-                    size, mode = (header.height, header.width), header.mode
-            except Exception as exc:  # unreadable bytes: leave the row out, keep the reason
-                skipped.add(record.id, skip_reason(exc))
+            header = _image_header(record, seen, skipped)
+            if header is None:
                 continue
+            size, mode = header
             seen.add(record.id)
             sizes.add(size)
             sources.add(record.source)
@@ -207,16 +229,12 @@ def write_part(
             stats.rows += 1
             pending.append(record)
             if len(pending) == ROW_GROUP_SIZE:
-                if writer is None:
-                    writer = _parquet_writer(buffer)
-                _write_row_group(writer, pending)
+                writer = _flush_rows(writer, buffer, pending)
                 pending = []
             if limit is not None and stats.rows == limit:
                 break
         if pending:
-            if writer is None:
-                writer = _parquet_writer(buffer)
-            _write_row_group(writer, pending)
+            writer = _flush_rows(writer, buffer, pending)
     finally:
         if writer is not None:
             writer.close()
@@ -292,6 +310,46 @@ def remove_shards(location: str | os.PathLike[str]) -> None:
         locations.delete_file(entry.location)
 
 
+def _existing_shards(out_dir: Path, overwrite: bool) -> ShardManifest | None:
+    """The manifest of a complete dataset already at ``out_dir`` that ``overwrite`` leaves
+    alone, else None; ShardError when ``out_dir`` holds something that must not be replaced."""
+    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
+        try:
+            shard_files(out_dir)
+            return load_manifest(out_dir)
+        except ShardError as exc:
+            raise ShardError(
+                f"{out_dir} exists but is not a complete shard directory; "
+                f"pass overwrite=True to replace it ({exc})"
+            ) from exc
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(str(out_dir))):
+        raise ShardError(f"{out_dir}: refusing to overwrite, it holds files that are not shards")
+    return None
+
+
+def _write_parts(
+    records: Iterable[ImageRecord], directory: Path, rows_per_shard: int, skipped: SkipCounter
+) -> list[PartStats]:
+    """Write ``records`` as shards of ``rows_per_shard`` rows into ``directory``, in order."""
+    remaining = iter(records)
+    seen: set[str] = set()
+    parts: list[PartStats] = []
+    while True:
+        part = write_part(
+            remaining,
+            str(directory / part_name(len(parts))),
+            skipped=skipped,
+            limit=rows_per_shard,
+            seen=seen,
+        )
+        if part.shard is None:
+            break
+        parts.append(part)
+        if part.rows < rows_per_shard:
+            break
+    return parts
+
+
 def write_shards(
     records: Iterable[ImageRecord],
     out_dir: Path,
@@ -314,38 +372,15 @@ def write_shards(
     out_dir = Path(out_dir)
     if rows_per_shard < 1:
         raise ShardError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
-    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
-        try:
-            shard_files(out_dir)
-            return load_manifest(out_dir)
-        except ShardError as exc:
-            raise ShardError(
-                f"{out_dir} exists but is not a complete shard directory; "
-                f"pass overwrite=True to replace it ({exc})"
-            ) from exc
-    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(str(out_dir))):
-        raise ShardError(f"{out_dir}: refusing to overwrite, it holds files that are not shards")
+    existing = _existing_shards(out_dir, overwrite)
+    if existing is not None:
+        return existing
     skipped = skipped if skipped is not None else SkipCounter()
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
-        remaining = iter(records)
-        seen: set[str] = set()
-        parts: list[PartStats] = []
-        while True:
-            part = write_part(
-                remaining,
-                str(tmp_dir / part_name(len(parts))),
-                skipped=skipped,
-                limit=rows_per_shard,
-                seen=seen,
-            )
-            if part.shard is None:
-                break
-            parts.append(part)
-            if part.rows < rows_per_shard:
-                break
+        parts = _write_parts(records, tmp_dir, rows_per_shard, skipped)
         if not parts:
             raise ShardError(f"{out_dir}: no records to write ({len(skipped)} skipped)")
         manifest = manifest_from_parts(parts, source, skipped.reasons)
@@ -366,6 +401,30 @@ _COLUMN_TYPES = {
     "label": ("integer", (pa.types.is_integer,)),
     "source": ("string", (pa.types.is_string, pa.types.is_large_string)),
 }
+
+
+def _schema_problems(file_name: str, schema: pa.Schema) -> list[str]:
+    """A shard file's missing required columns and columns of the wrong type."""
+    problems = []
+    for column, (wanted, checks) in _COLUMN_TYPES.items():
+        if column not in schema.names:
+            if column in ("id", "image"):
+                problems.append(f"{file_name}: missing column {column!r} ({wanted})")
+        elif not any(check(schema.field(column).type) for check in checks):
+            found = schema.field(column).type
+            problems.append(f"{file_name}: column {column!r} must be {wanted}, found {found}")
+    return problems
+
+
+def _manifest_problems(manifest: ShardManifest, files: list[str], rows: int) -> list[str]:
+    """Where the manifest disagrees with the shard ``files`` found, holding ``rows`` rows."""
+    problems = []
+    missing = sorted(set(manifest.shards) - {locations.name(f) for f in files})
+    if missing:
+        problems.append(f"{MANIFEST_NAME}: lists shard files that do not exist: {missing}")
+    if manifest.rows != rows:
+        problems.append(f"{MANIFEST_NAME}: says {manifest.rows} rows, the files hold {rows}")
+    return problems
 
 
 def validate_shards(path: str | os.PathLike[str]) -> ShardManifest | None:
@@ -392,13 +451,7 @@ def validate_shards(path: str | os.PathLike[str]) -> ShardManifest | None:
             problems.append(f"{file_name}: unreadable Parquet file ({exc})")
             continue
         schema = parquet.schema_arrow
-        for column, (wanted, checks) in _COLUMN_TYPES.items():
-            if column not in schema.names:
-                if column in ("id", "image"):
-                    problems.append(f"{file_name}: missing column {column!r} ({wanted})")
-            elif not any(check(schema.field(column).type) for check in checks):
-                found = schema.field(column).type
-                problems.append(f"{file_name}: column {column!r} must be {wanted}, found {found}")
+        problems += _schema_problems(file_name, schema)
         rows += parquet.metadata.num_rows
         if "id" not in schema.names:
             continue
@@ -414,11 +467,7 @@ def validate_shards(path: str | os.PathLike[str]) -> ShardManifest | None:
     manifest = None
     if not single and any(e.relative == MANIFEST_NAME for e in entries):
         manifest = load_manifest(path)
-        missing = sorted(set(manifest.shards) - {locations.name(f) for f in files})
-        if missing:
-            problems.append(f"{MANIFEST_NAME}: lists shard files that do not exist: {missing}")
-        if manifest.rows != rows:
-            problems.append(f"{MANIFEST_NAME}: says {manifest.rows} rows, the files hold {rows}")
+        problems += _manifest_problems(manifest, files, rows)
     if problems:
         shown = problems[:_MAX_PROBLEMS_SHOWN]
         if len(problems) > len(shown):

@@ -592,14 +592,9 @@ def _parquet_stem(location: str) -> str:
     return name[: -len(".parquet")] if name.endswith(".parquet") else os.path.splitext(name)[0]
 
 
-def plan_parquet(location: str | os.PathLike[str], rows_per_shard: int) -> SourcePlan:
-    """A Parquet file, or a directory / bucket prefix of ``*.parquet`` files (sorted), with
-    an ``image`` column (binary, or Hugging Face's ``{bytes, path}`` struct) and optional
-    ``id``, ``label`` and ``source``. Id: the ``id`` value, else ``{file stem}/{row:06d}``.
-    Rows are cut into chunks of ``rows_per_shard`` across files; only footers (and the
-    ``id`` column, to refuse duplicates up front) are read here."""
-    _cut([], rows_per_shard)
-    location = locations.absolute(location)
+def _parquet_files(location: str) -> list[str]:
+    """The Parquet file at ``location``, or the ``*.parquet`` files under it (sorted; names
+    starting with ``_`` or ``.`` left out); SourceError when there is none."""
     try:
         if locations.is_file(location):
             files = [location]
@@ -613,6 +608,18 @@ def plan_parquet(location: str | os.PathLike[str], rows_per_shard: int) -> Sourc
         raise SourceError(f"{location}: no Parquet file found ({exc})") from exc
     if not files:
         raise SourceError(f"{location}: no Parquet file found")
+    return files
+
+
+def plan_parquet(location: str | os.PathLike[str], rows_per_shard: int) -> SourcePlan:
+    """A Parquet file, or a directory / bucket prefix of ``*.parquet`` files (sorted), with
+    an ``image`` column (binary, or Hugging Face's ``{bytes, path}`` struct) and optional
+    ``id``, ``label`` and ``source``. Id: the ``id`` value, else ``{file stem}/{row:06d}``.
+    Rows are cut into chunks of ``rows_per_shard`` across files; only footers (and the
+    ``id`` column, to refuse duplicates up front) are read here."""
+    _cut([], rows_per_shard)
+    location = locations.absolute(location)
+    files = _parquet_files(location)
     source = f"parquet:{location}"
     rows: list[tuple[str, int]] = []  # (file, rows)
     seen: dict[str, str] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,65 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], trials_root: str) -
     pretrain(from_dict(values), callbacks=[TuneReportCallback()])
 
 
+def _check_sweep(
+    config: Config, base: dict[str, Any], space: Space, settings: SweepSettings
+) -> None:
+    """Raise on bad settings, a space that can draw a bad config (``base`` is the config as
+    dicts) or bad shards: before Ray starts."""
+    if settings.search not in SEARCHERS:
+        raise SpaceError(f"search must be one of {SEARCHERS}, got '{settings.search}'")
+    if settings.samples < 1 or settings.grace_epochs < 1 or settings.retries < 0:
+        raise SpaceError("samples and grace epochs must be >= 1 and retries >= 0")
+    if settings.name is not None and not is_safe_name(settings.name):
+        raise SpaceError(f"sweep name {settings.name!r} must be {SAFE_NAME_RULE}")
+    if config.train.online_knn_bank == 0:
+        raise SpaceError("train.online_knn_bank is 0: a sweep needs the online kNN metric")
+    check_space(space, base, from_dict)
+    for shard_dir in dict.fromkeys([config.data.train, config.data.eval_train]):
+        validate_shards(shard_dir)
+
+
+def _new_tuner(
+    trainable: Callable[..., Any],
+    config: Config,
+    space: Space,
+    settings: SweepSettings,
+    directory: str,
+    concurrency: int,
+    callbacks: Sequence[tune.Callback],
+) -> tune.Tuner:
+    """A fresh sweep's Tuner: ``settings.search`` draws the trials, ASHA stops weak ones."""
+    searcher = None
+    if settings.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=config.run.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune(space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=settings.samples,
+            search_alg=searcher,
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=config.train.epochs,
+                grace_period=min(settings.grace_epochs, config.train.epochs),
+                reduction_factor=2,
+            ),
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=locations.name(directory),
+            storage_path=locations.parent(directory),
+            failure_config=tune.FailureConfig(max_failures=settings.retries),
+            callbacks=list(callbacks),
+            verbose=1,
+        ),
+    )
+
+
 def sweep(
     config: Config,
     space: Space,
@@ -104,17 +163,7 @@ def sweep(
     """
     config = with_absolute_paths(config)
     base = config.to_dict()
-    if settings.search not in SEARCHERS:
-        raise SpaceError(f"search must be one of {SEARCHERS}, got '{settings.search}'")
-    if settings.samples < 1 or settings.grace_epochs < 1 or settings.retries < 0:
-        raise SpaceError("samples and grace epochs must be >= 1 and retries >= 0")
-    if settings.name is not None and not is_safe_name(settings.name):
-        raise SpaceError(f"sweep name {settings.name!r} must be {SAFE_NAME_RULE}")
-    if config.train.online_knn_bank == 0:
-        raise SpaceError("train.online_knn_bank is 0: a sweep needs the online kNN metric")
-    check_space(space, base, from_dict)
-    for shard_dir in dict.fromkeys([config.data.train, config.data.eval_train]):
-        validate_shards(shard_dir)
+    _check_sweep(config, base, space, settings)
     directory = sweep_dir(config, settings)
     if resume and not tune.Tuner.can_restore(directory):
         raise FileNotFoundError(f"no sweep to resume at {directory}")
@@ -130,35 +179,7 @@ def sweep(
         tuner = tune.Tuner.restore(directory, trainable, resume_errored=True)
     else:
         concurrency = settings.concurrency or trial_concurrency(config, ray.cluster_resources())
-        searcher = None
-        if settings.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            searcher = OptunaSearch(seed=config.run.seed)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune(space),
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                num_samples=settings.samples,
-                search_alg=searcher,
-                scheduler=ASHAScheduler(
-                    time_attr="epoch",
-                    max_t=config.train.epochs,
-                    grace_period=min(settings.grace_epochs, config.train.epochs),
-                    reduction_factor=2,
-                ),
-                max_concurrent_trials=concurrency,
-            ),
-            run_config=tune.RunConfig(
-                name=locations.name(directory),
-                storage_path=locations.parent(directory),
-                failure_config=tune.FailureConfig(max_failures=settings.retries),
-                callbacks=list(callbacks),
-                verbose=1,
-            ),
-        )
+        tuner = _new_tuner(trainable, config, space, settings, directory, concurrency, callbacks)
         print(
             f"sweep {locations.name(directory)}: {settings.samples} trials, {concurrency} at a time"
         )
