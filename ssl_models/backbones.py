@@ -23,12 +23,29 @@ from ``feature_map(x)`` instead, the spatial (N, out_dim, h, w) map every backbo
 """
 
 from collections.abc import Callable, Sequence
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from ssl_models.vit import build_vit
+# torchvision ships no type information (no py.typed marker).
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1  # type: ignore[import-untyped]
+
+from ssl_models.vit import ViT, build_vit
+
+
+class SpatialBackbone(Protocol):
+    """What dense pretext tasks (colorization, inpainting, denoising) use of a backbone;
+    every backbone here has it."""
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The spatial (N, out_dim, h, w) map before pooling (or the patch tokens' grid)."""
+
+
+def feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
+    """``backbone.feature_map(x)``, (N, out_dim, h, w): the map dense pretext tasks decode
+    from, which every backbone built here provides."""
+    return cast(SpatialBackbone, backbone).feature_map(x)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -126,33 +143,33 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
-def _resnet18(width: float, in_channels: int, small_images: bool) -> nn.Module:
+def _resnet18(width: float, in_channels: int, small_images: bool) -> ResNet:
     return ResNet(
         BasicBlock, (2, 2, 2, 2), width=width, in_channels=in_channels, small_images=small_images
     )
 
 
-def _resnet50(width: float, in_channels: int, small_images: bool) -> nn.Module:
+def _resnet50(width: float, in_channels: int, small_images: bool) -> ResNet:
     return ResNet(
         Bottleneck, (3, 4, 6, 3), width=width, in_channels=in_channels, small_images=small_images
     )
 
 
-def _small_cnn(width: float, in_channels: int, small_images: bool) -> nn.Module:
+def _small_cnn(width: float, in_channels: int, small_images: bool) -> SmallCNN:
     # Built for small inputs whatever `small_images` says: there is no stem to adapt.
     return SmallCNN(width=width, in_channels=in_channels)
 
 
-def _vit_tiny(width: float, in_channels: int, small_images: bool) -> nn.Module:
+def _vit_tiny(width: float, in_channels: int, small_images: bool) -> ViT:
     return build_vit("vit_tiny", width=width, in_channels=in_channels, small_images=small_images)
 
 
-def _vit_small(width: float, in_channels: int, small_images: bool) -> nn.Module:
+def _vit_small(width: float, in_channels: int, small_images: bool) -> ViT:
     return build_vit("vit_small", width=width, in_channels=in_channels, small_images=small_images)
 
 
 # name -> builder(width, in_channels, small_images); each module exposes `out_dim`.
-BACKBONES: dict[str, Callable[[float, int, bool], nn.Module]] = {
+BACKBONES: dict[str, Callable[[float, int, bool], ResNet | SmallCNN | ViT]] = {
     "resnet18": _resnet18,
     "resnet50": _resnet50,
     "small_cnn": _small_cnn,

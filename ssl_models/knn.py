@@ -58,7 +58,7 @@ def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
 def knn_accuracy(
     bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, k: int, temperature: float
 ) -> dict[str, float]:
-    """kNN top-1 and top-5 accuracy of ``queries`` against the labelled ``bank``."""
+    """Top-1 and top-5 kNN accuracy of ``queries`` against the labelled ``bank``."""
     num_classes = int(max(bank_labels.max(), labels.max())) + 1
     scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
     return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
@@ -145,7 +145,7 @@ def streamed_knn_accuracy(
     num_classes: int | None = None,
     query_block: int = 1024,
 ) -> dict[str, float]:
-    """kNN top-1 and top-5 accuracy of ``queries`` (labels (Q,)) against a streamed bank."""
+    """Top-1 and top-5 kNN accuracy of ``queries`` (labels (Q,)) against a streamed bank."""
     scores = streamed_knn_scores(bank, queries, k, temperature, num_classes, query_block)
     if scores.shape[1] <= int(labels.max()):
         scores = F.pad(scores, (0, int(labels.max()) + 1 - scores.shape[1]))

@@ -62,6 +62,12 @@ class Batch:
             raise ValueError(f"the batch has no target {name!r} (got {sorted(self.targets)})")
         return self.targets[name]
 
+    def dataset_indices(self) -> Tensor:
+        """The images' dataset ``indices``, with an error if the data stage sent none."""
+        if self.indices is None:
+            raise ValueError("the batch has no dataset indices (the method must declare them)")
+        return self.indices
+
 
 @dataclass
 class MethodOutput:

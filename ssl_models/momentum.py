@@ -25,8 +25,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     """In place ``t = m * t + (1 - m) * s`` for parameters; buffers (BN statistics) are copied."""
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
-        t.copy_(s)
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers(), strict=True):
+        teacher_buffer.copy_(student_buffer)
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:

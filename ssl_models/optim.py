@@ -12,7 +12,7 @@
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -54,8 +54,16 @@ class LARS(Optimizer):
         }
         super().__init__(params, defaults)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter with a gradient; ``closure`` re-evaluates the loss
+        (returned), as for any ``torch.optim`` optimiser."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -101,7 +109,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     and CLS token, as in DeiT). Empty groups are left out.
     """
     no_decay = _no_weight_decay_names(model)
-    regular, excluded = [], []
+    regular: list[nn.Parameter] = []
+    excluded: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (excluded if p.ndim <= 1 or name in no_decay else regular).append(p)
@@ -138,7 +147,7 @@ def build_optimizer(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
-    return OPTIMIZERS[name](params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def warmup_cosine(

@@ -15,6 +15,9 @@ class FeatureQueue(nn.Module):
     the first push checks it and says so.
     """
 
+    features: Tensor  # buffer (size, dim): the queued keys
+    pointer: Tensor  # buffer (): the row the next push starts at
+
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
@@ -39,6 +42,8 @@ class MemoryBank(nn.Module):
 
     ``v_i <- normalise(m * v_i + (1 - m) * f_i)`` for the images in the batch.
     """
+
+    features: Tensor  # buffer (size, dim): one feature per dataset image
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()

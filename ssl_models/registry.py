@@ -73,4 +73,6 @@ def build_method(
         return cls(encoder, feature_dim, **method_kwargs)
     if num_images is None:
         raise ValueError(f"method {name!r} keeps one entry per image: pass num_images")
-    return cls(encoder, feature_dim, num_images, **method_kwargs)
+    # Such a method's __init__ takes num_images after feature_dim; the base class's does not.
+    build_with_indices: Callable[..., SSLMethod] = cls
+    return build_with_indices(encoder, feature_dim, num_images, **method_kwargs)

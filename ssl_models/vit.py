@@ -9,10 +9,14 @@ steps for masked-image modelling, which drops (MAE) or replaces (SimMIM) patch t
 between; :func:`check_masked_image_backbone` tells those methods whether a backbone has them.
 """
 
+from typing import Protocol, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.vision_transformer import EncoderBlock
+
+# torchvision ships no type information (no py.typed marker); EncoderBlock is an nn.Module.
+from torchvision.models.vision_transformer import EncoderBlock  # type: ignore[import-untyped]
 
 
 class ViT(nn.Module):
@@ -128,7 +132,26 @@ class ViT(nn.Module):
         return self.encode(self.patch_tokens(x))[:, 0]
 
 
-#: What masked-image modelling (MAE, SimMIM) uses of a backbone, all provided by :class:`ViT`.
+class MaskedImageBackbone(Protocol):
+    """What masked-image modelling (MAE, SimMIM) uses of a backbone, as :class:`ViT` has it."""
+
+    patch_size: int
+    in_channels: int
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Patch embeddings (N, L, D) of images (N, C, H, W), no position or CLS token."""
+
+    def patch_position_embeddings(self, grid_h: int, grid_w: int) -> Tensor:
+        """Position embeddings (1, grid_h * grid_w, D) of a patch grid of that size."""
+
+    def patch_tokens(self, x: Tensor) -> Tensor:
+        """Patch embeddings plus their position embeddings, (N, L, D)."""
+
+    def encode(self, tokens: Tensor) -> Tensor:
+        """CLS + ``tokens`` (N, L', D) through the blocks and final norm: (N, 1 + L', D)."""
+
+
+#: The names of :class:`MaskedImageBackbone`'s members, which the check below looks for.
 MASKED_IMAGE_INTERFACE = (
     "patch_size",
     "in_channels",
@@ -139,9 +162,9 @@ MASKED_IMAGE_INTERFACE = (
 )
 
 
-def check_masked_image_backbone(backbone: nn.Module, method: str) -> None:
+def check_masked_image_backbone(backbone: nn.Module, method: str) -> MaskedImageBackbone:
     """Raise a ValueError naming the backbone type unless it has the ViT steps that
-    ``method`` masks tokens between (:data:`MASKED_IMAGE_INTERFACE`)."""
+    ``method`` masks tokens between (:data:`MASKED_IMAGE_INTERFACE`); return it, typed so."""
     missing = [name for name in MASKED_IMAGE_INTERFACE if not hasattr(backbone, name)]
     if missing:
         raise ValueError(
@@ -149,6 +172,7 @@ def check_masked_image_backbone(backbone: nn.Module, method: str) -> None:
             f"the patch embedding and the transformer blocks; got {type(backbone).__name__} "
             f"(no {', '.join(missing)}). Use model.backbone=vit_tiny or model.backbone=vit_small"
         )
+    return cast(MaskedImageBackbone, backbone)
 
 
 # name -> (embed_dim, depth, num_heads) of DeiT-Ti / DeiT-S, also DINO's ViT-S.

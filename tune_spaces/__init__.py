@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ class SpaceError(ValueError):
     """A search space that cannot be swept; the message names the key and the problem."""
 
 
-def load_space(name: str, file: Path | None = None, overrides: list[str] = ()) -> Space:
+def load_space(name: str, file: Path | None = None, overrides: Sequence[str] = ()) -> Space:
     """The space ``name``, then the keys of a YAML ``file``, then ``KEY=YAML`` overrides.
 
     An override value of ``null`` drops the key from the search (its config value is kept).

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_models.backbones import feature_map
 from ssl_models.dense_decoder import DenseDecoder
 from ssl_models.dist import all_reduce_sum
 from ssl_models.lab_color import (
@@ -70,6 +71,9 @@ class Colorization(SSLMethod):
             the target size; 1 takes the 4 x 4 map of ``small_cnn`` or a small-image ResNet
             on 32 px inputs to 8 x 8; ImageNet-stem ResNets (stride 32) want 3.
     """
+
+    bins: Tensor  # buffer (Q, 2): the in-gamut ab bin centres
+    bin_counts: Tensor  # buffer (Q,): nearest-bin counts, the empirical p
 
     def __init__(
         self,
@@ -122,7 +126,7 @@ class Colorization(SSLMethod):
         ab = batch.target("ab").float()  # (N, 2, h, w)
         n, _, height, width = ab.shape
         lightness = batch.views[0]
-        logits = self.decoder(self.backbone.feature_map(lightness), (height, width)).float()
+        logits = self.decoder(feature_map(self.backbone, lightness), (height, width)).float()
 
         with torch.no_grad():
             points = ab.permute(0, 2, 3, 1).reshape(-1, 2)

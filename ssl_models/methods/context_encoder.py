@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_models.backbones import image_channels
+from ssl_models.backbones import feature_map, image_channels
 from ssl_models.dense_decoder import DenseDecoder
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import (
@@ -157,7 +157,7 @@ class ContextEncoder(SSLMethod):
         if hole.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(f"mask {tuple(hole.shape)} does not match views {tuple(images.shape)}")
         context = images.masked_fill(hole[:, None], 0.0)  # 0 = the mean after normalisation
-        code = self.channel_fc(self.backbone.feature_map(context))
+        code = self.channel_fc(feature_map(self.backbone, context))
         pred = self.decoder(code, tuple(images.shape[-2:]))
         border = overlap_border(hole, round(self.overlap * min(images.shape[-2:])))
         loss = context_encoder_loss(pred, images, hole, border, self.overlap_weight)

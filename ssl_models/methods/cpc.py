@@ -178,7 +178,7 @@ class CPC(SSLMethod):
         # z[b, i, j] is candidate (rank's offset) + (b * R + i) * C + j.
         own = torch.arange(n * rows * cols, device=z.device).view(n, rows, cols)
         own = own + rank() * n * rows * cols
-        loss, correct, total = z.new_zeros(()), 0, 0
+        loss, correct, total = z.new_zeros(()), z.new_zeros((), dtype=torch.long), 0
         for k, predictor in enumerate(self.predictors, start=1):
             prediction = predictor(c[:, : rows - k]).reshape(-1, dim)  # W_k c[i, j]
             positives = own[:, k:].reshape(-1)  # z[i + k, j], same image

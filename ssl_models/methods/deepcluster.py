@@ -81,6 +81,10 @@ class DeepCluster(SSLMethod):
             new faiss seed per epoch), the same on every worker.
     """
 
+    pseudo_labels: Tensor  # buffer (num_images,): cluster per slot, -1 if none
+    cluster_sizes: Tensor  # buffer (num_clusters,): images per cluster
+    assignments_done: Tensor  # buffer (): clusterings so far
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -132,7 +136,7 @@ class DeepCluster(SSLMethod):
         return MethodRequirements(global_views=1, image_indices=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
-        views, indices = batch.views, batch.indices
+        views, indices = batch.views, batch.dataset_indices()
         logits = self.classifier(self.backbone(views[0])).float()
         labels = self.pseudo_labels[indices]
         labelled = labels >= 0

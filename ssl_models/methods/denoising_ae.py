@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssl_models.backbones import image_channels
+from ssl_models.backbones import feature_map, image_channels
 from ssl_models.dense_decoder import DenseDecoder
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, check_options, one_of
@@ -107,7 +107,7 @@ class DenoisingAutoencoder(SSLMethod):
 
     def reconstruct(self, images: Tensor) -> Tensor:
         """g(f(x~)): the decoded image, (N, C, H, W) in the inputs' normalised units."""
-        return self.decoder(self.backbone.feature_map(images), tuple(images.shape[-2:]))
+        return self.decoder(feature_map(self.backbone, images), tuple(images.shape[-2:]))
 
     def loss(self, batch: Batch) -> MethodOutput:
         (noisy, clean), corrupted = batch.views, batch.target("corrupted").bool()

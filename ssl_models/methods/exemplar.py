@@ -138,7 +138,7 @@ class ExemplarCNN(SSLMethod):
         return MethodRequirements(global_views=2, image_indices=True, pretext=patches)
 
     def loss(self, batch: Batch) -> MethodOutput:
-        views, indices = batch.views, batch.indices
+        views, indices = batch.views, batch.dataset_indices()
         logits = encode_views(self.backbone, views, self.classifier)  # one pass, views stacked
         labels = indices.repeat(len(views))  # every patch of seed i is class i
         loss, accuracy = classification_loss(logits, labels)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ssl_models.dist import gather_no_grad
 from ssl_models.losses.nce import nce_loss
@@ -51,6 +51,8 @@ class InstDisc(SSLMethod):
         bank_momentum: proximal update momentum mu (0.5 in the paper).
         objective: "softmax" (sampled eq. 2) or "nce" (eq. 5-7).
     """
+
+    normalizer: Tensor  # buffer (): the NCE normaliser Z
 
     def __init__(
         self,
@@ -92,7 +94,7 @@ class InstDisc(SSLMethod):
         return MethodRequirements(global_views=1, image_indices=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
-        views, indices = batch.views, batch.indices
+        views, indices = batch.views, batch.dataset_indices()
         v = F.normalize(self.embedding(self.backbone(views[0])), dim=1)
         n, num_images = v.shape[0], self.bank.features.shape[0]
         noise = torch.randint(0, num_images, (self.num_negatives,), device=v.device)

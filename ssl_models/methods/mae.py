@@ -19,11 +19,13 @@ fixed sine-cosine as in the official code, computed for the input's patch grid.
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.vision_transformer import EncoderBlock
+
+# torchvision ships no type information (no py.typed marker); EncoderBlock is an nn.Module.
+from torchvision.models.vision_transformer import EncoderBlock  # type: ignore[import-untyped]
 
 from ssl_models.backbones import VIT_BACKBONES
 from ssl_models.losses.masked_pixels import masked_pixel_loss
@@ -31,7 +33,7 @@ from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, FRACTION, check_options, require
 from ssl_models.patches import gather_tokens, patchify, random_masking
 from ssl_models.registry import register
-from ssl_models.vit import check_masked_image_backbone
+from ssl_models.vit import MaskedImageBackbone, check_masked_image_backbone
 
 
 def sincos_position_embeddings(dim: int, grid_h: int, grid_w: int) -> Tensor:
@@ -118,11 +120,16 @@ class MAE(SSLMethod):
         norm_pix_loss: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        check_masked_image_backbone(backbone, "MAE")
+        vit = check_masked_image_backbone(backbone, "MAE")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.patch_size: int = backbone.patch_size
-        out_dim = self.patch_size**2 * backbone.in_channels
+        self.patch_size = vit.patch_size
+        out_dim = self.patch_size**2 * vit.in_channels
         self.decoder = MAEDecoder(feature_dim, decoder_dim, decoder_depth, decoder_heads, out_dim)
+
+    @property
+    def vit(self) -> MaskedImageBackbone:
+        """The backbone, through the ViT steps ``__init__`` checked it has."""
+        return cast(MaskedImageBackbone, self.backbone)
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
@@ -148,10 +155,11 @@ class MAE(SSLMethod):
     def loss(self, batch: Batch) -> MethodOutput:
         views = batch.views
         (images,) = views
-        tokens = self.backbone.patch_tokens(images)  # (N, L, D), checks the image size
+        tokens = self.vit.patch_tokens(images)  # (N, L, D), checks the image size
         grid_h, grid_w = (side // self.patch_size for side in images.shape[-2:])
-        masking = random_masking(*tokens.shape[:2], self.mask_ratio, device=images.device)
-        latent = self.backbone.encode(gather_tokens(tokens, masking.ids_keep))
+        n, length = tokens.shape[:2]
+        masking = random_masking(n, length, self.mask_ratio, device=images.device)
+        latent = self.vit.encode(gather_tokens(tokens, masking.ids_keep))
         pred = self.decoder(latent, masking.ids_restore, grid_h, grid_w)
         target = patchify(images, self.patch_size)
         loss = masked_pixel_loss(pred, target, masking.mask, norm_pix=self.norm_pix_loss)

@@ -14,8 +14,10 @@ separate workers and also tries a lasso over the trunk's layers and input harmon
 the plain combination the paper starts from, with configurable weights (equal by default).
 """
 
+import functools
+import operator
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -154,11 +156,17 @@ class MultiTask(SSLMethod):
         """The requirements of this instance's tasks."""
         return self.requirements(self.options)
 
+    def task_methods(self) -> dict[str, SSLMethod]:
+        """The task methods by name, in task order (``tasks`` holds only these)."""
+        return {name: cast(SSLMethod, task) for name, task in self.tasks.items()}
+
     def loss(self, batch: Batch) -> MethodOutput:
         counts = batch.target(VIEW_COUNTS)[0].tolist()
-        loss, logs, start = 0.0, {}, 0
+        weighted: list[Tensor] = []
+        logs: dict[str, Tensor] = {}
+        start = 0
         for (name, task), weight, count in zip(
-            self.tasks.items(), self.weights, counts, strict=True
+            self.task_methods().items(), self.weights, counts, strict=True
         ):
             prefix = f"{name}{TASK_SEPARATOR}"
             own = {
@@ -166,8 +174,9 @@ class MultiTask(SSLMethod):
             }
             output = task(Batch(batch.views[start : start + count], batch.indices, own))
             start += count
-            loss = loss + weight * output.loss
+            weighted.append(weight * output.loss)
             logs |= {f"{name}/{key}": value for key, value in output.logs.items()}
+        loss = functools.reduce(operator.add, weighted)  # summed in task order
         return MethodOutput(loss=loss, logs={"loss": loss.detach(), **logs})
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
@@ -175,7 +184,7 @@ class MultiTask(SSLMethod):
         (so a task's special groups, e.g. a fixed learning rate, are kept)."""
         shared = {id(p) for p in self.backbone.parameters()}
         groups = param_groups(self.backbone, weight_decay)
-        for task in self.tasks.values():
+        for task in self.task_methods().values():
             for group in task.parameter_groups(weight_decay):
                 own = [p for p in group["params"] if id(p) not in shared]
                 if own:
@@ -184,21 +193,21 @@ class MultiTask(SSLMethod):
 
     def set_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
         super().set_schedule(steps_per_epoch, total_steps)
-        for task in self.tasks.values():
+        for task in self.task_methods().values():
             task.set_schedule(steps_per_epoch, total_steps)
 
     def before_optimizer_step(self, step: int) -> None:
-        for task in self.tasks.values():
+        for task in self.task_methods().values():
             task.before_optimizer_step(step)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        for task in self.tasks.values():
+        for task in self.task_methods().values():
             task.after_optimizer_step(step, total_steps)
 
     def needs_dataset_features(self, step: int) -> bool:
         # Remembered for take_dataset_features, which the loop calls right after.
         self._wanting_features = [
-            name for name, task in self.tasks.items() if task.needs_dataset_features(step)
+            name for name, task in self.task_methods().items() if task.needs_dataset_features(step)
         ]
         return bool(self._wanting_features)
 
@@ -208,7 +217,7 @@ class MultiTask(SSLMethod):
         stats: dict[str, float] = {}
         for name in self._wanting_features:
             for key, value in (
-                self.tasks[name].take_dataset_features(features, slots, optimizer).items()
+                self.task_methods()[name].take_dataset_features(features, slots, optimizer).items()
             ):
                 stats[f"{name}/{key}"] = value
         return stats

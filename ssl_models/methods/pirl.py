@@ -75,6 +75,8 @@ class PIRL(SSLMethod):
         standardize: standardise each tile on its own (the jigsaw pre-processing).
     """
 
+    normalizer: Tensor  # buffer (): the NCE normaliser Z
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -143,7 +145,7 @@ class PIRL(SSLMethod):
         return self.jigsaw_head(per_tile.reshape(n, -1))
 
     def loss(self, batch: Batch) -> MethodOutput:
-        (image, tiles), indices = batch.views, batch.indices
+        (image, tiles), indices = batch.views, batch.dataset_indices()
         f = F.normalize(self.image_head(self.backbone(image)).float(), dim=1)
         g = F.normalize(self.embed_tiles(tiles).float(), dim=1)
         num_images = self.bank.features.shape[0]

@@ -17,7 +17,7 @@ colour distortion off in the config (``augment.strength=0``, ``augment.jitter_pr
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import FRACTION, NON_NEGATIVE, check_options
 from ssl_models.patches import expand_block_mask, patchify, random_masking
 from ssl_models.registry import register
-from ssl_models.vit import check_masked_image_backbone
+from ssl_models.vit import MaskedImageBackbone, check_masked_image_backbone
 
 
 @register("simmim")
@@ -62,8 +62,8 @@ class SimMIM(SSLMethod):
         norm_pix_loss: bool = False,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        check_masked_image_backbone(backbone, "SimMIM")
-        self.patch_size: int = backbone.patch_size
+        vit = check_masked_image_backbone(backbone, "SimMIM")
+        self.patch_size = vit.patch_size
         mask_patch_size = mask_patch_size or self.patch_size
         if mask_patch_size % self.patch_size:
             raise ValueError(
@@ -74,7 +74,12 @@ class SimMIM(SSLMethod):
         self.mask_patch_size = mask_patch_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, feature_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)  # official init
-        self.head = nn.Linear(feature_dim, self.patch_size**2 * backbone.in_channels)
+        self.head = nn.Linear(feature_dim, self.patch_size**2 * vit.in_channels)
+
+    @property
+    def vit(self) -> MaskedImageBackbone:
+        """The backbone, through the ViT steps ``__init__`` checked it has."""
+        return cast(MaskedImageBackbone, self.backbone)
 
     def sample_mask(self, batch: int, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
         """A random (batch, grid_h * grid_w) patch mask, True = masked: ``mask_ratio`` of
@@ -93,11 +98,11 @@ class SimMIM(SSLMethod):
     def reconstruct(self, images: Tensor, mask: Tensor) -> Tensor:
         """Predicted pixels (N, L, patch_size^2 * C) of every patch of ``images`` with the
         patches where ``mask`` (N, L) is True replaced by the mask token."""
-        tokens = self.backbone.embed_patches(images)  # (N, L, D), checks the image size
+        tokens = self.vit.embed_patches(images)  # (N, L, D), checks the image size
         grid_h, grid_w = (side // self.patch_size for side in images.shape[-2:])
         tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        tokens = tokens + self.backbone.patch_position_embeddings(grid_h, grid_w)
-        return self.head(self.backbone.encode(tokens)[:, 1:])
+        tokens = tokens + self.vit.patch_position_embeddings(grid_h, grid_w)
+        return self.head(self.vit.encode(tokens)[:, 1:])
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ Assignments", arXiv:2006.09882), Algorithm 1 with multi-crop, as in the official
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,9 @@ class SwAV(SSLMethod):
     #: Crops given codes: the two global views (the official ``crops_for_assign`` = [0, 1]).
     crops_for_assign: tuple[int, ...] = (0, 1)
 
+    queue_filled: Tensor  # buffer (): rows pushed so far
+    steps_done: Tensor  # buffer (): optimiser steps taken
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -104,6 +107,10 @@ class SwAV(SSLMethod):
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
+    def assignment_queue(self, i: int) -> FeatureQueue:
+        """The queue of assignment crop ``crops_for_assign[i]`` (when ``queue_length`` > 0)."""
+        return cast(FeatureQueue, self.queues[i])  # the ModuleList holds only these
+
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
         """L2-normalise each prototype (a row of the weight) in place."""
@@ -129,7 +136,9 @@ class SwAV(SSLMethod):
                 n, dim = z.shape
                 if use_queue:
                     # This rank's rows of each queued global batch (see the class docstring).
-                    own = self.queues[i].features.view(-1, world_size(), n, dim)[:, rank()]
+                    own = self.assignment_queue(i).features.view(-1, world_size(), n, dim)[
+                        :, rank()
+                    ]
                     z = torch.cat([own.reshape(-1, dim), z])
                 q = sinkhorn_knopp(z @ prototypes.t(), self.epsilon, self.sinkhorn_iterations)
                 result.append(q[-n:])
@@ -164,8 +173,8 @@ class SwAV(SSLMethod):
         filling = self.queue_length > 0 and self.training
         if filling and self.steps_done >= self.steps_in(self.epoch_queue_starts):
             # After the codes: this step's embeddings serve the next steps' Sinkhorn.
-            for queue, crop_id in zip(self.queues, self.crops_for_assign, strict=True):
-                queue.push(gather_no_grad(embeddings[crop_id]))
+            for i, crop_id in enumerate(self.crops_for_assign):
+                self.assignment_queue(i).push(gather_no_grad(embeddings[crop_id]))
             pushed = int(self.queue_filled) + len(views[0]) * world_size()
             self.queue_filled.fill_(min(pushed, self.queue_length))
         loss = swapped_prediction_loss(scores, codes, self.crops_for_assign, self.temperature)

@@ -58,13 +58,28 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
 
 class JitterRecipe(Protocol):
     """ColorJitter's knobs: the chance a sample is jittered and each op's spread (the view
-    recipe, ``ssl_models.transforms.views.ViewRecipe``, is one)."""
+    recipe, ``ssl_models.transforms.views.ViewRecipe``, is one). Read-only, so a frozen
+    dataclass qualifies."""
 
-    jitter_prob: float
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
+    @property
+    def jitter_prob(self) -> float:
+        """The chance that a sample is jittered at all."""
+
+    @property
+    def brightness(self) -> float:
+        """b: brightness factors are drawn uniformly from [max(0, 1 - b), 1 + b]."""
+
+    @property
+    def contrast(self) -> float:
+        """c: contrast factors are drawn uniformly from [max(0, 1 - c), 1 + c]."""
+
+    @property
+    def saturation(self) -> float:
+        """s: saturation factors (RGB only) are drawn uniformly from [max(0, 1 - s), 1 + s]."""
+
+    @property
+    def hue(self) -> float:
+        """h: hue shifts (RGB only), in turns, are drawn uniformly from [-h, h]."""
 
 
 @dataclass(frozen=True)
