@@ -112,6 +112,7 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Pooled features (N, ``out_dim``): the feature map, globally averaged."""
         return torch.flatten(self.avgpool(self.feature_map(x)), 1)
 
 
@@ -140,6 +141,7 @@ class SmallCNN(nn.Module):
         return self.features[:-2](x)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Pooled features (N, ``out_dim``): the feature map, globally averaged."""
         return self.features(x)
 
 

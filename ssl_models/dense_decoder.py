@@ -44,6 +44,8 @@ class DenseDecoder(nn.Module):
         self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
 
     def forward(self, feature_map: Tensor, size: tuple[int, int]) -> Tensor:
+        """Feature map (N, C, h, w) -> (N, out_channels, *size), bilinearly resized to
+        ``size`` when the upsamplings do not land on it."""
         x = self.out(self.blocks(feature_map))
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -28,7 +28,7 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's rank in the default group (0 when not distributed)."""
+    """The rank of this process in the default group (0 when not distributed)."""
     return dist.get_rank() if _active() else 0
 
 

@@ -41,4 +41,5 @@ class ProjectionHead(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Features (N, in_dim) -> (N, out_dim)."""
         return self.layers(x)

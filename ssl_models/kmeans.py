@@ -31,6 +31,8 @@ _CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk (64 MiB of float3
 
 @dataclass
 class KMeansResult:
+    """What :func:`kmeans` found, and how it got there."""
+
     centroids: Tensor  # (K, D): the mean of each cluster's points
     assignments: Tensor  # (N,) long; every cluster in 0..K-1 has at least one point
     objective: float  # mean squared distance to the assigned centroid (faiss logs the sum)

@@ -33,8 +33,8 @@ _DELTA = 6 / 29  # CIE: f(t) is linear below t = delta^3, to avoid the cube root
 
 
 def srgb_to_lab(rgb: Tensor) -> Tensor:
-    """sRGB in [0, 1], shape (..., 3, H, W) -> CIE Lab (..., 3, H, W): L in [0, 100], a and
-    b roughly in [-110, 110]. Computed in ``rgb``'s floating dtype and device."""
+    """Convert sRGB in [0, 1], shape (..., 3, H, W), to CIE Lab (..., 3, H, W): L in
+    [0, 100], a and b roughly in [-110, 110]. Computed in ``rgb``'s floating dtype and device."""
     if rgb.shape[-3] != 3:
         raise ValueError(f"sRGB images need 3 channels, got shape {tuple(rgb.shape)}")
     # Undo the sRGB transfer curve: linear light.

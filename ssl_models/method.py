@@ -71,6 +71,8 @@ class Batch:
 
 @dataclass
 class MethodOutput:
+    """What :meth:`SSLMethod.forward` returns: the loss and the scalars to log."""
+
     loss: Tensor  # scalar to backpropagate
     logs: dict[str, Tensor]  # detached scalars to log, e.g. {"loss": ..., "pos_sim": ...}
 
@@ -153,7 +155,7 @@ class SSLMethod(nn.Module):
         return MethodRequirements()
 
     def declared(self) -> MethodRequirements:
-        """This method's requirements, as ``forward`` checks them: its class's with default
+        """The requirements of this method, as ``forward`` checks them: its class's with default
         options (only the views of multi-task depend on options, and it overrides this)."""
         return type(self).requirements(type(self).option_defaults())
 

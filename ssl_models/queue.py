@@ -51,6 +51,8 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, indices: Tensor, features: Tensor, momentum: float) -> None:
+        """Move the bank entries at ``indices`` towards ``features`` (already gathered)
+        by ``momentum``, then renormalise them."""
         mixed = momentum * self.features[indices] + (1 - momentum) * features.to(
             self.features.dtype
         )

@@ -129,6 +129,7 @@ class ViT(nn.Module):
         return tokens.transpose(1, 2).reshape(len(x), self.out_dim, grid_h, grid_w)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The CLS token after the final norm, (N, ``out_dim``): the image's features."""
         return self.encode(self.patch_tokens(x))[:, 0]
 
 

@@ -82,4 +82,5 @@ class BarlowTwinsLoss(nn.Module):
         self.lambda_offdiag = lambda_offdiag
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """The loss of two (N, D) embedding batches."""
         return barlow_twins_loss(z_a, z_b, self.lambda_offdiag)

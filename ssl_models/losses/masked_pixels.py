@@ -49,6 +49,7 @@ def masked_pixel_loss(
         pred: (N, L, P) predicted pixels, P = patch_size^2 * C.
         target: (N, L, P) the image's pixels, :func:`patchify` of it.
         mask: (N, L), true (or 1) where the patch is masked; must mask at least one patch.
+        kind: ``"l2"`` (squared error) or ``"l1"`` (absolute error).
         norm_pix: compare with each target patch normalised by its own mean and variance
             (:func:`normalize_patches`); the prediction is then in those units.
         eps: added to the variance when ``norm_pix``.

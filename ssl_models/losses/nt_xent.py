@@ -61,4 +61,5 @@ class NTXentLoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """The loss of two (N, D) embedding batches, row i of each the same image."""
         return nt_xent_loss(z_a, z_b, self.temperature)

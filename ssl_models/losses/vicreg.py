@@ -44,7 +44,9 @@ def vicreg_loss(
     Args:
         z_a: (n, d) embeddings of the first view, this rank's rows only.
         z_b: (n, d) embeddings of the second view; row i pairs with row i of ``z_a``.
-        sim_weight, var_weight, cov_weight: weights of the three terms (paper: 25, 25, 1).
+        sim_weight: weight of the invariance term (paper: 25).
+        var_weight: weight of the variance term (paper: 25).
+        cov_weight: weight of the covariance term (paper: 1).
         eps: added to the variance before the square root.
 
     Returns:
@@ -98,4 +100,5 @@ class VICRegLoss(nn.Module):
         self.eps = eps
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of two (N, D) embedding batches, and its three terms to log."""
         return vicreg_loss(z_a, z_b, self.sim_weight, self.var_weight, self.cov_weight, self.eps)

@@ -62,6 +62,7 @@ class BarlowTwins(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Head widths of at least 1 and an off-diagonal weight lambda >= 0."""
         check_options(
             options,
             projection_hidden_dim=AT_LEAST_ONE,
@@ -70,6 +71,8 @@ class BarlowTwins(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """The Barlow Twins loss (eq. 1) of the two views' projections: the cross-correlation
+        of the batch-standardised embeddings pushed towards the identity."""
         views = batch.views
         z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(y)), one pass
         loss = self.criterion(z_a, z_b)

@@ -72,6 +72,7 @@ class BYOL(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Head widths of at least 1 and a base momentum in [0, 1]."""
         check_options(
             options,
             projection_hidden_dim=AT_LEAST_ONE,
@@ -80,6 +81,8 @@ class BYOL(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """BYOL's symmetrised loss (eq. 2 both ways): each view's prediction against the
+        EMA target's projection of the other view, 2 - 2 cos each, no gradient to the target."""
         views = batch.views
         # One pass per network over both views; batch-norm statistics cover both views.
         p_a, p_b = self.embed_views(views, self.projector, self.predictor)

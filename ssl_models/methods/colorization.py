@@ -99,6 +99,8 @@ class Colorization(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Ranges: ``neighbours`` in [1, Q] (Q = 261 in-gamut bins), positive widths, a
+        rebalancing mix in (0, 1], a stride and decoder width of at least 1."""
         bins = len(ab_bins())
         check_options(
             options,
@@ -113,6 +115,8 @@ class Colorization(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One RGB view, which the data stage turns into its lightness (the input) and its
+        ab values at ``target_stride`` (the target); needs 3-channel images."""
         lightness = ColorizationViews(stride=int(options["target_stride"]))
         return MethodRequirements(global_views=1, input_channels=3, pretext=lightness)
 
@@ -123,6 +127,9 @@ class Colorization(SSLMethod):
         self.bin_counts += all_reduce_sum(torch.bincount(nearest, minlength=len(self.bins)))
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """The class-rebalanced multinomial cross-entropy of eq. 2 (mean over pixels): the
+        predicted ab-bin distribution against the soft-encoded true colour, each pixel weighted
+        by the rarity of its nearest bin (eq. 3-4); gray images get weight 0."""
         ab = batch.target("ab").float()  # (N, 2, h, w)
         n, _, height, width = ab.shape
         lightness = batch.views[0]

@@ -87,6 +87,8 @@ class ChannelWiseFC(nn.Module):
         nn.init.uniform_(self.weight, -(cells**-0.5), cells**-0.5)  # nn.Linear's scale
 
     def forward(self, x: Tensor) -> Tensor:
+        """Feature map (N, C, h, w), pooled to ``grid`` x ``grid`` if needed -> the same
+        shape, every channel's cells fully connected among themselves."""
         if tuple(x.shape[-2:]) != (self.grid, self.grid):
             x = F.adaptive_avg_pool2d(x, self.grid)
         y = torch.einsum("nci,cij->ncj", x.flatten(2), self.weight)
@@ -136,6 +138,8 @@ class ContextEncoder(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A known ``mask_shape``, a coverage in (0, 1), an overlap in [0, 0.5), a positive
+        overlap weight, a grid and decoder width of at least 1."""
         check_options(
             options,
             mask_shape=one_of(*MASK_SHAPES),
@@ -149,10 +153,13 @@ class ContextEncoder(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view of whole images; the data stage draws each image's hole (``mask``)."""
         holes = HoleMasks(options["mask_shape"], options["coverage"])
         return MethodRequirements(global_views=1, pretext=holes)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """The masked L2 reconstruction loss (eq. 1) on the hole's pixels, the border that
+        overlaps the context weighted ``overlap_weight`` times."""
         (images,), hole = batch.views, batch.target("mask").bool()
         if hole.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(f"mask {tuple(hole.shape)} does not match views {tuple(images.shape)}")

@@ -68,6 +68,8 @@ class CausalBlock(nn.Module):
         self.expand = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """A residual step on context features (N, D, R, C): output row i sees input rows
+        i - 1 and i only."""
         h = self.along_row(F.relu(self.reduce(x)))
         h = F.relu(self.from_above(F.pad(h, (0, 0, 1, 0))))  # pad one row on top only
         return x + self.expand(h)
@@ -122,6 +124,8 @@ class CPC(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Ranges (sizes and steps of at least 1, a crop in (0, 1], a known norm), a stride
+        no larger than the patch, and a crop that keeps at least one pixel."""
         check_options(
             options,
             patch_size=AT_LEAST_ONE,
@@ -138,6 +142,8 @@ class CPC(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view, which the data stage cuts into a square grid of overlapping patches;
+        convolutional backbones only, which see patches, not whole images."""
         grid = PatchGridViews(
             patch=options["patch_size"],
             stride=options["patch_stride"],
@@ -161,7 +167,7 @@ class CPC(SSLMethod):
         return self.backbone(patches.flatten(0, 1)).view(n, side, side, -1)
 
     def contexts(self, z: Tensor) -> Tensor:
-        """c (N, R, C, D) of z (N, R, C, D): row i depends on rows <= i of z only."""
+        """Contexts c (N, R, C, D) of z (N, R, C, D): row i depends on rows <= i of z only."""
         return self.context(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def predictive_loss(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,6 +195,8 @@ class CPC(SSLMethod):
         return loss, correct / total
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """InfoNCE for every prediction step k, summed: each context predicts the patch k rows
+        below it among all patches of the global batch."""
         patches = batch.views[0]
         if patches.ndim != 5:
             raise ValueError(

@@ -122,6 +122,8 @@ class DeepCluster(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """At least 2 clusters; PCA dimensions, k-means iterations and the re-clustering
+        period of at least 1; a non-negative seed."""
         check_options(
             options,
             num_clusters=AT_LEAST_TWO,
@@ -133,9 +135,13 @@ class DeepCluster(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view and the images' dataset indices (their pseudo-labels are per image)."""
         return MethodRequirements(global_views=1, image_indices=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Cross-entropy of the classifier against the images' current pseudo-labels,
+        weighted 1 / cluster size with ``balance_clusters`` (for uniform sampling over clusters);
+        images not yet clustered weigh 0."""
         views, indices = batch.views, batch.dataset_indices()
         logits = self.classifier(self.backbone(views[0])).float()
         labels = self.pseudo_labels[indices]

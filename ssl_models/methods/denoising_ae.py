@@ -89,6 +89,8 @@ class DenoisingAutoencoder(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A known corruption, a noise level in (0, 1), emphasis weights alpha > 0 and
+        beta >= 0, a decoder width of at least 1."""
         check_options(
             options,
             corruption=one_of(*CORRUPTIONS),
@@ -101,6 +103,8 @@ class DenoisingAutoencoder(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view, which the data stage corrupts: ``forward`` gets the corrupted view,
+        the clean one and which components the corruption chose (``corrupted``)."""
         corrupt = Corrupt(options["corruption"], options["noise_level"])
         # One view drawn; the transform ships it corrupted and clean.
         return MethodRequirements(global_views=1, forward_views=2, pretext=corrupt)
@@ -110,6 +114,8 @@ class DenoisingAutoencoder(SSLMethod):
         return self.decoder(feature_map(self.backbone, images), tuple(images.shape[-2:]))
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """The emphasised squared reconstruction error of Vincent et al. 2010 of the clean
+        view: weight ``alpha`` on the corrupted components, ``beta`` on the others."""
         (noisy, clean), corrupted = batch.views, batch.target("corrupted").bool()
         if noisy.shape != clean.shape or corrupted.shape != clean.shape:
             raise ValueError(

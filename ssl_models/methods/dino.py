@@ -61,6 +61,8 @@ class DINOHead(nn.Module):
         g.requires_grad_(not norm_last_layer)  # frozen: param_groups and DDP skip it
 
     def forward(self, x: Tensor) -> Tensor:
+        """Backbone features (N, in_dim) -> prototype scores (N, out_dim): MLP, L2
+        normalisation of the bottleneck, weight-normalised last layer."""
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
@@ -143,6 +145,8 @@ class DINO(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Head sizes of at least 1, positive temperatures, momenta in [0, 1], and
+        non-negative warm-up epochs, clipping bound and last-layer freeze."""
         check_options(
             options,
             out_dim=AT_LEAST_ONE,
@@ -160,9 +164,12 @@ class DINO(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two global views, then any local (multi-crop) views; any backbone."""
         return MethodRequirements(local_views=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """DINO's multi-crop cross-entropy: every crop's student distribution against the
+        centred, sharpened teacher distribution of each global view other than itself."""
         views = batch.views
         student = self.embed_views(views, self.head)  # every crop, one pass per size
         with torch.no_grad():

@@ -113,6 +113,8 @@ class ExemplarCNN(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Ranges of the head and of every transformation's magnitude, and each
+        maximum (scale, HSV factor) at least its minimum."""
         at_least_one = Rule(lambda x: x >= 1, ">= 1")
         check_options(
             options,
@@ -133,11 +135,16 @@ class ExemplarCNN(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two views per image (the surrogate class's samples), drawn by the data stage's
+        random compositions of the paper's transformations, and the images' dataset indices
+        (each image is its own class)."""
         names = ExemplarTransforms.__dataclass_fields__
         patches = ExemplarTransforms(**{name: options[name] for name in names})
         return MethodRequirements(global_views=2, image_indices=True, pretext=patches)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Cross-entropy over the surrogate classes: every transformed patch of image i
+        should be classified as class i."""
         views, indices = batch.views, batch.dataset_indices()
         logits = encode_views(self.backbone, views, self.classifier)  # one pass, views stacked
         labels = indices.repeat(len(views))  # every patch of seed i is class i

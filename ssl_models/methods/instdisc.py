@@ -80,6 +80,8 @@ class InstDisc(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Embedding size and negatives of at least 1, a positive temperature, a bank
+        momentum in [0, 1) and a known objective."""
         check_options(
             options,
             embedding_dim=AT_LEAST_ONE,
@@ -91,9 +93,13 @@ class InstDisc(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view and the images' dataset indices (their memory-bank entries)."""
         return MethodRequirements(global_views=1, image_indices=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Non-parametric instance discrimination: the image's own bank entry among
+        ``num_negatives`` random ones, by sampled softmax (eq. 2) or NCE (eq. 5-7); then the
+        bank entries of the global batch move towards the new features."""
         views, indices = batch.views, batch.dataset_indices()
         v = F.normalize(self.embedding(self.backbone(views[0])), dim=1)
         n, num_images = v.shape[0], self.bank.features.shape[0]

@@ -102,6 +102,8 @@ class Jigsaw(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Permutations in [2, 9!], a colour-channel jitter in [0, 0.5), a dropout in
+        [0, 1), widths of at least 1, non-negative seed and tile size."""
         check_options(
             options,
             num_permutations=Rule(lambda x: 2 <= x <= math.factorial(NUM_TILES), "in [2, 9!]"),
@@ -116,6 +118,8 @@ class Jigsaw(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view, which the data stage cuts into 9 tiles and shuffles by one of the
+        chosen permutations (``permutation``); the backbone sees tiles, never whole images."""
         names = ("num_permutations", "permutation_seed", "tile_size", "grayscale_prob")
         tiles = ShuffledTiles(
             **{name: options[name] for name in names}, channel_jitter=options["channel_jitter"]
@@ -124,6 +128,7 @@ class Jigsaw(SSLMethod):
         return MethodRequirements(global_views=1, whole_images_first=False, pretext=tiles)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Cross-entropy over the permutation set: which permutation shuffled the tiles."""
         tiles, labels = batch.views[0], batch.target("permutation")
         if tiles.ndim != 5 or tiles.shape[1] != NUM_TILES:
             raise ValueError(f"Jigsaw takes the shuffled tiles (N, 9, C, t, t), got {tiles.shape}")

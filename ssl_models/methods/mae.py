@@ -133,6 +133,8 @@ class MAE(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A mask ratio in (0, 1), decoder sizes of at least 1, and a decoder width
+        divisible by its heads and by 4 (sine-cosine position embeddings)."""
         check_options(
             options,
             mask_ratio=FRACTION,
@@ -150,9 +152,12 @@ class MAE(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view of whole images; ViT backbones only (it drops patch tokens)."""
         return MethodRequirements(global_views=1, backbones=VIT_BACKBONES)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """MAE's loss: mean squared error on the masked patches only (per-patch normalised
+        targets with ``norm_pix_loss``), the encoder having seen only the visible ones."""
         views = batch.views
         (images,) = views
         tokens = self.vit.patch_tokens(images)  # (N, L, D), checks the image size

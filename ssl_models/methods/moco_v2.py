@@ -107,6 +107,8 @@ class MoCoV2(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A positive temperature, a queue and head widths of at least 1, and a key
+        encoder momentum in [0, 1]."""
         check_options(
             options,
             temperature=POSITIVE,
@@ -117,6 +119,8 @@ class MoCoV2(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Symmetrised InfoNCE (eq. 1): each view's query against the other view's key,
+        the queue's keys as negatives; then, in training, the second view's keys join the queue."""
         views = batch.views
         x_1, x_2 = views
         q_1 = self.projector(self.backbone(x_1))

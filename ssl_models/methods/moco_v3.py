@@ -107,6 +107,7 @@ class MoCoV3(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A positive temperature, a base momentum in [0, 1], head widths of at least 1."""
         check_options(
             options,
             temperature=POSITIVE,
@@ -116,6 +117,8 @@ class MoCoV3(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Algorithm 1's symmetrised contrastive loss: each view's query against the momentum
+        encoder's keys of the other view, the global batch's other keys as negatives."""
         views = batch.views
         x_1, x_2 = views
         q_1 = self.predictor(self.projector(self.backbone(x_1)))

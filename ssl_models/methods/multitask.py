@@ -93,6 +93,9 @@ class MultiTask(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Known, distinct tasks; one weight >= 0 per task if any; ``task_options`` naming
+        only those tasks and their options, each task's options valid; a backbone that suits
+        every task."""
         tasks, weights = options["tasks"], options["weights"]
         classes = _task_classes(tasks)
         if weights is not None:
@@ -130,6 +133,8 @@ class MultiTask(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """The tasks' views one task after another, their transforms run on each task's
+        share, the backbones and channels they all accept; dataset indices always."""
         tasks = tuple(options["tasks"])
         needs = [
             task.requirements(_task_options(options, name))
@@ -161,6 +166,8 @@ class MultiTask(SSLMethod):
         return {name: cast(SSLMethod, task) for name, task in self.tasks.items()}
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """The weighted sum of the tasks' losses, each on its own share of the views and
+        targets; each task's logs under ``<task>/``."""
         counts = batch.target(VIEW_COUNTS)[0].tolist()
         weighted: list[Tensor] = []
         logs: dict[str, Tensor] = {}
@@ -192,19 +199,23 @@ class MultiTask(SSLMethod):
         return groups
 
     def set_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Tell every task the schedule as well."""
         super().set_schedule(steps_per_epoch, total_steps)
         for task in self.task_methods().values():
             task.set_schedule(steps_per_epoch, total_steps)
 
     def before_optimizer_step(self, step: int) -> None:
+        """Every task's ``before_optimizer_step`` (clipping, freezing), in task order."""
         for task in self.task_methods().values():
             task.before_optimizer_step(step)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Every task's ``after_optimizer_step`` (EMA updates), in task order."""
         for task in self.task_methods().values():
             task.after_optimizer_step(step, total_steps)
 
     def needs_dataset_features(self, step: int) -> bool:
+        """Whether any task wants dataset features before ``step``."""
         # Remembered for take_dataset_features, which the loop calls right after.
         self._wanting_features = [
             name for name, task in self.task_methods().items() if task.needs_dataset_features(step)
@@ -214,6 +225,8 @@ class MultiTask(SSLMethod):
     def take_dataset_features(
         self, features: Tensor, slots: Tensor, optimizer: torch.optim.Optimizer
     ) -> dict[str, float]:
+        """Hand the features to the tasks that asked for them; their stats under
+        ``<task>/``."""
         stats: dict[str, float] = {}
         for name in self._wanting_features:
             for key, value in (

@@ -111,6 +111,9 @@ class PIRL(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Ranges: embedding size and negatives of at least 1, a positive temperature, a
+        bank momentum in [0, 1), a loss weight in [0, 1], a known objective, a grid of at least
+        1 and a tile ratio in (0, 1]."""
         check_options(
             options,
             embedding_dim=AT_LEAST_ONE,
@@ -125,6 +128,8 @@ class PIRL(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two views and the images' dataset indices: the first view whole, the second
+        cut into shuffled jigsaw tiles by the data stage; convolutional backbones only."""
         return MethodRequirements(
             global_views=2,
             image_indices=True,
@@ -145,6 +150,9 @@ class PIRL(SSLMethod):
         return self.jigsaw_head(per_tile.reshape(n, -1))
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """PIRL's loss (eq. 5): the tiles' and the image's embeddings each against the
+        image's memory-bank entry among ``num_negatives`` random ones, mixed by
+        ``loss_weight``; then the bank entries move towards the image embeddings."""
         (image, tiles), indices = batch.views, batch.dataset_indices()
         f = F.normalize(self.image_head(self.backbone(image)).float(), dim=1)
         g = F.normalize(self.embed_tiles(tiles).float(), dim=1)

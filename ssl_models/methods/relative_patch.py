@@ -89,6 +89,8 @@ class RelativePatch(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A pixelation probability in [0, 1], a known colour handling, a width of at
+        least 1, a jitter >= 0 and a gap of at least twice the jitter."""
         check_options(
             options, pixelate_prob=PROBABILITY, colour=one_of(*COLOURS), hidden_dim=AT_LEAST_ONE
         )
@@ -102,6 +104,8 @@ class RelativePatch(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view, which the data stage turns into a centre patch and a random
+        neighbour with its position; convolutional backbones only, which see patches."""
         names = ("gap_ratio", "jitter_ratio", "pixelate_prob", "colour")
         return MethodRequirements(
             global_views=1,
@@ -112,6 +116,8 @@ class RelativePatch(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Cross-entropy over the 8 positions: where the neighbour lies relative to the
+        centre patch."""
         pairs, labels = batch.views[0], batch.target("position")
         if pairs.ndim != 5 or pairs.shape[1] != 2:
             raise ValueError(

@@ -64,13 +64,17 @@ class RotNet(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A classifier hidden width >= 0 (0: a linear classifier)."""
         check_options(options, classifier_hidden_dim=NON_NEGATIVE)
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view, which the data stage ships in all four rotations with their labels."""
         return MethodRequirements(global_views=1, pretext=RotatedCopies())
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """Cross-entropy over the four rotations, the mean over every image's copies
+        (eq. 2)."""
         copies, labels = batch.views[0], batch.target("rotation")
         if copies.ndim != 5 or labels.shape != copies.shape[:2]:
             raise ValueError(

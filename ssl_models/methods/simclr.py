@@ -49,6 +49,7 @@ class SimCLR(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A positive temperature and head widths of at least 1."""
         check_options(
             options,
             temperature=POSITIVE,
@@ -57,6 +58,8 @@ class SimCLR(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """NT-Xent (eq. 1) over the two views' projections: each embedding's positive is
+        the other view of its image, the other 2N - 2 embeddings are its negatives."""
         z_a, z_b = self.embed_views(batch.views, self.projector)  # z = g(f(x)), one pass
         loss = self.criterion(z_a, z_b)
         pos_sim = F.cosine_similarity(z_a, z_b, dim=1).mean()

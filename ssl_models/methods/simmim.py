@@ -106,13 +106,16 @@ class SimMIM(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """A mask ratio in (0, 1) and a mask patch size >= 0 (0: the ViT's patch size)."""
         check_options(options, mask_ratio=FRACTION, mask_patch_size=NON_NEGATIVE)
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """One view of whole images; ViT backbones only (it masks patch tokens)."""
         return MethodRequirements(global_views=1, backbones=VIT_BACKBONES)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """SimMIM's loss: L1 between predicted and true pixels of the masked patches only."""
         views = batch.views
         (images,) = views
         grid_h, grid_w = (side // self.patch_size for side in images.shape[-2:])

@@ -62,6 +62,7 @@ class SimSiam(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Head widths of at least 1 and a projector of at least 2 layers."""
         check_options(
             options,
             projection_dim=AT_LEAST_ONE,
@@ -70,6 +71,8 @@ class SimSiam(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """SimSiam's symmetrised loss: each view's prediction against the other
+        view's projection, negative cosine, stop-gradient on the projection."""
         views = batch.views
         # One pass over both views; batch-norm statistics cover both views.
         z = self.projector(self.backbone(torch.cat(views)))

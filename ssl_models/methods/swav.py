@@ -146,6 +146,8 @@ class SwAV(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Positive temperature and epsilon, counts and widths of at least 1, and
+        non-negative queue length, queue start and prototype freeze."""
         check_options(
             options,
             num_prototypes=AT_LEAST_ONE,
@@ -161,9 +163,12 @@ class SwAV(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two global views, then any local (multi-crop) views; any backbone."""
         return MethodRequirements(local_views=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """The swapped prediction loss (eq. 1): every crop's prototype scores predict the
+        Sinkhorn codes of each other global crop; the queue fills once its epoch comes."""
         views = batch.views
         self.normalize_prototypes()
         z = self.embed(views)

@@ -62,6 +62,7 @@ class VICReg(SSLMethod):
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
+        """Head widths of at least 1 and non-negative term weights."""
         check_options(
             options,
             projection_hidden_dim=AT_LEAST_ONE,
@@ -72,6 +73,8 @@ class VICReg(SSLMethod):
         )
 
     def loss(self, batch: Batch) -> MethodOutput:
+        """VICReg's loss of the two views' embeddings: weighted invariance (MSE),
+        variance (hinge on each dimension's std) and covariance (off-diagonal) terms."""
         views = batch.views
         z_a, z_b = self.embed_views(views, self.projector)  # z = g(f(y)), one pass
         loss, parts = self.criterion(z_a, z_b)

@@ -95,6 +95,7 @@ class JitterParams:
     order: Tensor
 
     def rows(self, start: int, stop: int) -> JitterParams:
+        """The draws of samples ``start:stop``."""
         return JitterParams(self.ops, self.factors[start:stop], self.order[start:stop])
 
 

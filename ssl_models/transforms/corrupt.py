@@ -30,6 +30,7 @@ class Corrupt:
     noise_level: float = 0.25
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Corrupt the one view; returns the keys above."""
         (clean,) = views
         n, device = clean.shape[0], clean.device
         # Random numbers come from the CPU generator (the views may live on the GPU).

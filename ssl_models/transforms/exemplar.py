@@ -107,6 +107,7 @@ class ExemplarTransforms:
     padding: str
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Transform each view's patches; returns the keys above."""
         x = torch.cat(views).float() / 255
         n, channels = x.shape[:2]
         if channels not in (1, 3):

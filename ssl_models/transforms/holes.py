@@ -31,6 +31,7 @@ class HoleMasks:
     coverage: float = 0.25
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Draw a hole for each image of the one view; returns the keys above."""
         (images,) = views
         n, _, height, width = images.shape
         return {
@@ -41,6 +42,7 @@ class HoleMasks:
     def draw(
         self, n: int, height: int, width: int, generator: torch.Generator, device: torch.device
     ) -> Tensor:
+        """(n, height, width) bool holes of ``mask_shape`` on ``device``."""
         if self.mask_shape == "central_block":
             return central_block(n, height, width, device)
         if self.mask_shape == "random_blocks":

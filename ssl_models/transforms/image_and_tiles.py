@@ -20,6 +20,7 @@ class JigsawTiles:
     jitter: bool
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Keep the first view, tile the second; returns the keys above."""
         image, other = views
         cell = min(other.shape[-2:]) // self.grid
         tile = max(1, round(cell * self.tile_ratio))

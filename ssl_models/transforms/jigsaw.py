@@ -104,6 +104,7 @@ class ShuffledTiles:
     channel_jitter: float = 2 / 64
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Cut and shuffle the one view's tiles; returns the keys above."""
         (images,) = views  # uint8 (N, C, H, W)
         n, channels, height, width = images.shape
         device = images.device

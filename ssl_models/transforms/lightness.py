@@ -19,6 +19,7 @@ class ColorizationViews:
     stride: int = 4
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Split the one RGB view into lightness and colour; returns the keys above."""
         (images,) = views
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(

@@ -25,6 +25,7 @@ class TaskViews:
     transforms: tuple[PretextViews | None, ...]
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Run every task's transform on its share of ``views``; returns the keys above."""
         out: dict[str, Tensor] = {}
         shipped: list[int] = []
         start = 0

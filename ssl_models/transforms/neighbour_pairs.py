@@ -93,6 +93,7 @@ class NeighbourPairs:
     colour: str
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Draw a centre-neighbour pair from each image of the one view."""
         (images,) = views  # uint8 (N, C, H, W)
         n, channels, device = len(images), images.shape[1], images.device
         tile, jitter = patch_geometry(min(images.shape[-2:]), self.gap_ratio, self.jitter_ratio)

@@ -52,6 +52,7 @@ class PatchGridViews:
     greyscale: bool
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Cut the one view into its patch grid."""
         (images,) = views  # uint8 (N, ch, S, S)
         if images.shape[-2] != images.shape[-1]:
             raise ValueError(f"CPC needs square images (a square grid), got {images.shape}")

@@ -18,6 +18,7 @@ class RotatedCopies:
     """Data-stage transform: each image in all four rotations, labelled by the rotation."""
 
     def __call__(self, views: list[Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """Rotate the one view four ways."""
         # The generator goes unused: which rotations an image gets is fixed, all four.
         (images,) = views  # uint8 (N, C, H, W)
         if images.shape[-1] != images.shape[-2]:

@@ -153,6 +153,7 @@ class ViewParams:
     blur_sigma: Tensor  # (N,) Gaussian sigma, 0 for no blur
 
     def rows(self, start: int, stop: int) -> ViewParams:
+        """The draws of images ``start:stop``."""
         return ViewParams(
             self.boxes[start:stop],
             self.flip[start:stop],
