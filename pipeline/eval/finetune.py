@@ -209,6 +209,17 @@ def _image_batches(
         yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"].astype(np.int64))
 
 
+def _decoded(rows: ray.data.Dataset, spec: ImageSpec) -> ray.data.Dataset:
+    """Encoded {id, image, label} rows as decoded {image, label} (lazy: decoded per pass)."""
+    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
+    return rows.map_batches(
+        decoded_batch,  # type: ignore[arg-type]
+        fn_kwargs={"spec": spec},
+        batch_size=256,
+        batch_format="numpy",
+    ).select_columns(["image", "label"])
+
+
 def finetune_accuracy_streamed(
     backbone: nn.Module,
     feature_dim: int,
@@ -238,13 +249,7 @@ def finetune_accuracy_streamed(
         raise ValueError("train_pixels is empty")
     settings = SGDSettings(epochs, batch_size, lr, weight_decay, seed, device)
     batch_size = min(batch_size, train_count)
-    # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
-    decoded = train_rows.map_batches(
-        decoded_batch,  # type: ignore[arg-type]
-        fn_kwargs={"spec": spec},
-        batch_size=256,
-        batch_format="numpy",
-    ).select_columns(["image", "label"])
+    decoded = _decoded(train_rows, spec)
 
     def epoch_batches(epoch: int, gen: torch.Generator) -> Batches:
         return _image_batches(
