@@ -30,10 +30,11 @@ def _sigterm_self() -> None:
     raise AssertionError("SIGTERM did not interrupt")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def sigint_handler():
-    """Restore SIGINT's handler after a test that replaces it."""
-    saved = signal.getsignal(signal.SIGINT)
+    """Python's own SIGINT handler during each test, the session's afterwards: an earlier
+    test's TorchTrainer.fit() or sweep may have left Ray's handler installed."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, saved)
 
@@ -48,7 +49,7 @@ def test_sigterm_raises_keyboard_interrupt_inside_and_the_old_handler_returns_af
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_sigterm_runs_the_current_sigint_handler(sigint_handler):
+def test_sigterm_runs_the_current_sigint_handler():
     """As during TorchTrainer.fit(), whose SIGINT handler aborts the run gracefully."""
     calls = []
     signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
@@ -58,7 +59,7 @@ def test_sigterm_runs_the_current_sigint_handler(sigint_handler):
     assert calls == [signal.SIGINT] and termination.received
 
 
-def test_sigterm_stops_even_where_sigint_is_ignored(sigint_handler):
+def test_sigterm_stops_even_where_sigint_is_ignored():
     """A background job's SIGINT is ignored; SIGTERM must still stop it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with SigtermAsInterrupt(), pytest.raises(KeyboardInterrupt):
@@ -86,9 +87,7 @@ def test_main_unwinds_the_command_and_exits_143(monkeypatch, capsys):
     assert "stopped by SIGTERM" in capsys.readouterr().err
 
 
-def test_main_exits_143_when_ray_trains_handler_ends_the_command(
-    monkeypatch, capsys, sigint_handler
-):
+def test_main_exits_143_when_ray_trains_handler_ends_the_command(monkeypatch, capsys):
     """Ray Train's SIGINT handler aborts the controller, then raises SystemExit(0)."""
 
     def train_aborting_on_sigint(runs, out):
