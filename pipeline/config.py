@@ -13,7 +13,6 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pipeline.data import locations
 from ssl_models import BACKBONES, METHODS
 from ssl_models.method import MethodRequirements
 from ssl_models.optim import OPTIMIZERS
-from ssl_models.options import OptionError
+from ssl_models.options import OptionError, Rule, check_options
 from ssl_models.registry import method_params
 
 
@@ -176,52 +175,63 @@ def is_safe_name(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None
 
 
-def _positive(x: float) -> bool:
-    return x > 0
+_COUNT = Rule(lambda x: x > 0, "an integer >= 1")
+_POSITIVE = Rule(lambda x: x > 0, "a number > 0")
+_PROBABILITY = Rule(lambda x: 0.0 <= x <= 1.0, "a probability in [0, 1]")
+_NON_NEGATIVE_INTEGER = Rule(lambda x: x >= 0, "an integer >= 0")
+_CROP_SCALE = Rule(lambda x: 0 < x <= 1, "a number in (0, 1]")
 
-
-def _probability(x: float) -> bool:
-    return 0.0 <= x <= 1.0
-
-
-# (predicate, human description of the allowed range) per dotted key.
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "run.name": (lambda s: is_safe_name(s), SAFE_NAME_RULE),
-    "data.limit": (lambda x: x is None or x > 0, "null or a positive integer"),
-    "data.image_size": (lambda x: x is None or x >= 8, "null or an integer >= 8"),
-    "data.decode_tasks": (_positive, "an integer >= 1"),
-    "data.prefetch_batches": (lambda x: x >= 0, "an integer >= 0"),
-    "augment.strength": (lambda x: 0 <= x <= 2, "a number in [0, 2]"),
-    "augment.crop_scale_min": (lambda x: 0 < x <= 1, "a number in (0, 1]"),
-    "augment.crop_ratio_max": (lambda x: x >= 1, "a number >= 1"),
-    "augment.flip_prob": (_probability, "a probability in [0, 1]"),
-    "augment.jitter_prob": (_probability, "a probability in [0, 1]"),
-    "augment.grayscale_prob": (_probability, "a probability in [0, 1]"),
-    "augment.blur_prob": (_probability, "a probability in [0, 1]"),
-    "augment.local_crops": (lambda x: x >= 0, "an integer >= 0"),
-    "augment.local_size": (lambda x: x == 0 or x >= 4, "0 (automatic) or an integer >= 4"),
-    "augment.local_crop_scale_min": (lambda x: 0 < x <= 1, "a number in (0, 1]"),
-    "augment.local_crop_scale_max": (lambda x: 0 < x <= 1, "a number in (0, 1]"),
-    "model.backbone": (lambda s: s in BACKBONES, f"one of {sorted(BACKBONES)}"),
-    "model.width": (lambda x: 0 < x <= 4, "a number in (0, 4]"),
-    "train.epochs": (_positive, "an integer >= 1"),
-    "train.batch_size": (lambda x: x >= 2, "an integer >= 2"),
-    "train.num_workers": (_positive, "an integer >= 1"),
-    "train.cpus_per_worker": (_positive, "a number > 0"),
-    "train.optimizer": (lambda s: s in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}"),
-    "train.base_lr": (_positive, "a number > 0"),
-    "train.weight_decay": (lambda x: x >= 0, "a number >= 0"),
-    "train.momentum": (lambda x: 0 <= x < 1, "a number in [0, 1)"),
-    "train.lars_eta": (_positive, "a number > 0"),
-    "train.warmup_epochs": (lambda x: x >= 0, "a number >= 0"),
-    "train.log_every_steps": (_positive, "an integer >= 1"),
-    "train.max_failures": (lambda x: x >= 0, "an integer >= 0"),
-    "train.online_knn_bank": (lambda x: x >= 0, "an integer >= 0 (0 turns the monitor off)"),
-    "train.online_knn_queries": (_positive, "an integer >= 1"),
-    "train.online_knn_k": (_positive, "an integer >= 1"),
-    "eval.knn_k": (_positive, "an integer >= 1"),
-    "eval.knn_temperature": (_positive, "a number > 0"),
-    "eval.batch_size": (_positive, "an integer >= 1"),
+# The range of every config key that has one, by section: the same Rule and check_options
+# that method options use (ssl_models.options), so both name a key the same way.
+_RULES: dict[str, dict[str, Rule]] = {
+    "run": {
+        "name": Rule(is_safe_name, SAFE_NAME_RULE),
+    },
+    "data": {
+        "limit": Rule(lambda x: x is None or x > 0, "null or a positive integer"),
+        "image_size": Rule(lambda x: x is None or x >= 8, "null or an integer >= 8"),
+        "decode_tasks": _COUNT,
+        "prefetch_batches": _NON_NEGATIVE_INTEGER,
+    },
+    "augment": {
+        "strength": Rule(lambda x: 0 <= x <= 2, "a number in [0, 2]"),
+        "crop_scale_min": _CROP_SCALE,
+        "crop_ratio_max": Rule(lambda x: x >= 1, "a number >= 1"),
+        "flip_prob": _PROBABILITY,
+        "jitter_prob": _PROBABILITY,
+        "grayscale_prob": _PROBABILITY,
+        "blur_prob": _PROBABILITY,
+        "local_crops": _NON_NEGATIVE_INTEGER,
+        "local_size": Rule(lambda x: x == 0 or x >= 4, "0 (automatic) or an integer >= 4"),
+        "local_crop_scale_min": _CROP_SCALE,
+        "local_crop_scale_max": _CROP_SCALE,
+    },
+    "model": {
+        "backbone": Rule(lambda s: s in BACKBONES, f"one of {sorted(BACKBONES)}"),
+        "width": Rule(lambda x: 0 < x <= 4, "a number in (0, 4]"),
+    },
+    "train": {
+        "epochs": _COUNT,
+        "batch_size": Rule(lambda x: x >= 2, "an integer >= 2"),
+        "num_workers": _COUNT,
+        "cpus_per_worker": _POSITIVE,
+        "optimizer": Rule(lambda s: s in OPTIMIZERS, f"one of {sorted(OPTIMIZERS)}"),
+        "base_lr": _POSITIVE,
+        "weight_decay": Rule(lambda x: x >= 0, "a number >= 0"),
+        "momentum": Rule(lambda x: 0 <= x < 1, "a number in [0, 1)"),
+        "lars_eta": _POSITIVE,
+        "warmup_epochs": Rule(lambda x: x >= 0, "a number >= 0"),
+        "log_every_steps": _COUNT,
+        "max_failures": _NON_NEGATIVE_INTEGER,
+        "online_knn_bank": Rule(lambda x: x >= 0, "an integer >= 0 (0 turns the monitor off)"),
+        "online_knn_queries": _COUNT,
+        "online_knn_k": _COUNT,
+    },
+    "eval": {
+        "knn_k": _COUNT,
+        "knn_temperature": _POSITIVE,
+        "batch_size": _COUNT,
+    },
 }
 
 
@@ -282,6 +292,11 @@ def _like(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _key_error(section: str, error: OptionError) -> ConfigError:
+    """``error``, a key of ``section`` out of its range, as the config's error naming the key."""
+    return ConfigError(f"config key '{section}.{error.option}' {error.problem}")
+
+
 def _validate_method(method: dict[str, Any]) -> None:
     name = method.get("name")
     if name not in METHODS:
@@ -305,16 +320,16 @@ def _validate_method(method: dict[str, Any]) -> None:
         METHODS[name].validate(options)
         METHODS[name].requirements(options)
     except OptionError as error:
-        raise ConfigError(f"config key 'method.{error.option}' {error.problem}") from None
+        raise _key_error("method", error) from None
 
 
 def validate(config: Config) -> Config:
     """Check every range rule and cross-key constraint; raise ConfigError naming the key."""
-    for dotted, (predicate, allowed) in _RULES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if not predicate(value):
-            raise ConfigError(f"config key '{dotted}' must be {allowed}, got {value!r}")
+    for section, rules in _RULES.items():
+        try:
+            check_options(vars(getattr(config, section)), **rules)
+        except OptionError as error:
+            raise _key_error(section, error) from None
     train = config.train
     if train.batch_size % train.num_workers:
         raise ConfigError(
