@@ -17,6 +17,7 @@ The contract, in three classmethods and one method:
   and no method repeats the checks.
 """
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -159,9 +160,14 @@ class SSLMethod(nn.Module):
         options (only the views of multi-task depend on options, and it overrides this)."""
         return type(self).requirements(type(self).option_defaults())
 
+    @functools.cached_property
+    def _checked_requirements(self) -> MethodRequirements:
+        """:meth:`declared`, worked out once rather than on every training step."""
+        return self.declared()
+
     def forward(self, batch: Batch) -> MethodOutput:
         """Check ``batch`` against :meth:`declared`, then return :meth:`loss`."""
-        needs = self.declared()
+        needs = self._checked_requirements
         count, got = needs.views_in_forward, len(batch.views)
         if got != count and not (needs.local_views and got > count):
             views = f"{count} view{'s' * (count != 1)}" + (" (+ local views)" * needs.local_views)
