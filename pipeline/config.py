@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 
 DEFAULT_METHOD = "simclr"  # what a config without method.name trains
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # what run.trackers may name
 
 
 @dataclass
@@ -41,6 +42,12 @@ class RunConfig:
     name: str = "fmnist-simclr"
     root: str = "runs"  # local directory, or s3:// / gs:// URI for Ray Train storage
     seed: int = 0
+    # Where the run's params, per-epoch metrics, evaluation rows and exported model card go
+    # (pipeline.train.trackers): any of tensorboard (RUN_DIR/tensorboard), mlflow, wandb.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # MLflow's tracking server; None: $MLFLOW_TRACKING_URI, else a local ./mlruns store.
+    tracking_uri: str | None = None
+    experiment: str = "ray-ssl"  # the MLflow experiment and the W&B project
 
 
 @dataclass
@@ -84,11 +91,16 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    """The backbone: its architecture, width multiplier and small-image stem."""
+    """The backbone: its architecture, width multiplier, small-image stem and the weights it
+    starts from."""
 
+    # A built-in name, or torchvision:<name> / timm:<name> (ssl_models.backbones)
     backbone: str = "resnet18"
-    width: float = 0.25
+    width: float = 0.25  # built-in backbones only; torchvision and timm models need 1.0
     small_images: bool = True  # for 28-64 px: ResNet 3x3 stem, no max-pool; ViT 4 px patches
+    # A safetensors or torch state_dict file (local path or s3:// / gs:// URI) the backbone
+    # starts from; None: random initialisation.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -186,6 +198,11 @@ _CROP_SCALE = Rule(lambda x: 0 < x <= 1, "a number in (0, 1]")
 _RULES: dict[str, dict[str, Rule]] = {
     "run": {
         "name": Rule(is_safe_name, SAFE_NAME_RULE),
+        "trackers": Rule(
+            lambda names: len(set(names)) == len(names) and set(names) <= set(TRACKERS),
+            f"a list of distinct names from {list(TRACKERS)}",
+        ),
+        "experiment": Rule(lambda s: bool(s.strip()), "a non-empty name"),
     },
     "data": {
         "limit": Rule(lambda x: x is None or x > 0, "null or a positive integer"),
