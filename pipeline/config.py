@@ -10,9 +10,12 @@ its values against the method's own ``validate`` and ``requirements``, on the dr
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ import yaml
 
 from pipeline.data import locations
 from ssl_models import BACKBONES, METHODS
+from ssl_models.backbones import backbone_kind, is_backbone
+from ssl_models.library_backbones import split_name
 from ssl_models.method import MethodRequirements
 from ssl_models.optim import OPTIMIZERS
 from ssl_models.options import OptionError, Rule, check_options
@@ -33,6 +38,13 @@ class ConfigError(ValueError):
 
 DEFAULT_METHOD = "simclr"  # what a config without method.name trains
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # what run.trackers may name
+# The package each tracker needs beyond the core dependencies (the 'tracking' extra).
+_TRACKER_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
+# What to pick for a method that needs a kind of backbone (ssl_models.backbones).
+KIND_EXAMPLES = {
+    "vit": "e.g. vit_tiny, vit_small or timm:vit_small_patch16_224",
+    "cnn": "e.g. small_cnn, resnet18, resnet50 or timm:resnet18",
+}
 
 
 @dataclass
@@ -45,7 +57,8 @@ class RunConfig:
     # Where the run's params, per-epoch metrics, evaluation rows and exported model card go
     # (pipeline.train.trackers): any of tensorboard (RUN_DIR/tensorboard), mlflow, wandb.
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    # MLflow's tracking server; None: $MLFLOW_TRACKING_URI, else a local ./mlruns store.
+    # MLflow's tracking server; None: $MLFLOW_TRACKING_URI, else MLflow's own local store
+    # (./mlflow.db, artifacts in ./mlruns). Made absolute on the driver: workers agree.
     tracking_uri: str | None = None
     experiment: str = "ray-ssl"  # the MLflow experiment and the W&B project
 
@@ -224,7 +237,9 @@ _RULES: dict[str, dict[str, Rule]] = {
         "local_crop_scale_max": _CROP_SCALE,
     },
     "model": {
-        "backbone": Rule(lambda s: s in BACKBONES, f"one of {sorted(BACKBONES)}"),
+        "backbone": Rule(
+            is_backbone, f"one of {sorted(BACKBONES)}, torchvision:<model> or timm:<model>"
+        ),
         "width": Rule(lambda x: 0 < x <= 4, "a number in (0, 4]"),
     },
     "train": {
@@ -340,6 +355,37 @@ def _validate_method(method: dict[str, Any]) -> None:
         raise _key_error("method", error) from None
 
 
+def _validate_backbone(model: ModelConfig, method: str, kinds: tuple[str, ...] | None) -> None:
+    """The backbone's width, stem and kind against what the method works with."""
+    if split_name(model.backbone) is not None and model.width != 1.0:
+        raise ConfigError(
+            f"config key 'model.width' must be 1 for {model.backbone} (a torchvision or timm "
+            f"model's size is in its name, e.g. timm:resnet50 or timm:wide_resnet50_2), got "
+            f"{model.width}"
+        )
+    try:
+        kind = backbone_kind(model.backbone, model.small_images)
+    except ValueError as error:  # a library model whose stem small_images cannot adapt
+        raise ConfigError(f"config key 'model.small_images': {error}") from None
+    if kinds is not None and kind not in kinds:
+        raise ConfigError(
+            f"config key 'model.backbone' must be a {' or '.join(kinds)} backbone for method "
+            f"{method!r}, got {model.backbone!r} (a {kind}; {KIND_EXAMPLES[kinds[0]]})"
+        )
+
+
+def _check_trackers_installed(trackers: list[str]) -> None:
+    """Raise, naming run.trackers, when a named tracker's package is missing: found here,
+    not by a Train worker after Ray has started."""
+    for tracker in trackers:
+        package = _TRACKER_PACKAGES.get(tracker)
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"config key 'run.trackers' names {tracker!r}, but {package} is not installed; "
+                "install it with: pip install 'ray-ssl[tracking]'"
+            )
+
+
 def validate(config: Config) -> Config:
     """Check every range rule and cross-key constraint; raise ConfigError naming the key."""
     for section, rules in _RULES.items():
@@ -361,14 +407,10 @@ def validate(config: Config) -> Config:
             "config key 'augment.local_crop_scale_min' must not exceed "
             f"'augment.local_crop_scale_max' ({augment.local_crop_scale_max})"
         )
+    _check_trackers_installed(config.run.trackers)
     _validate_method(config.method)
     needs = config.method_requirements
-    backbones = needs.backbones
-    if backbones is not None and config.model.backbone not in backbones:
-        raise ConfigError(
-            f"config key 'model.backbone' must be one of {list(backbones)} for method "
-            f"{config.method_name!r}, got {config.model.backbone!r}"
-        )
+    _validate_backbone(config.model, config.method_name, needs.backbone_kinds)
     if augment.local_crops and not needs.local_views:
         multi_crop = sorted(
             name
@@ -463,5 +505,26 @@ def with_absolute_paths(config: Config) -> Config:
         eval_train=locations.absolute(config.data.eval_train),
         eval_test=locations.absolute(config.data.eval_test),
     )
-    run = dataclasses.replace(config.run, root=locations.absolute(config.run.root))
+    run = dataclasses.replace(
+        config.run,
+        root=locations.absolute(config.run.root),
+        tracking_uri=(
+            absolute_tracking_uri(config.run.tracking_uri)
+            if "mlflow" in config.run.trackers
+            else config.run.tracking_uri
+        ),
+    )
     return dataclasses.replace(config, data=data, run=run)
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """The MLflow tracking URI every process of a run agrees on: ``uri``, else
+    $MLFLOW_TRACKING_URI, else MLflow's own default local store (``sqlite:///mlflow.db``);
+    a relative SQLite file or store directory becomes absolute, a server passes unchanged."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    sqlite = "sqlite:///"
+    if uri.startswith(sqlite) and not uri.startswith(sqlite + "/"):  # sqlite:///x.db: relative
+        return sqlite + locations.absolute(uri.removeprefix(sqlite))
+    if not urllib.parse.urlparse(uri).scheme and uri != "databricks":  # MLflow's file store
+        return Path(uri).expanduser().resolve().as_uri()
+    return uri

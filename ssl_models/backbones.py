@@ -20,17 +20,37 @@ from ``feature_map(x)`` instead, the spatial (N, out_dim, h, w) map every backbo
   patches (an 8x8 grid on 32 px, 7x7 on 28 px), otherwise 16 px patches (14x14 on 224 px);
   position embeddings are interpolated for other input sizes, which must be multiples of
   the patch size.
+- ``torchvision:<name>`` / ``timm:<name>``: any classification model of those libraries,
+  its pooled pre-logits as features (``ssl_models.library_backbones``).
+
+Methods that need a kind of backbone ask by :func:`backbone_kind`: ``"vit"`` (patch tokens
+to mask: the built-in ViTs and timm ``VisionTransformer``), ``"cnn"`` (no attention layer:
+takes small tiles and gives a convolutional map) or ``"other"`` (Swin, torchvision's ViT...).
 """
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 # torchvision ships no type information (no py.typed marker).
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1  # type: ignore[import-untyped]
+from torchvision.models.resnet import (  # type: ignore[import-untyped]
+    BasicBlock,
+    Bottleneck,
+)
+from torchvision.models.resnet import ResNet as TorchvisionResNet
 
+from ssl_models.library_backbones import (
+    build_library_backbone,
+    is_attention_model,
+    is_library_model,
+    library_feature_map,
+    library_of,
+    split_name,
+    timm_vit_steps,
+)
 from ssl_models.vit import ViT, build_vit
 
 
@@ -44,7 +64,10 @@ class SpatialBackbone(Protocol):
 
 def feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
     """``backbone.feature_map(x)``, (N, out_dim, h, w): the map dense pretext tasks decode
-    from, which every backbone built here provides."""
+    from, which every built-in backbone provides and library models give through
+    ``library_backbones.library_feature_map``."""
+    if library_of(backbone) is not None:
+        return library_feature_map(backbone, x)
     return cast(SpatialBackbone, backbone).feature_map(x)
 
 
@@ -52,8 +75,9 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-class ResNet(nn.Module):
-    """A torchvision-style ResNet trunk (no classifier) with scalable stage widths."""
+class ResNet(TorchvisionResNet):
+    """torchvision's ``ResNet`` (an instance of it, with its module names) without the
+    classifier, with scalable stage widths and the small-image stem."""
 
     def __init__(
         self,
@@ -64,7 +88,11 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         small_images: bool = True,
     ) -> None:
-        super().__init__()
+        # torchvision's __init__ fixes the widths at 64-512; its stage builder, forward and
+        # module layout are reused, so at width 1 the parameters are torchvision's own.
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.dilation, self.groups, self.base_width = 1, 1, 64
         widths = [_scaled(c, width) for c in (64, 128, 256, 512)]
         if small_images:
             self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
@@ -75,12 +103,15 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
 
+        # base_width=64 keeps a Bottleneck's inner width equal to its (scaled) planes.
         self.inplanes = widths[0]
-        self.layer1 = self._make_stage(block, widths[0], layers[0], stride=1)
-        self.layer2 = self._make_stage(block, widths[1], layers[1], stride=2)
-        self.layer3 = self._make_stage(block, widths[2], layers[2], stride=2)
-        self.layer4 = self._make_stage(block, widths[3], layers[3], stride=2)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], stride=1)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()  # features, not logits
+        self.dropped_head = "fc"  # a torchvision checkpoint's classifier keys, skipped
         self.out_dim = self.inplanes
 
         # Same initialisation as torchvision's ResNet.
@@ -90,21 +121,6 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def _make_stage(
-        self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int
-    ) -> nn.Sequential:
-        out_planes = planes * block.expansion
-        downsample = None
-        if stride != 1 or self.inplanes != out_planes:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes)
-            )
-        # base_width=64 keeps a Bottleneck's inner width equal to `planes`, already scaled.
-        stage = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = out_planes
-        stage += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*stage)
 
     def feature_map(self, x: Tensor) -> Tensor:
         """The last stage's output before pooling, (N, ``out_dim``, h, w)."""
@@ -178,22 +194,53 @@ BACKBONES: dict[str, Callable[[float, int, bool], ResNet | SmallCNN | ViT]] = {
     "vit_tiny": _vit_tiny,
     "vit_small": _vit_small,
 }
-# For methods that need one family: tile and patch tasks take any input size (CNNs), masked
-# image modelling needs tokens (ViTs).
-CNN_BACKBONES = ("small_cnn", "resnet18", "resnet50")
-VIT_BACKBONES = ("vit_tiny", "vit_small")
+BackboneKind = Literal["cnn", "vit", "other"]
+_BUILT_IN_KINDS: dict[str, BackboneKind] = {
+    "small_cnn": "cnn",
+    "resnet18": "cnn",
+    "resnet50": "cnn",
+    "vit_tiny": "vit",
+    "vit_small": "vit",
+}
+
+
+def is_backbone(name: str) -> bool:
+    """Whether ``name`` names a backbone: a built-in one or a torchvision / timm model."""
+    return name in BACKBONES or is_library_model(name)
 
 
 def build_backbone(
     name: str, *, width: float = 1.0, in_channels: int = 3, small_images: bool = True
 ) -> tuple[nn.Module, int]:
     """Build a randomly initialised backbone; return it with its feature dimension D."""
+    if split_name(name) is not None:
+        if width != 1.0:
+            raise ValueError(
+                f"backbone width must be 1 for {name} (a library model's size is in its name), "
+                f"got {width}"
+            )
+        return build_library_backbone(name, in_channels, small_images)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+        raise ValueError(
+            f"unknown backbone {name!r}; available: {sorted(BACKBONES)}, torchvision:<name> "
+            "or timm:<name>"
+        )
     if width <= 0:
         raise ValueError(f"backbone width must be > 0, got {width}")
     module = BACKBONES[name](width, in_channels, small_images)
     return module, module.out_dim
+
+
+@functools.lru_cache(maxsize=64)
+def backbone_kind(name: str, small_images: bool = True) -> BackboneKind:
+    """``"vit"``, ``"cnn"`` or ``"other"`` (see the module docstring); a library model is
+    built once to tell (and to check ``small_images`` suits it)."""
+    if name in _BUILT_IN_KINDS:
+        return _BUILT_IN_KINDS[name]
+    module, _ = build_backbone(name, small_images=small_images)
+    if timm_vit_steps(module) is not None:
+        return "vit"
+    return "other" if is_attention_model(module) else "cnn"
 
 
 def image_channels(backbone: nn.Module) -> int:

@@ -90,9 +90,10 @@ class MethodRequirements:
     #: The views ``forward`` receives after the pretext transform (None: ``global_views``);
     #: the denoising autoencoder ships a corrupted and a clean view of one global view.
     forward_views: int | None = None
-    #: The ``model.backbone`` names the method works with (None: any), so a config naming
-    #: another is refused before any worker starts (masked image modelling needs a ViT).
-    backbones: tuple[str, ...] | None = None
+    #: The kinds of backbone the method works with (``backbones.backbone_kind``; None: any),
+    #: so a config naming another is refused before any worker starts (masked image
+    #: modelling needs a ViT's patch tokens, tile-based tasks a CNN).
+    backbone_kinds: tuple[str, ...] | None = None
     #: Whether the step's first backbone call starts with the batch's whole images in batch
     #: order, or never calls the backbone's forward and takes whole images as its first view
     #: (what the online probe reads); tile- and patch-based pretext tasks say False.

@@ -7,11 +7,15 @@ feature_dim``), so adding an option to a method class is all it takes for config
 ``method.<option>``.
 """
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from ssl_models.backbones import build_backbone
 from ssl_models.method import SSLMethod
+from ssl_models.pretrained import BackboneWeights, load_backbone_weights
+
+log = logging.getLogger(__name__)
 
 #: Method name -> class, filled by the ``@register`` decorators of ``ssl_models.methods``.
 METHODS: dict[str, type[SSLMethod]] = {}
@@ -49,13 +53,15 @@ def build_method(
     in_channels: int,
     small_images: bool = True,
     num_images: int | None = None,
+    backbone_weights: BackboneWeights | None = None,
     **method_kwargs: Any,
 ) -> SSLMethod:
     """Build method ``name`` on a fresh backbone; ``method_kwargs`` are its options, checked
     by the method's ``validate`` first.
 
     ``num_images`` (the training-set size) is required by, and only passed to, methods
-    that keep per-image state (``requirements(...).image_indices``).
+    that keep per-image state (``requirements(...).image_indices``). ``backbone_weights``
+    start the backbone (before the method copies it, e.g. into a momentum encoder).
     """
     allowed = method_params(name)
     for key in method_kwargs:
@@ -69,6 +75,10 @@ def build_method(
     encoder, feature_dim = build_backbone(
         backbone, width=width, in_channels=in_channels, small_images=small_images
     )
+    if backbone_weights is not None:
+        skipped = load_backbone_weights(encoder, backbone_weights)
+        if skipped:
+            log.info("%s: skipped the classifier's keys %s", backbone_weights.source, skipped)
     if not cls.requirements(options).image_indices:
         return cls(encoder, feature_dim, **method_kwargs)
     if num_images is None:

@@ -6,7 +6,7 @@ multi-head self-attention, GELU MLP); this module adds what torchvision's ``Visi
 does not offer: position embeddings interpolated to any patch grid (DINO's multi-crop local
 views) and separate :meth:`ViT.embed_patches` / :meth:`ViT.patch_tokens` / :meth:`ViT.encode`
 steps for masked-image modelling, which drops (MAE) or replaces (SimMIM) patch tokens in
-between; :func:`check_masked_image_backbone` tells those methods whether a backbone has them.
+between; :func:`masked_image_steps` gives those methods the steps of a backbone that has them.
 """
 
 from typing import Protocol, cast
@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 # torchvision ships no type information (no py.typed marker); EncoderBlock is an nn.Module.
 from torchvision.models.vision_transformer import EncoderBlock  # type: ignore[import-untyped]
+
+from ssl_models.library_backbones import timm_vit_steps
 
 
 class ViT(nn.Module):
@@ -163,15 +165,21 @@ MASKED_IMAGE_INTERFACE = (
 )
 
 
-def check_masked_image_backbone(backbone: nn.Module, method: str) -> MaskedImageBackbone:
-    """Raise a ValueError naming the backbone type unless it has the ViT steps that
-    ``method`` masks tokens between (:data:`MASKED_IMAGE_INTERFACE`); return it, typed so."""
+def masked_image_steps(backbone: nn.Module, method: str) -> MaskedImageBackbone:
+    """The ViT steps that ``method`` masks tokens between (:data:`MASKED_IMAGE_INTERFACE`):
+    the backbone itself, or for a timm ``VisionTransformer`` its
+    :class:`~ssl_models.library_backbones.TimmViTSteps`; a ValueError naming the backbone
+    type for any other."""
+    timm_steps = timm_vit_steps(backbone)
+    if timm_steps is not None:
+        return timm_steps
     missing = [name for name in MASKED_IMAGE_INTERFACE if not hasattr(backbone, name)]
     if missing:
         raise ValueError(
             f"{method} needs a Vision Transformer backbone, as it masks patch tokens between "
             f"the patch embedding and the transformer blocks; got {type(backbone).__name__} "
-            f"(no {', '.join(missing)}). Use model.backbone=vit_tiny or model.backbone=vit_small"
+            f"(no {', '.join(missing)}). Use model.backbone=vit_tiny, vit_small or a timm "
+            "ViT such as timm:vit_small_patch16_224"
         )
     return cast(MaskedImageBackbone, backbone)
 

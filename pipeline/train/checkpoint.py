@@ -31,6 +31,7 @@ import torch
 from pipeline.config import Config, from_dict
 from pipeline.data import locations
 from ssl_models import SSLMethod, build_method
+from ssl_models.pretrained import BackboneWeights
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -130,9 +131,15 @@ def method_from_checkpoint(
     return method.eval(), config, state
 
 
-def build_method_for(config: Config, channels: int, num_images: int | None) -> SSLMethod:
+def build_method_for(
+    config: Config,
+    channels: int,
+    num_images: int | None,
+    backbone_weights: BackboneWeights | None = None,
+) -> SSLMethod:
     """The config's method on a fresh backbone for ``channels``-channel inputs and a
-    training set of ``num_images`` images (used by memory-bank methods)."""
+    training set of ``num_images`` images (used by memory-bank methods), the backbone
+    started from ``backbone_weights`` when given."""
     return build_method(
         config.method_name,
         backbone=config.model.backbone,
@@ -140,6 +147,7 @@ def build_method_for(config: Config, channels: int, num_images: int | None) -> S
         in_channels=channels,
         small_images=config.model.small_images,
         num_images=num_images,
+        backbone_weights=backbone_weights,
         **config.method_kwargs,
     )
 

@@ -38,6 +38,7 @@ from pipeline.data.ingest import (
 )
 from pipeline.data.ledger import fetch_report, start_ledger, write_report
 from pipeline.data.shards import ShardManifest, load_manifest, validate_shards
+from pipeline.train.backbone import check_backbone
 from pipeline.train.checkpoint import check_resumable
 from pipeline.train.runner import LoopConfig, train_loop_per_worker
 from pipeline.train.views import view_plan
@@ -156,6 +157,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     completed_epochs = check_resumable(directory, config)
     manifest = load_manifest(config.data.train)
     spec = _image_spec(config, manifest)
+    check_backbone(config, spec.channels, spec.size)
     init_ray()
     rows = dataset_rows(config.data.train, config.data.limit)
     steps = _steps_per_epoch(config, rows)

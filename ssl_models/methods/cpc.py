@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.dist import gather_with_grad, rank
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, UP_TO_ONE, check_options, one_of, require
@@ -153,7 +152,7 @@ class CPC(SSLMethod):
         return MethodRequirements(
             global_views=1,
             # The paper's encoders are ResNets; 8 px patches are no multiple of a ViT's tokens.
-            backbones=CNN_BACKBONES,
+            backbone_kinds=("cnn",),
             whole_images_first=False,  # the backbone sees patches
             pretext=grid,
         )

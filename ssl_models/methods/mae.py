@@ -19,7 +19,7 @@ fixed sine-cosine as in the official code, computed for the input's patch grid.
 """
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,13 +27,12 @@ from torch import Tensor, nn
 # torchvision ships no type information (no py.typed marker); EncoderBlock is an nn.Module.
 from torchvision.models.vision_transformer import EncoderBlock  # type: ignore[import-untyped]
 
-from ssl_models.backbones import VIT_BACKBONES
 from ssl_models.losses.masked_pixels import masked_pixel_loss
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, FRACTION, check_options, require
 from ssl_models.patches import gather_tokens, patchify, random_masking
 from ssl_models.registry import register
-from ssl_models.vit import MaskedImageBackbone, check_masked_image_backbone
+from ssl_models.vit import MaskedImageBackbone, masked_image_steps
 
 
 def sincos_position_embeddings(dim: int, grid_h: int, grid_w: int) -> Tensor:
@@ -120,7 +119,7 @@ class MAE(SSLMethod):
         norm_pix_loss: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        vit = check_masked_image_backbone(backbone, "MAE")
+        vit = masked_image_steps(backbone, "MAE")
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch_size = vit.patch_size
         out_dim = self.patch_size**2 * vit.in_channels
@@ -129,7 +128,7 @@ class MAE(SSLMethod):
     @property
     def vit(self) -> MaskedImageBackbone:
         """The backbone, through the ViT steps ``__init__`` checked it has."""
-        return cast(MaskedImageBackbone, self.backbone)
+        return masked_image_steps(self.backbone, type(self).__name__)
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
@@ -153,7 +152,7 @@ class MAE(SSLMethod):
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
         """One view of whole images; ViT backbones only (it drops patch tokens)."""
-        return MethodRequirements(global_views=1, backbones=VIT_BACKBONES)
+        return MethodRequirements(global_views=1, backbone_kinds=("vit",))
 
     def loss(self, batch: Batch) -> MethodOutput:
         """MAE's loss: mean squared error on the masked patches only (per-patch normalised

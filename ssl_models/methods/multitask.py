@@ -47,12 +47,12 @@ def _task_options(options: Mapping[str, Any], task: str) -> dict[str, Any]:
 
 
 def _common_backbones(needs: list[MethodRequirements]) -> tuple[str, ...] | None:
-    """The backbones every task works with (None: any); empty if none suits them all."""
+    """The backbone kinds every task works with (None: any); empty if none suits them all."""
     allowed = None
     for need in needs:
-        if need.backbones is not None:
-            known = need.backbones if allowed is None else allowed
-            allowed = tuple(b for b in known if b in need.backbones)
+        if need.backbone_kinds is not None:
+            known = need.backbone_kinds if allowed is None else allowed
+            allowed = tuple(b for b in known if b in need.backbone_kinds)
     return allowed
 
 
@@ -145,7 +145,7 @@ class MultiTask(SSLMethod):
         return MethodRequirements(
             global_views=sum(need.global_views for need in needs),
             forward_views=sum(need.views_in_forward for need in needs),
-            backbones=_common_backbones(needs),
+            backbone_kinds=_common_backbones(needs),
             whole_images_first=False,  # which task's input comes first varies
             input_channels=next(iter(channels), None),
             # Indices are passed whether or not a task uses them, so any task can join.

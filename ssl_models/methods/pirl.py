@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.dist import gather_no_grad
 from ssl_models.losses.nce import nce_loss
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
@@ -134,7 +133,7 @@ class PIRL(SSLMethod):
             global_views=2,
             image_indices=True,
             # Tiles of 7-64 px: a ViT would need sides that are multiples of its patch size.
-            backbones=CNN_BACKBONES,
+            backbone_kinds=("cnn",),
             pretext=JigsawTiles(options["grid"], options["tile_ratio"], options["jitter"]),
         )
 

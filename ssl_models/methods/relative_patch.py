@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_models.backbones import CNN_BACKBONES
 from ssl_models.losses.classification import classification_loss
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, PROBABILITY, check_options, one_of, require
@@ -110,7 +109,7 @@ class RelativePatch(SSLMethod):
         return MethodRequirements(
             global_views=1,
             # Patches are a third of the image or less, no multiple of a ViT's patch size.
-            backbones=CNN_BACKBONES,
+            backbone_kinds=("cnn",),
             whole_images_first=False,  # the backbone sees patches
             pretext=NeighbourPairs(**{name: options[name] for name in names}),
         )

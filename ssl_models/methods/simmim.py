@@ -17,18 +17,17 @@ colour distortion off in the config (``augment.strength=0``, ``augment.jitter_pr
 """
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ssl_models.backbones import VIT_BACKBONES
 from ssl_models.losses.masked_pixels import masked_pixel_loss
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import FRACTION, NON_NEGATIVE, check_options
 from ssl_models.patches import expand_block_mask, patchify, random_masking
 from ssl_models.registry import register
-from ssl_models.vit import MaskedImageBackbone, check_masked_image_backbone
+from ssl_models.vit import MaskedImageBackbone, masked_image_steps
 
 
 @register("simmim")
@@ -62,7 +61,7 @@ class SimMIM(SSLMethod):
         norm_pix_loss: bool = False,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        vit = check_masked_image_backbone(backbone, "SimMIM")
+        vit = masked_image_steps(backbone, "SimMIM")
         self.patch_size = vit.patch_size
         mask_patch_size = mask_patch_size or self.patch_size
         if mask_patch_size % self.patch_size:
@@ -79,7 +78,7 @@ class SimMIM(SSLMethod):
     @property
     def vit(self) -> MaskedImageBackbone:
         """The backbone, through the ViT steps ``__init__`` checked it has."""
-        return cast(MaskedImageBackbone, self.backbone)
+        return masked_image_steps(self.backbone, type(self).__name__)
 
     def sample_mask(self, batch: int, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
         """A random (batch, grid_h * grid_w) patch mask, True = masked: ``mask_ratio`` of
@@ -112,7 +111,7 @@ class SimMIM(SSLMethod):
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
         """One view of whole images; ViT backbones only (it masks patch tokens)."""
-        return MethodRequirements(global_views=1, backbones=VIT_BACKBONES)
+        return MethodRequirements(global_views=1, backbone_kinds=("vit",))
 
     def loss(self, batch: Batch) -> MethodOutput:
         """SimMIM's loss: L1 between predicted and true pixels of the masked patches only."""

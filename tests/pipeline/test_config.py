@@ -66,11 +66,27 @@ def test_bad_values_name_the_key(override, names):
 
 def test_a_multitask_run_takes_only_a_backbone_that_all_its_tasks_work_with():
     masked = ["method.name=multitask", "method.tasks=[rotation,mae]"]
-    with pytest.raises(ConfigError, match=r"one of \['vit_tiny', 'vit_small'\] .*'resnet18'"):
+    with pytest.raises(ConfigError, match=r"must be a vit backbone .*'resnet18' \(a cnn"):
         load_config(None, [*masked, "model.backbone=resnet18"])
     assert load_config(None, [*masked, "model.backbone=vit_tiny"]).model.backbone == "vit_tiny"
     with pytest.raises(ConfigError, match="its tasks need different backbones"):
         load_config(None, ["method.name=multitask", "method.tasks=[cpc,mae]"])
+
+
+def test_torchvision_and_timm_backbones_are_checked_by_name_width_stem_and_kind():
+    timm_vit = ["method.name=mae", "model.backbone=timm:vit_tiny_patch16_224", "model.width=1"]
+    assert load_config(None, timm_vit).model.backbone == "timm:vit_tiny_patch16_224"
+    assert load_config(None, ["model.backbone=torchvision:resnet18", "model.width=1"])
+    with pytest.raises(ConfigError, match=r"'model\.backbone' must be one of .*timm:<model>"):
+        load_config(None, ["model.backbone=timm:no_such_net"])
+    with pytest.raises(ConfigError, match=r"'model\.width' must be 1 for timm:resnet18"):
+        load_config(None, ["model.backbone=timm:resnet18"])
+    with pytest.raises(ConfigError, match=r"'model\.small_images'.*EfficientNet"):
+        load_config(None, ["model.backbone=timm:efficientnet_b0", "model.width=1"])
+    with pytest.raises(ConfigError, match=r"must be a vit backbone for method 'mae'.*a cnn"):
+        load_config(None, ["method.name=mae", "model.backbone=timm:resnet18", "model.width=1"])
+    with pytest.raises(ConfigError, match=r"must be a cnn backbone for method 'cpc'.*a vit"):
+        load_config(None, [*timm_vit[1:], "method.name=cpc"])
 
 
 def test_unknown_key_in_yaml_names_it(tmp_path):

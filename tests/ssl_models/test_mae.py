@@ -129,7 +129,7 @@ def test_norm_pix_loss_off_regresses_raw_pixels():
 
 def test_rejects_a_backbone_without_patch_tokens():
     backbone, dim = build_backbone("small_cnn", width=0.25, in_channels=1)
-    with pytest.raises(ValueError, match=r"SmallCNN.*model.backbone=vit_tiny or.*vit_small"):
+    with pytest.raises(ValueError, match=r"SmallCNN.*model.backbone=vit_tiny, vit_small or a timm"):
         MAE(backbone, dim)
     with pytest.raises(ValueError, match="ResNet"):
         build_method("mae", backbone="resnet18", width=0.25, in_channels=1)

@@ -203,7 +203,7 @@ def test_the_data_stage_pickles_and_options_are_checked():
     assert {p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY} == DEFAULTS
     assert (
         RelativePatch.requirements(RelativePatch.option_defaults()).global_views == 1
-        and "vit_tiny" not in RelativePatch.requirements(RelativePatch.option_defaults()).backbones
+        and RelativePatch.requirements(RelativePatch.option_defaults()).backbone_kinds == ("cnn",)
     )
     make = pickle.loads(pickle.dumps(RelativePatch.requirements(DEFAULTS).pretext))
     columns = make([torch.zeros(2, 1, 28, 28, dtype=torch.uint8)], torch.Generator())
