@@ -12,7 +12,8 @@ by that library. Nothing is ever downloaded: models are built with random weight
 otherwise (a ValueError naming what to do):
 
 - ResNet family (torchvision ``ResNet``, timm ``ResNet``): the 7x7 stride-2 convolution and
-  max-pool become one 3x3 stride-1 convolution, the CIFAR variant (as the built-in ResNets).
+  max-pool become one 3x3 stride-1 convolution, the CIFAR variant (as the built-in ResNets);
+  a deep stem (timm's ResNet-C/D/T) keeps its 3x3 convolutions without the first stride.
 - ConvNeXt (torchvision and timm): the 4x4 stride-4 patchify stem becomes a 3x3 stride-1
   convolution, so 32 px images end on a 4x4 map, as a CIFAR ResNet does.
 - timm Vision Transformers: 4 px patches on a 32 px reference grid, like the built-in ViTs.
@@ -129,8 +130,15 @@ def _last_linear(model: nn.Module, name: str) -> tuple[str, nn.Linear]:
 def _adapt_stem(model: Any, name: str) -> None:
     """Swap an ImageNet stem for its small-image variant (see the module docstring)."""
     kind = type(model).__name__
-    if kind == "ResNet" and isinstance(getattr(model, "conv1", None), nn.Conv2d):
-        model.conv1 = _stride_one_conv(model.conv1)
+    stem = getattr(model, "conv1", None)
+    if kind == "ResNet" and isinstance(stem, nn.Conv2d):
+        model.conv1 = _stride_one_conv(stem)
+        model.maxpool = nn.Identity()
+        return
+    if kind == "ResNet" and isinstance(stem, nn.Sequential) and isinstance(stem[0], nn.Conv2d):
+        # A deep stem (timm's ResNet-C/D/T: three 3x3 convolutions) keeps its kernels and
+        # loses its first stride, so its weights still fit.
+        stem[0].stride = (1, 1)
         model.maxpool = nn.Identity()
         return
     if kind == "ConvNeXt":

@@ -201,10 +201,11 @@ def test_one_step_reaches_the_backbone_and_both_patches():
 def test_the_data_stage_pickles_and_options_are_checked():
     signature = inspect.signature(RelativePatch.__init__).parameters.values()
     assert {p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY} == DEFAULTS
-    assert (
-        RelativePatch.requirements(RelativePatch.option_defaults()).global_views == 1
-        and RelativePatch.requirements(RelativePatch.option_defaults()).backbone_kinds == ("cnn",)
-    )
+    assert RelativePatch.requirements(
+        RelativePatch.option_defaults()
+    ).global_views == 1 and RelativePatch.requirements(
+        RelativePatch.option_defaults()
+    ).backbone_kinds == ("cnn",)
     make = pickle.loads(pickle.dumps(RelativePatch.requirements(DEFAULTS).pretext))
     columns = make([torch.zeros(2, 1, 28, 28, dtype=torch.uint8)], torch.Generator())
     assert columns["view_0"].shape == (2, 2, 1, 6, 6)
