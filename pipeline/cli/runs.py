@@ -1,5 +1,5 @@
 """What the commands that read a trained run share: finding its checkpoint and recording
-evaluation results in its eval.json."""
+evaluation results in its eval.json and its trackers."""
 
 from __future__ import annotations
 
@@ -24,16 +24,22 @@ def resolve_checkpoint(path: str) -> str:
 def save_results(
     checkpoint: str, context: EvalContext, results: dict, run: str | None = None
 ) -> None:
-    """Merge protocol results into the run's eval.json (the checkpoint's parent, or ``run``)."""
+    """Merge protocol results into the run's eval.json (the checkpoint's parent, or ``run``)
+    and log them into the run's MLflow / W&B runs (its config's run.trackers)."""
     from pipeline.data import locations
     from pipeline.eval.report import write_eval
+    from pipeline.train.trackers import log_evaluation
 
-    write_eval(
-        run or locations.parent(checkpoint),
+    run_dir = run or locations.parent(checkpoint)
+    epoch = int(context.state.epoch)
+    config = context.config
+    eval_file = write_eval(
+        run_dir,
         {
             "protocols": results,
-            "method": context.config.method_name,
-            "backbone": f"{context.config.model.backbone} w{context.config.model.width:g}",
-            "epochs": int(context.state.epoch),
+            "method": config.method_name,
+            "backbone": f"{config.model.backbone} w{config.model.width:g}",
+            "epochs": epoch,
         },
     )
+    log_evaluation(run_dir, config, results, epoch, eval_file)

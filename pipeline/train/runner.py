@@ -11,6 +11,7 @@ step), :meth:`~TrainLoopRunner.end_epoch` summarises them and
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import tempfile
@@ -38,6 +39,7 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.monitors import EpochScalars, OnlineKNN, OnlineProbe, ProgressLog
 from pipeline.train.step import amp_enabled, model_inputs, optimizer_for, train_step
+from pipeline.train.trackers import RunTrackers
 from pipeline.train.views import view_plan
 from ssl_models.method import Batch, MethodOutput
 from ssl_models.optim import set_lr, warmup_cosine
@@ -102,23 +104,23 @@ class TrainLoopRunner:
         self.start_epoch = self.step = 0
         self.seconds_to_first_step: float | None = None
         self.augment_gen: torch.Generator | None = None  # when views are drawn here
-        self.writer: Any = None  # rank 0's TensorBoard writer
+        self.trackers: RunTrackers | None = None  # rank 0's (run.trackers)
         self.knn: OnlineKNN | None = None  # built at the first epoch's end, on rank 0
 
     def run(self) -> None:
         """Every phase in order, for the epochs the run has left."""
         self.setup()
-        self.restore()
-        batches = self.batches()
-        for epoch in range(self.start_epoch, self.config.train.epochs):
-            record = self.train_epoch(epoch, batches)
-            self.save(epoch, self.end_epoch(epoch, record))
-        if self.writer is not None:
-            self.writer.close()
+        # Rank 0 ends its MLflow / W&B runs however the loop ends (failed, if it raised).
+        with self.trackers or contextlib.nullcontext():
+            self.restore()
+            batches = self.batches()
+            for epoch in range(self.start_epoch, self.config.train.epochs):
+                record = self.train_epoch(epoch, batches)
+                self.save(epoch, self.end_epoch(epoch, record))
 
     def setup(self) -> None:
         """The seeded method (the same weights on every rank) wrapped for DDP, its optimiser,
-        the normalisation, the view plan, the online probe and rank 0's TensorBoard writer."""
+        the normalisation, the view plan, the online probe and rank 0's trackers."""
         config, loop = self.config, self.loop
         torch.manual_seed(config.run.seed)
         method = build_method_for(config, loop.spec.channels, loop.num_images)
@@ -141,9 +143,7 @@ class TrainLoopRunner:
             else None
         )
         if self.rank == 0:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(f"{loop.run_dir}/tensorboard")
+            self.trackers = RunTrackers.open(loop.run_dir, config)
 
     def _online_probe(self) -> OnlineProbe | None:
         """The online linear probe, where it can run: labelled real data, and a method whose
@@ -292,7 +292,7 @@ class TrainLoopRunner:
                 decode_tasks=config.data.decode_tasks,
             )
         stats = method.take_dataset_features(fresh.features, fresh.slots, self.optimizer)
-        if self.writer is None:
+        if self.trackers is None:
             return
         print(
             f"step {self.step}: features of {len(fresh.slots)} training images "
@@ -300,19 +300,18 @@ class TrainLoopRunner:
             + ", ".join(f"{name} {value:.4g}" for name, value in stats.items()),
             flush=True,
         )
-        for name, value in (stats | {"undecodable": fresh.missing}).items():
-            self.writer.add_scalar(f"dataset_features/{name}", value, self.step)
+        values = stats | {"undecodable": fresh.missing}
+        self.trackers.scalars({f"dataset_features/{k}": v for k, v in values.items()}, self.step)
 
     def _log_progress(self, epoch: int, output: MethodOutput, loss: float, lr_now: float) -> None:
-        """Rank 0's progress line and its TensorBoard scalars."""
+        """Rank 0's progress line and its per-step scalars (TensorBoard's alone)."""
         rate = self.progress.images_per_second(self.step)
         epochs = self.config.train.epochs
         print(self.progress.line(epoch, epochs, self.step, loss, lr_now, rate), flush=True)
-        self.writer.add_scalar("train/loss", loss, self.step)
-        self.writer.add_scalar("train/lr", lr_now, self.step)
-        self.writer.add_scalar("train/images_per_s", rate, self.step)
-        for name, value in output.logs.items():
-            self.writer.add_scalar(f"train/{name}", float(value), self.step)
+        if self.trackers is not None:
+            scalars = {"train/loss": loss, "train/lr": lr_now, "train/images_per_s": rate}
+            logs = {f"train/{name}": float(value) for name, value in output.logs.items()}
+            self.trackers.scalars(scalars | logs, self.step)
 
     def end_epoch(self, epoch: int, record: EpochRecord) -> dict[str, Any]:
         """The epoch's metrics on every rank (the probe's accuracy is gathered from all);
@@ -355,17 +354,16 @@ class TrainLoopRunner:
         write_report(self.loop.run_dir, data_report)
 
     def _monitor_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
-        """Rank 0: the online kNN into ``metrics``, the epoch's TensorBoard scalars and line."""
+        """Rank 0: the online kNN into ``metrics``, the epoch's metrics to the trackers and its
+        line."""
         if self.config.train.online_knn_bank:
             # Built at the first epoch's end, not before the first step: decoding its
             # images would only delay the start.
             self.knn = self.knn or OnlineKNN(self.config, self.loop.spec)
             self.method.eval()
             metrics["knn_top1"] = self.knn(self.method.features, self.mean, self.std, self.device)
-        for name in ("loss", "images_per_s", "knn_top1", "probe_top1"):
-            if name in metrics:
-                self.writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
-        self.writer.flush()
+        if self.trackers is not None:
+            self.trackers.epoch(metrics)
         print(
             "epoch {epoch} done: loss {loss:.4f}, {images_per_s:,.0f} img/s".format(**metrics)
             + (f", online kNN top-1 {metrics['knn_top1']:.4f}" if "knn_top1" in metrics else "")

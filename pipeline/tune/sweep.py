@@ -11,6 +11,10 @@ in the table. Everything a sweep writes lives in ``<run.root>/sweeps/<name>/``:
     metric_vs_params.png           the metric against each searched parameter
     best_config.yaml               the best trial's full config; `pretrain --config` takes it
     trials/                        each trial's Train run (checkpoints, TensorBoard)
+
+With ``run.trackers`` naming mlflow or wandb, Tune's own logger callbacks record each trial
+as one run (its parameters, every epoch's metrics) in one MLflow experiment / W&B project,
+``run.experiment``; the trials' own pretraining then keeps only TensorBoard.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pipeline.cluster import init_ray
 from pipeline.config import (
     SAFE_NAME_RULE,
     Config,
+    absolute_tracking_uri,
     from_dict,
     is_safe_name,
     set_value,
@@ -86,6 +91,9 @@ def _run_trial(params: dict[str, Any], base: dict[str, Any], trials_root: str) -
     for key, value in params.items():
         set_value(values, key, value)
     values["run"].update(name=f"trial-{tune.get_context().get_trial_id()}", root=trials_root)
+    # The sweep's callbacks log this trial as one MLflow / W&B run; a second, opened by the
+    # trial's pretraining, would split it in two.
+    values["run"]["trackers"] = [t for t in values["run"]["trackers"] if t == "tensorboard"]
     configure_data_context()
     pretrain(from_dict(values), callbacks=[TuneReportCallback()])
 
@@ -179,6 +187,8 @@ def sweep(
         tuner = tune.Tuner.restore(directory, trainable, resume_errored=True)
     else:
         concurrency = settings.concurrency or trial_concurrency(config, ray.cluster_resources())
+        # A restored sweep brings back its callbacks, the trackers' among them.
+        callbacks = [*callbacks, *tracker_callbacks(config, directory)]
         tuner = _new_tuner(trainable, config, space, settings, directory, concurrency, callbacks)
         print(
             f"sweep {locations.name(directory)}: {settings.samples} trials, {concurrency} at a time"
@@ -190,6 +200,36 @@ def sweep(
     if unfinished:
         print(f"sweep interrupted with {unfinished} trials to go; finish it with --resume")
     return rows
+
+
+def tracker_callbacks(config: Config, directory: str) -> list[tune.Callback]:
+    """Tune's MLflow and W&B loggers for the trackers ``run.trackers`` names: each trial one
+    run, in experiment / project ``run.experiment``, tagged or grouped by the sweep's name."""
+    from pipeline.train.trackers import wandb_settings
+
+    run, sweep_name = config.run, locations.name(directory)
+    callbacks: list[tune.Callback] = []
+    if "mlflow" in run.trackers:
+        from pipeline.tune.mlflow_trials import OneRunPerTrial
+
+        callbacks.append(
+            OneRunPerTrial(
+                absolute_tracking_uri(run.tracking_uri),
+                experiment_name=run.experiment,
+                tags={"sweep": sweep_name},
+            )
+        )
+    if "wandb" in run.trackers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(
+            WandbLoggerCallback(
+                project=run.experiment,
+                group=sweep_name,
+                **wandb_settings(directory),
+            )
+        )
+    return callbacks
 
 
 def result_rows(grid: tune.ResultGrid, keys: list[str], max_epochs: int) -> list[dict]:

@@ -11,9 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
+from pipeline.cli.runs import save_results
 from pipeline.config import load_config
-from pipeline.eval.evaluate import evaluate_checkpoint
+from pipeline.eval.evaluate import evaluate_checkpoint, load_eval_context
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.train.driver import pretrain, run_dir
 from pipeline.train.views import view_recipes
@@ -43,8 +45,16 @@ def _config(fmnist_small, tmp_path, epochs: int, *extra: str):
 
 
 @pytest.mark.slow
-def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, tmp_path):
-    first = pretrain(_config(fmnist_small, tmp_path, epochs=1))
+def test_pretrain_checkpoints_resumes_and_evaluates(
+    ray_session, fmnist_small, tmp_path, mlflow_server
+):
+    experiment = f"e2e-{tmp_path.name}"
+    tracked = [
+        "run.trackers=[tensorboard, mlflow]",
+        f"run.tracking_uri={mlflow_server}",
+        f"run.experiment={experiment}",
+    ]
+    first = pretrain(_config(fmnist_small, tmp_path, 1, *tracked))
     steps_per_epoch = (2048 // 2) // 64
     assert first.metrics["epoch"] == 1 and first.metrics["resumed_from_epoch"] == 0
     state = load_checkpoint(first.checkpoint.path)
@@ -56,17 +66,34 @@ def test_pretrain_checkpoints_resumes_and_evaluates(ray_session, fmnist_small, t
     assert report["1"]["rows"] == report["1"]["delivered"] == 2048
     assert report["1"]["rejected"] == 0
 
-    second = pretrain(_config(fmnist_small, tmp_path, epochs=2))
+    second = pretrain(_config(fmnist_small, tmp_path, 2, *tracked))
     assert second.metrics["resumed_from_epoch"] == 1, "the rerun started over"
     assert second.metrics["epoch"] == 2
     latest = latest_checkpoint(run_dir(_config(fmnist_small, tmp_path, 2)))
     state = load_checkpoint(latest)
     assert state.epoch == 2 and state.step == 2 * steps_per_epoch
 
-    rows = evaluate_checkpoint(latest, floors=True, k=20).rows
+    with load_eval_context(latest) as context:
+        rows = evaluate_checkpoint(context, floors=True, k=20).rows
+        save_results(latest, context, {"knn": {"top1": rows[0].top1, "top5": rows[0].top5}})
     assert [r.name.split()[0] for r in rows] == ["SSL", "raw", "random-init"]
     for row in rows:
         assert 0.1 < row.top1 <= row.top5 <= 1.0  # well above 10-class chance
+
+    # Rank 0 logged both epochs, the resume included, and the evaluation into one MLflow run.
+    client = MlflowClient(mlflow_server)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.data.params["train.batch_size"] == "128" and run.info.run_name == "e2e"
+    knn = client.get_metric_history(run.info.run_id, "knn_top1")
+    assert [(m.step, m.value) for m in knn] == [
+        (1, pytest.approx(first.metrics["knn_top1"])),
+        (2, pytest.approx(second.metrics["knn_top1"])),
+    ]
+    [evaluated] = client.get_metric_history(run.info.run_id, "eval/knn/top1")
+    assert evaluated.step == 2 and evaluated.value == pytest.approx(rows[0].top1)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == [
+        "evaluation/eval.json"
+    ]
 
 
 @pytest.mark.slow

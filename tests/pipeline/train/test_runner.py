@@ -3,12 +3,9 @@ Train's checkpoint and report calls are stand-ins, the data is the synthetic bat
 
 import math
 import pickle
-import shutil
 import time
 
 import pytest
-import ray.train
-import ray.train.torch
 import torch
 
 from pipeline.config import load_config
@@ -21,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS_PER_EPOCH = 3
 
 
-def _loop(tmp_path, epochs: int) -> LoopConfig:
+def _loop(tmp_path, epochs: int, *extra: str) -> LoopConfig:
     config = load_config(
         None,
         [
@@ -34,6 +31,7 @@ def _loop(tmp_path, epochs: int) -> LoopConfig:
             "train.warmup_epochs=0",
             "train.log_every_steps=2",
             "train.online_knn_bank=0",
+            *extra,
         ],
     )
     return LoopConfig(
@@ -48,29 +46,6 @@ def _loop(tmp_path, epochs: int) -> LoopConfig:
         run_dir=str(tmp_path / "run"),
         ledger=None,
     )
-
-
-@pytest.fixture
-def ray_train(monkeypatch, tmp_path):
-    """Ray Train's worker API replaced: no DDP wrapper, a checkpoint to resume from when
-    ``resume_from`` is set, and every report kept (rank 0's checkpoint copied out)."""
-    calls = {"reports": [], "resume_from": None}
-
-    def report(metrics, checkpoint=None):
-        kept = None
-        if checkpoint is not None:
-            kept = tmp_path / f"kept_{len(calls['reports'])}"
-            shutil.copytree(checkpoint.path, kept)
-        calls["reports"].append((metrics, kept))
-
-    def get_checkpoint():
-        resume = calls["resume_from"]
-        return None if resume is None else ray.train.Checkpoint.from_directory(str(resume))
-
-    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **_: model)
-    monkeypatch.setattr(ray.train, "get_checkpoint", get_checkpoint)
-    monkeypatch.setattr(ray.train, "report", report)
-    return calls
 
 
 def test_the_loop_config_travels_as_its_fields(tmp_path):
@@ -123,7 +98,7 @@ def test_a_stream_that_ends_early_warns_and_reports_nan(ray_train, tmp_path, cap
 def test_other_ranks_report_without_a_checkpoint(ray_train, tmp_path):
     runner = TrainLoopRunner(_loop(tmp_path, epochs=1), 1, 2, torch.device("cpu"))
     runner.setup()
-    assert runner.writer is None  # TensorBoard is rank 0's
+    assert runner.trackers is None  # TensorBoard (every tracker) is rank 0's
     runner.save(0, runner.end_epoch(0, EpochRecord()))
     [(metrics, kept)] = ray_train["reports"]
     assert metrics["epoch"] == 1 and kept is None

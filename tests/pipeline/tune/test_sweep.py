@@ -8,11 +8,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.air.integrations.wandb import WandbLoggerCallback
 
 import pipeline.tune.sweep as sweep_module
 from pipeline.config import load_config
-from pipeline.tune.sweep import SweepSettings, sweep, sweep_dir, trial_concurrency
+from pipeline.tune.mlflow_trials import OneRunPerTrial
+from pipeline.tune.sweep import (
+    SweepSettings,
+    sweep,
+    sweep_dir,
+    tracker_callbacks,
+    trial_concurrency,
+)
 from tune_spaces import SpaceError
 
 
@@ -75,6 +84,28 @@ def test_bad_sweeps_stop_before_ray_starts(fmnist_small, tmp_path, monkeypatch):
         sweep(config, SPACE, SweepSettings(), resume=True)
 
 
+def test_tracker_callbacks_log_each_trial_into_the_runs_experiment(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    directory = str(tmp_path / "sweeps" / "s")
+    assert tracker_callbacks(load_config(None, []), directory) == []  # TensorBoard: per trial
+    config = load_config(
+        None,
+        [
+            "run.trackers=[mlflow, wandb]",
+            "run.tracking_uri=sqlite:///m.db",
+            "run.experiment=sweeps",
+        ],
+    )
+    monkeypatch.chdir(tmp_path)
+    mlflow, wandb = tracker_callbacks(config, directory)
+    assert isinstance(mlflow, OneRunPerTrial) and mlflow.experiment_name == "sweeps"
+    assert mlflow.tracking_uri == f"sqlite:///{tmp_path}/m.db" and mlflow.tags == {"sweep": "s"}
+    assert isinstance(wandb, WandbLoggerCallback)
+    assert (wandb.project, wandb.group) == ("sweeps", "s")
+    assert wandb.kwargs == {"dir": directory, "mode": "offline"}  # the logging actors' too
+
+
 class _InterruptAfterFirstTrial(tune.Callback):
     """Ctrl-C once the first trial has finished: Tune saves its state and returns.
 
@@ -89,8 +120,17 @@ class _InterruptAfterFirstTrial(tune.Callback):
 
 
 @pytest.mark.slow
-def test_sweep_runs_asha_writes_results_and_resumes(ray_session, fmnist_small, tmp_path):
-    config = _config(fmnist_small, tmp_path)
+def test_sweep_runs_asha_writes_results_and_resumes(
+    ray_session, fmnist_small, tmp_path, mlflow_server
+):
+    experiment = f"sweep-{tmp_path.name}"
+    config = _config(
+        fmnist_small,
+        tmp_path,
+        "run.trackers=[tensorboard, mlflow]",
+        f"run.tracking_uri={mlflow_server}",
+        f"run.experiment={experiment}",
+    )
     settings = SweepSettings(samples=3, concurrency=2, grace_epochs=1, name="s")
     directory = Path(sweep_dir(config, settings))
 
@@ -122,6 +162,21 @@ def test_sweep_runs_asha_writes_results_and_resumes(ray_session, fmnist_small, t
     assert best.method["temperature"] == pytest.approx(rows[0]["method.temperature"])
     assert best.train.base_lr == pytest.approx(rows[0]["train.base_lr"])
     assert best.data.limit == 384 and best.run.name == "s-best"
+
+    # One MLflow run per trial, in one experiment, the interrupted trials' included.
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 3
+    for row in rows:
+        [run] = [r for r in runs if r.data.tags["trial_name"].endswith(row["trial"])]
+        assert run.data.tags["sweep"] == "s" and run.info.status == "FINISHED"
+        assert float(run.data.params["train.base_lr"]) == pytest.approx(row["train.base_lr"])
+        knn = client.get_metric_history(run.info.run_id, "knn_top1")
+        assert sorted(m.step for m in knn) == list(range(1, row["epochs"] + 1))
+        assert max(m.value for m in knn) == pytest.approx(row["best_knn_top1"])
+    # The trials' own pretraining opened no MLflow run: they kept TensorBoard only.
+    assert not list((directory / "trials").glob("*/trackers.json"))
+    assert list((directory / "trials").glob("*/tensorboard"))
 
 
 @pytest.mark.slow
