@@ -23,6 +23,7 @@ PIPELINE_LAYERS = (
     ("pipeline.config",),
     ("pipeline.train",),
     ("pipeline.eval",),
+    ("pipeline.export",),
     ("pipeline.tune",),
     ("pipeline.cli", "pipeline.__main__"),
 )

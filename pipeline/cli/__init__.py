@@ -19,6 +19,7 @@ from pipeline.cli import (
     demo,
     embed,
     evaluate,
+    export,
     prepare,
     pretrain,
     preview,
@@ -29,7 +30,7 @@ from pipeline.cli import (
 )
 
 # In the order ``--help`` lists them.
-COMMANDS = (prepare, pretrain, evaluate, embed, retrieval, preview, report, tune, demo)
+COMMANDS = (prepare, pretrain, evaluate, embed, export, retrieval, preview, report, tune, demo)
 
 DESCRIPTION = """\
 Self-supervised pretraining of image encoders on Ray.
@@ -38,6 +39,7 @@ Typical session:
   python -m pipeline prepare fashion-mnist            # IDX files -> Parquet shards (once)
   python -m pipeline pretrain --config configs/fmnist_simclr.yaml
   python -m pipeline evaluate --checkpoint runs/fmnist-simclr --protocol knn linear
+  python -m pipeline export --checkpoint runs/fmnist-simclr --out exported/fmnist-simclr
   python -m pipeline retrieval --checkpoint runs/fmnist-simclr --out retrieval.png
   python -m pipeline report runs/fmnist-simclr runs/fmnist-byol --out runs/report
   python -m pipeline tune --config configs/fmnist_simclr.yaml --space simclr --samples 16

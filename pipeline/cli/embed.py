@@ -39,12 +39,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the embeddings and print what was written and what was rejected (the first 10)."""
-    from pipeline.cli.runs import resolve_checkpoint
     from pipeline.cluster import init_ray
     from pipeline.eval.embed import export_embeddings
+    from pipeline.train.checkpoint import find_checkpoint
 
     init_ray()
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = find_checkpoint(args.checkpoint)
     summary = export_embeddings(
         checkpoint,
         args.data,

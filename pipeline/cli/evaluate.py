@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate_protocols(args: argparse.Namespace) -> str:
-    from pipeline.cli.runs import resolve_checkpoint, save_results
+    from pipeline.cli.runs import save_results
     from pipeline.data import locations
     from pipeline.eval.evaluate import load_eval_context
     from pipeline.eval.protocols import (
@@ -89,8 +89,9 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
         results_table,
         run_protocols,
     )
+    from pipeline.train.checkpoint import find_checkpoint
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = find_checkpoint(args.checkpoint)
     settings = ProtocolSettings(
         k=args.k,
         temperature=args.temperature,

@@ -42,9 +42,9 @@ def pretrain_and_evaluate(
     """Pretrain the config; with ``evaluate``, print the kNN table of its last checkpoint
     (with the raw-pixel and random-init rows when ``floors``) and record it in the run's
     eval.json and knn.txt."""
-    from pipeline.cli.runs import resolve_checkpoint
     from pipeline.config import load_config
     from pipeline.data import locations
+    from pipeline.train.checkpoint import find_checkpoint
     from pipeline.train.driver import pretrain, run_dir
 
     config = load_config(config_path, overrides)
@@ -55,7 +55,7 @@ def pretrain_and_evaluate(
         # The run may live in object storage: the checkpoint is read from there, and
         # eval.json and knn.txt are written there too.
         try:
-            checkpoint = resolve_checkpoint(run)
+            checkpoint = find_checkpoint(run)
         except FileNotFoundError:
             checkpoint = result.checkpoint.path
         table = knn_table(checkpoint, floors, run)
@@ -66,11 +66,12 @@ def pretrain_and_evaluate(
 def knn_table(checkpoint: str, floors: bool, run: str) -> str:
     """The kNN table that ends ``pretrain`` and ``demo``, also recorded in ``run``'s
     eval.json."""
-    from pipeline.cli.runs import resolve_checkpoint, save_results
+    from pipeline.cli.runs import save_results
     from pipeline.eval.evaluate import evaluate_checkpoint, load_eval_context
     from pipeline.eval.protocols import knn_results
+    from pipeline.train.checkpoint import find_checkpoint
 
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = find_checkpoint(checkpoint)
     with load_eval_context(checkpoint) as context:
         report = evaluate_checkpoint(context, floors=floors)
         accounts = "\n".join(context.accounts.values())

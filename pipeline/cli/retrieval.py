@@ -49,13 +49,13 @@ def run(args: argparse.Namespace) -> int:
     """
     import numpy as np
 
-    from pipeline.cli.runs import resolve_checkpoint
     from pipeline.data.image_features import extract_features
     from pipeline.data.ingest import read_decoded
     from pipeline.eval.evaluate import images_by_id, load_eval_context
     from pipeline.eval.pictures import retrieval_grid
+    from pipeline.train.checkpoint import find_checkpoint
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = find_checkpoint(args.checkpoint)
     with load_eval_context(checkpoint) as context:
         mean, std = context.mean_std
         sample = read_decoded(context.test_dir, context.spec, max(args.queries, args.projector))

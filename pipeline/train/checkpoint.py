@@ -120,6 +120,15 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> str:
     raise FileNotFoundError(f"no checkpoint in {run_dir} yet (none is complete)")
 
 
+def find_checkpoint(path: str | os.PathLike[str]) -> str:
+    """A checkpoint directory or file as given, else the run directory's latest checkpoint
+    (local paths and object-storage URIs alike)."""
+    path = locations.absolute(path)
+    if locations.is_file(locations.join(path, CHECKPOINT_FILE)) or locations.is_file(path):
+        return path
+    return latest_checkpoint(path)
+
+
 def method_from_checkpoint(
     path: str | os.PathLike[str],
 ) -> tuple[SSLMethod, Config, CheckpointState]:

@@ -31,6 +31,7 @@ from pipeline.config import Config
 from pipeline.data.dataset_features import dataset_features
 from pipeline.data.ingest import ImageSpec, image_slots, synthetic_batch, views_on_device
 from pipeline.data.ledger import fetch_report, summary_line, write_report
+from pipeline.train.backbone import run_backbone_weights
 from pipeline.train.checkpoint import (
     CheckpointState,
     build_method_for,
@@ -123,7 +124,9 @@ class TrainLoopRunner:
         the normalisation, the view plan, the online probe and rank 0's trackers."""
         config, loop = self.config, self.loop
         torch.manual_seed(config.run.seed)
-        method = build_method_for(config, loop.spec.channels, loop.num_images)
+        method = build_method_for(
+            config, loop.spec.channels, loop.num_images, run_backbone_weights(config)
+        )
         self.method = method.to(memory_format=self.memory_format)
         torch.manual_seed(config.run.seed + self.rank)  # same init everywhere, then per-rank draws
         # Buffers (queues, banks, BN statistics) evolve identically or per rank by design;

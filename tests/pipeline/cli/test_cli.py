@@ -5,8 +5,9 @@ from PIL import Image
 
 from pipeline.cli import main
 
-COMMANDS = ["prepare", "pretrain", "evaluate", "embed", "retrieval", "preview", "report", "tune"]
-COMMANDS += ["demo"]
+COMMANDS = ["prepare", "pretrain", "evaluate", "embed", "export", "retrieval", "preview"]
+COMMANDS += ["report", "tune", "demo"]
+DATA_KEYS = [("train", "train"), ("eval_train", "train"), ("eval_test", "test")]
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -26,6 +27,24 @@ def test_each_command_help_teaches(command, capsys):
     assert "usage:" in out and len(out.splitlines()) > 8
     if command != "demo":
         assert "Examples:" in out
+
+
+def test_a_pretrained_file_that_does_not_fit_stops_before_ray(
+    tmp_path, capsys, monkeypatch, fmnist_small
+):
+    def no_ray() -> None:
+        raise AssertionError("Ray was started for weights that do not fit")
+
+    monkeypatch.setattr("pipeline.train.driver.init_ray", no_ray)
+    weights = tmp_path / "w.pt"
+    import torch
+
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)
+    overrides = [f"data.{key}={fmnist_small[split]}" for key, split in DATA_KEYS]
+    overrides.append(f"model.pretrained={weights}")
+    status = main(["pretrain", *(arg for value in overrides for arg in ("--set", value))])
+    err = capsys.readouterr().err
+    assert status == 2 and "model.pretrained" in err and "missing keys" in err
 
 
 def test_config_error_stops_before_ray_and_names_the_key(capsys, monkeypatch):

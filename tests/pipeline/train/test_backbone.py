@@ -39,6 +39,18 @@ def test_a_weights_file_starts_the_backbone_and_its_momentum_copy(tmp_path, suff
     check_backbone(config, channels=1, image_size=28)
 
 
+def test_a_weights_file_in_object_storage_is_read(s3_bucket):
+    from safetensors.torch import save
+
+    from pipeline.data import locations
+
+    weights = _small_cnn_weights(seed=5)
+    uri = f"{s3_bucket}/encoders/small.safetensors"
+    locations.write_bytes(uri, save(weights))
+    loaded = read_backbone_weights(uri)
+    assert loaded.source == uri and all(torch.equal(loaded.tensors[k], weights[k]) for k in weights)
+
+
 def test_a_file_that_is_not_a_state_dict_is_named(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"epoch": 3, "state_dict": _small_cnn_weights(0)}, path)
