@@ -374,10 +374,11 @@ def _validate_backbone(model: ModelConfig, method: str, kinds: tuple[str, ...] |
         )
 
 
-def _check_trackers_installed(trackers: list[str]) -> None:
-    """Raise, naming run.trackers, when a named tracker's package is missing: found here,
-    not by a Train worker after Ray has started."""
-    for tracker in trackers:
+def check_trackers_installed(config: Config) -> None:
+    """Raise, naming run.trackers, when a named tracker's package is missing. Training and
+    sweeps call it before Ray starts, and opening the trackers does; loading the config does
+    not, so a run tracked elsewhere still loads (load_encoder) where mlflow is missing."""
+    for tracker in config.run.trackers:
         package = _TRACKER_PACKAGES.get(tracker)
         if package and importlib.util.find_spec(package) is None:
             raise ConfigError(
@@ -407,7 +408,6 @@ def validate(config: Config) -> Config:
             "config key 'augment.local_crop_scale_min' must not exceed "
             f"'augment.local_crop_scale_max' ({augment.local_crop_scale_max})"
         )
-    _check_trackers_installed(config.run.trackers)
     _validate_method(config.method)
     needs = config.method_requirements
     _validate_backbone(config.model, config.method_name, needs.backbone_kinds)

@@ -28,7 +28,7 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.cluster import init_ray
-from pipeline.config import Config, with_absolute_paths
+from pipeline.config import Config, check_trackers_installed, with_absolute_paths
 from pipeline.data.ingest import (
     ImageSpec,
     channel_stats,
@@ -149,6 +149,7 @@ def pretrain(config: Config, callbacks: Sequence[UserCallback] = ()) -> ray.trai
     """
     started_at = time.time()
     config = with_absolute_paths(config)
+    check_trackers_installed(config)
     for shard_dir in dict.fromkeys(
         [config.data.train, config.data.eval_train, config.data.eval_test]
     ):

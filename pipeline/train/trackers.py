@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.config import Config, absolute_tracking_uri
+from pipeline.config import Config, absolute_tracking_uri, check_trackers_installed
 from pipeline.data import locations
 
 TRACKERS_FILE = "trackers.json"  # in the run directory: {"mlflow": run id, "wandb": run id}
@@ -131,6 +131,7 @@ class RunTrackers:
             trackers.writer = SummaryWriter(locations.join(run_dir, "tensorboard"))
         if "mlflow" not in names and "wandb" not in names:
             return trackers
+        check_trackers_installed(config)
         recorded = trackers._recorded()
         try:
             if "mlflow" in names:

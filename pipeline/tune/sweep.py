@@ -35,6 +35,7 @@ from pipeline.config import (
     SAFE_NAME_RULE,
     Config,
     absolute_tracking_uri,
+    check_trackers_installed,
     from_dict,
     is_safe_name,
     set_value,
@@ -170,6 +171,7 @@ def sweep(
     The space and the settings are checked before Ray starts, so a bad sweep costs nothing.
     """
     config = with_absolute_paths(config)
+    check_trackers_installed(config)
     base = config.to_dict()
     _check_sweep(config, base, space, settings)
     directory = sweep_dir(config, settings)

@@ -14,7 +14,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import pipeline.config
-from pipeline.config import ConfigError, absolute_tracking_uri, load_config, with_absolute_paths
+from pipeline.config import (
+    ConfigError,
+    absolute_tracking_uri,
+    check_trackers_installed,
+    load_config,
+    with_absolute_paths,
+)
+from pipeline.train.driver import pretrain
 from pipeline.train.runner import TrainLoopRunner
 from pipeline.train.trackers import (
     TRACKERS_FILE,
@@ -246,9 +253,14 @@ def test_a_tracker_whose_package_is_missing_stops_the_config(monkeypatch):
         "find_spec",
         lambda name, *args: None if name == "wandb" else real(name, *args),
     )
+    # The config loads (a run tracked elsewhere can still be read, e.g. by load_encoder) ...
+    tracked = load_config(None, ["run.trackers=[tensorboard, wandb]"])
+    # ... but training, sweeping and opening the trackers stop, naming the key.
     with pytest.raises(ConfigError, match=r"'run.trackers' names 'wandb'.*ray-ssl\[tracking\]"):
-        load_config(None, ["run.trackers=[tensorboard, wandb]"])
-    assert load_config(None, ["run.trackers=[mlflow]"]).run.trackers == ["mlflow"]
+        check_trackers_installed(tracked)
+    with pytest.raises(ConfigError, match=r"'run.trackers' names 'wandb'"):
+        pretrain(tracked)
+    check_trackers_installed(load_config(None, ["run.trackers=[mlflow]"]))
 
 
 def test_per_epoch_metrics_keep_the_numbers_nan_included(mlflow_server, tmp_path):
