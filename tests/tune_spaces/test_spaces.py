@@ -12,8 +12,8 @@ from tune_spaces import SPACES, SpaceError, check_space, load_space, to_tune
 
 def _base(method: str = "simclr", **train) -> dict:
     # e.g. a ViT for masked image modelling
-    needs = METHODS[method].requirements(METHODS[method].option_defaults()).backbones
-    model = {"backbone": needs[0]} if needs else {}
+    kinds = METHODS[method].requirements(METHODS[method].option_defaults()).backbone_kinds
+    model = {"backbone": {"vit": "vit_tiny", "cnn": "small_cnn"}[kinds[0]]} if kinds else {}
     values = from_dict({"method": {"name": method}, "model": model}).to_dict()
     values["train"].update(train)
     return values
