@@ -22,15 +22,17 @@ from torch.optim import Optimizer
 class LARS(Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling.
 
-    For each parameter w with gradient g (unless its group sets ``exclude_from_lars``)::
+    For each parameter w with gradient g::
 
         d     = g + weight_decay * w
         trust = eta * ||w|| / ||d||          (1 when either norm is 0)
         buf   = momentum * buf + trust * d
         w     = w - lr * buf
 
-    Excluded groups skip the first two lines (no weight decay, no trust ratio), which makes
-    their update exactly ``torch.optim.SGD`` with momentum.
+    A group that sets ``exclude_from_lars`` skips the trust ratio (trust = 1), which makes its
+    update exactly ``torch.optim.SGD`` with momentum and its own weight decay; as in SimCLR's
+    LARS, decay and adaptation are excluded separately (biases and norms get
+    ``weight_decay=0`` from :func:`param_groups`, DeepCluster's classifier keeps its decay).
 
     ``eta`` defaults to 0.001, the paper's value and the one in SimCLR's and Barlow Twins'
     reference code, which pair it with ``lr = base_lr * batch / 256``. (solo-learn uses 0.02
@@ -72,9 +74,8 @@ class LARS(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                d_p = p.grad
+                d_p = p.grad.add(p, alpha=group["weight_decay"])
                 if not group["exclude_from_lars"]:
-                    d_p = d_p.add(p, alpha=group["weight_decay"])
                     p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d_p)
                     trust = torch.where(
                         (p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, 1.0

@@ -94,7 +94,7 @@ class MAE(SSLMethod):
     as about equal).
 
     Args:
-        backbone: a ViT (``model.backbone=vit_tiny`` or ``vit_small``).
+        backbone: a ViT (``model.backbone=vit_tiny``, ``vit_small`` or a timm ViT).
         feature_dim: its embedding dimension.
         mask_ratio: fraction of patches masked per sample (0.75, the paper's best).
         decoder_dim, decoder_depth, decoder_heads: the decoder's width, blocks and heads. The
@@ -103,8 +103,9 @@ class MAE(SSLMethod):
             full-width vit_tiny's 12 * 192^2, between the paper's ViT-L (8%) and ViT-B (30%)
             ratios. Depth 4 keeps most of the linear-probe gain of its Table 1a (71.9% vs
             73.5% at depth 8); on 28-32 px images the decoder sees only 49-64 tokens.
-        norm_pix_loss: normalise each target patch by its mean and variance (official
-            default, True; Table 1d: better representations).
+        norm_pix_loss: normalise each target patch by its mean and variance (Table 1d:
+            better representations). True here, as in the official pretraining recipe
+            (``main_pretrain.py --norm_pix_loss``); the official model's own default is False.
     """
 
     def __init__(

@@ -39,7 +39,7 @@ class SimMIM(SSLMethod):
     unmasked image, where no mask token appears.
 
     Args:
-        backbone: a ViT (``model.backbone=vit_tiny`` or ``vit_small``).
+        backbone: a ViT (``model.backbone=vit_tiny``, ``vit_small`` or a timm ViT).
         feature_dim: its embedding dimension.
         mask_ratio: fraction of mask blocks masked per sample (0.6, the paper's).
         mask_patch_size: side in pixels of the square blocks masked together, a multiple of

@@ -12,6 +12,7 @@ from ssl_models import METHODS, build_method
 from ssl_models.kmeans import kmeans, preprocess_features
 from ssl_models.method import Batch
 from ssl_models.methods import DeepCluster
+from ssl_models.optim import LARS
 from ssl_models.registry import method_params
 from tests.ssl_models.distributed import run_on_ranks
 from tests.ssl_models.helpers import train_losses
@@ -64,6 +65,15 @@ def test_classifier_is_never_trust_scaled_and_every_parameter_has_one_group():
     (classifier,) = [g for g in groups if any(p is method.classifier.weight for p in g["params"])]
     assert classifier["exclude_from_lars"] and classifier["weight_decay"] == 1e-5
     assert set(classifier["params"]) == set(method.classifier.parameters())
+    # Under LARS the classifier still decays: with a zero gradient, one step moves its weights
+    # by exactly -lr * weight_decay * w (plain SGD with decay, no trust ratio).
+    optimizer = LARS(method.parameter_groups(0.1), lr=0.5)
+    before = method.classifier.weight.detach().clone()
+    for p in method.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    moved = before - method.classifier.weight.detach()
+    assert torch.allclose(moved, 0.5 * 0.1 * before, rtol=1e-4, atol=1e-9)
 
 
 def test_before_any_clustering_the_loss_is_zero_but_reaches_every_parameter():

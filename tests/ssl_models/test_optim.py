@@ -29,17 +29,18 @@ def test_lars_one_step_matches_hand_computation():
     # Weight: g + 0.1 * w = [[0.6, 0], [0, 0.8]] (norm 1), trust = 0.02 * 5 / 1 = 0.1,
     # step = lr * trust * d = 0.01 * d.
     weight.grad = torch.tensor([[0.3, 0.0], [0.0, 0.4]])
-    # Bias: excluded, so plain SGD even though its group asks for weight decay.
+    # Bias: excluded from the trust ratio, so SGD with its group's weight decay:
+    # d = g + 0.1 * b = [0.6, 0.3], step = lr * d.
     bias.grad = torch.tensor([0.5, 0.5])
     opt.step()
     assert torch.allclose(weight, torch.tensor([[2.994, 0.0], [0.0, 3.992]]))
-    assert torch.allclose(bias, torch.tensor([0.95, -2.05]))
+    assert torch.allclose(bias, torch.tensor([0.94, -2.03]))
 
-    # Second step: momentum buffer 0.9 * 0.5 + 0.5 = 0.95, times lr.
+    # Second step: d = [0.5 + 0.094, 0.5 - 0.203]; buffer = 0.9 * [0.6, 0.3] + d, times lr.
     bias.grad = torch.tensor([0.5, 0.5])
     weight.grad = None
     opt.step()
-    assert torch.allclose(bias, torch.tensor([0.855, -2.145]))
+    assert torch.allclose(bias, torch.tensor([0.8266, -2.0867]))
 
 
 def test_lars_default_eta_is_paper_value():
