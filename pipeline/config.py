@@ -90,6 +90,11 @@ class AugmentConfig:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.0  # SimCLR drops blur for 32 px images; use 0.5 for large images
+    solarize_prob: float = 0.0  # BYOL: invert the pixels >= 128 of a drawn share of views
+    # Per-view settings: a list of {key: value} over the keys above, one per global view and
+    # one more for all local views; each overrides the section's keys for its view. None:
+    # the method's paper recipe (BYOL's asymmetric pair, DINO's three kinds; SimCLR none).
+    views: list[dict[str, float]] | None = None
     # Multi-crop (SwAV, Caron et al. 2020; DINO): small "local" views added after the global
     # ones, for methods that take them. Their side is local_size px (0: 96/224 of the image
     # side, the papers' ratio) and they cover local_crop_scale_min..max of the image.
@@ -231,6 +236,7 @@ _RULES: dict[str, dict[str, Rule]] = {
         "jitter_prob": _PROBABILITY,
         "grayscale_prob": _PROBABILITY,
         "blur_prob": _PROBABILITY,
+        "solarize_prob": _PROBABILITY,
         "local_crops": _NON_NEGATIVE_INTEGER,
         "local_size": Rule(lambda x: x == 0 or x >= 4, "0 (automatic) or an integer >= 4"),
         "local_crop_scale_min": _CROP_SCALE,
@@ -387,6 +393,49 @@ def check_trackers_installed(config: Config) -> None:
             )
 
 
+#: The augment keys a per-view entry (augment.views) may set.
+VIEW_KEYS = (
+    "strength",
+    "crop_scale_min",
+    "crop_ratio_max",
+    "flip_prob",
+    "jitter_prob",
+    "grayscale_prob",
+    "blur_prob",
+    "solarize_prob",
+)
+
+
+def _validate_views(augment: AugmentConfig, needs: MethodRequirements) -> None:
+    """augment.views: one mapping per global view (and one for the local views), each key
+    a recipe key within its range; errors name the entry and the key."""
+    if augment.views is None:
+        return
+    counts = [needs.global_views] + ([needs.global_views + 1] if augment.local_crops else [])
+    if len(augment.views) not in counts:
+        raise ConfigError(
+            f"config key 'augment.views' must have {' or '.join(map(str, counts))} entries "
+            f"(one per global view{', then one for the local views' if augment.local_crops else ''}"
+            f"), got {len(augment.views)}"
+        )
+    for index, entry in enumerate(augment.views):
+        where = f"augment.views[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config key '{where}' must be a mapping of keys, got {entry!r}")
+        unknown = sorted(set(entry) - set(VIEW_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key '{where}.{unknown[0]}'; allowed: {list(VIEW_KEYS)}"
+            )
+        for key, value in entry.items():
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"config key '{where}.{key}' must be a number, got {value!r}")
+        try:
+            check_options(entry, **{key: _RULES["augment"][key] for key in entry})
+        except OptionError as error:
+            raise _key_error(where, error) from None
+
+
 def validate(config: Config) -> Config:
     """Check every range rule and cross-key constraint; raise ConfigError naming the key."""
     for section, rules in _RULES.items():
@@ -410,6 +459,7 @@ def validate(config: Config) -> Config:
         )
     _validate_method(config.method)
     needs = config.method_requirements
+    _validate_views(augment, needs)
     _validate_backbone(config.model, config.method_name, needs.backbone_kinds)
     if augment.local_crops and not needs.local_views:
         multi_crop = sorted(

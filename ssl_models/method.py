@@ -107,6 +107,10 @@ class MethodRequirements:
     #: What the data stage makes of each image's global views (``transforms.pretext``);
     #: None: the views themselves.
     pretext: PretextViews | None = None
+    #: The paper's per-view recipe: settings that override the augment section's keys, one
+    #: mapping per global view, then one for the local views (``transforms.views``'s
+    #: ``BYOL_VIEWS``, ``DINO_VIEWS``); None: every view the same (SimCLR, MoCo v2).
+    views: tuple[Mapping[str, float], ...] | None = None
 
     @property
     def views_in_forward(self) -> int:

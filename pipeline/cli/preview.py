@@ -11,7 +11,8 @@ SUMMARY = "PNG of training images and the random views the augment section draws
 DESCRIPTION = """\
 See what an augmentation setting does before training with it: one row per image of
 data.train, the original and then --views random views drawn exactly as the data stage
-draws them (same recipe, same code).
+draws them (same recipes, same code). Methods with several kinds of view (BYOL's asymmetric
+pair, DINO's local crops) get their columns in turn, one kind after the other.
 
 Examples:
   python -m pipeline preview --config configs/fmnist_simclr.yaml --out preview.png
@@ -37,12 +38,17 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.data.ingest import ImageSpec, read_decoded
     from pipeline.data.shards import load_manifest
     from pipeline.eval.pictures import augmentation_preview
-    from pipeline.train.views import view_recipe
+    from pipeline.train.views import view_recipes
 
     config = load_config(args.config, args.overrides)
     spec = ImageSpec.from_manifest(load_manifest(config.data.train), config.data.image_size)
     images = read_decoded(config.data.train, spec, args.images)
-    recipe = view_recipe(config, spec.size)
-    path = augmentation_preview(images.pixels, recipe, args.views, args.out, seed=args.seed)
-    print(f"wrote {path}")
+    kinds = list(dict.fromkeys(view_recipes(config, spec.size)))  # each kind of view once
+    path = augmentation_preview(images.pixels, kinds, args.views, args.out, seed=args.seed)
+    print(f"wrote {path}; columns cycle through {len(kinds)} kind(s) of view:")
+    for number, recipe in enumerate(kinds, 1):
+        print(
+            f"  {number}: {recipe.size} px, crop {recipe.crop_scale}, blur p={recipe.blur_prob}, "
+            f"solarize p={recipe.solarize_prob}, jitter p={recipe.jitter_prob}"
+        )
     return 0

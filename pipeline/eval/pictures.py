@@ -145,24 +145,32 @@ def nearest_neighbours(
 
 def augmentation_preview(
     pixels: np.ndarray,
-    recipe: ViewRecipe,
+    recipes: Sequence[ViewRecipe],
     views: int,
     path: str | Path,
     *,
     seed: int = 0,
     scale: int = 2,
 ) -> Path:
-    """PNG of each image (N, C, H, W) beside ``views`` random views of ``recipe``.
+    """PNG of each image (N, C, H, W) beside ``views`` random views, column j drawn with
+    ``recipes[j % len(recipes)]`` (so every kind of view shows: BYOL's two global views,
+    DINO's local crops).
 
     The same seed gives the same PNG bytes. The PNG is RGB,
     ``PAD + (views + 1) * (max(W, size) * scale + 2 * BORDER + PAD) + GAP`` by
-    ``PAD + N * (max(H, size) * scale + 2 * BORDER + PAD)`` pixels (size = recipe.size).
+    ``PAD + N * (max(H, size) * scale + 2 * BORDER + PAD)`` pixels (size = the largest
+    recipe's); smaller views sit centred in their slot.
     """
+    if not recipes:
+        raise ValueError("need at least one view recipe")
     _check_images("pixels", pixels, 4)
     gen = torch.Generator().manual_seed(seed)
     # On the CPU: a handful of images is instant, and the bytes then match on any machine.
     images = torch.from_numpy(np.ascontiguousarray(pixels))
-    drawn = [random_views(images, recipe, gen).numpy() for _ in range(views)]
+    drawn = [
+        random_views(images, recipes[column % len(recipes)], gen).numpy()
+        for column in range(views)
+    ]
     rows = [[image, *(d[i] for d in drawn)] for i, image in enumerate(pixels)]
     frames = [[FIRST_FRAME] + [BACKGROUND] * views for _ in rows]
     return _grid(rows, frames, scale, path)

@@ -22,9 +22,10 @@ from torch import nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.barlow_twins import BarlowTwinsLoss
-from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, check_options
 from ssl_models.registry import register
+from ssl_models.transforms.views import BYOL_VIEWS
 
 
 @register("barlow_twins")
@@ -69,6 +70,12 @@ class BarlowTwins(SSLMethod):
             projection_dim=AT_LEAST_ONE,
             lambda_offdiag=NON_NEGATIVE,
         )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two global views of whole images, asymmetric: BYOL's recipe, as in the
+        official code's Transform."""
+        return MethodRequirements(views=BYOL_VIEWS)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """The Barlow Twins loss (eq. 1) of the two views' projections: the cross-correlation

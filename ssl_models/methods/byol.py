@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.byol import byol_loss
-from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.momentum import cosine_momentum, ema_update_, momentum_teacher
 from ssl_models.options import AT_LEAST_ONE, PROBABILITY, check_options
 from ssl_models.registry import register
+from ssl_models.transforms.views import BYOL_VIEWS
 
 
 @register("byol")
@@ -79,6 +80,11 @@ class BYOL(SSLMethod):
             projection_dim=AT_LEAST_ONE,
             base_momentum=PROBABILITY,
         )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two global views of whole images, asymmetric: BYOL's own (Grill et al. 2020, table 6)."""
+        return MethodRequirements(views=BYOL_VIEWS)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """BYOL's symmetrised loss (eq. 2 both ways): each view's prediction against the

@@ -27,6 +27,7 @@ from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.momentum import cosine_momentum, ema_update_, momentum_teacher
 from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, check_options
 from ssl_models.registry import register
+from ssl_models.transforms.views import DINO_VIEWS
 
 
 class DINOHead(nn.Module):
@@ -164,8 +165,10 @@ class DINO(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
-        """Two global views, then any local (multi-crop) views; any backbone."""
-        return MethodRequirements(local_views=True)
+        """Two global views, then any local (multi-crop) views; any backbone. The official
+        recipe's three kinds of view: BYOL's asymmetric global pair, local crops blurred
+        with p=0.5."""
+        return MethodRequirements(local_views=True, views=DINO_VIEWS)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """DINO's multi-crop cross-entropy: every crop's student distribution against the

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from ssl_models.dist import shuffle_across_ranks, unshuffle_across_ranks
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.info_nce import info_nce_loss
-from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.momentum import cosine_momentum, ema_update_, momentum_teacher
 from ssl_models.options import AT_LEAST_ONE, POSITIVE, PROBABILITY, check_options
 from ssl_models.registry import register
+from ssl_models.transforms.views import BYOL_VIEWS
 
 
 @register("moco_v3")
@@ -115,6 +116,12 @@ class MoCoV3(SSLMethod):
             projection_hidden_dim=AT_LEAST_ONE,
             projection_dim=AT_LEAST_ONE,
         )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two global views of whole images, asymmetric: BYOL's recipe, as in the
+        official code's augmentation1 / augmentation2."""
+        return MethodRequirements(views=BYOL_VIEWS)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """Algorithm 1's symmetrised contrastive loss: each view's query against the momentum

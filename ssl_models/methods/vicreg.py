@@ -21,9 +21,10 @@ from torch import nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.vicreg import VICRegLoss
-from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, NON_NEGATIVE, check_options
 from ssl_models.registry import register
+from ssl_models.transforms.views import BYOL_VIEWS
 
 
 @register("vicreg")
@@ -71,6 +72,12 @@ class VICReg(SSLMethod):
             var_weight=NON_NEGATIVE,
             cov_weight=NON_NEGATIVE,
         )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two global views of whole images, asymmetric: BYOL's recipe, as in the
+        official code's TrainTransform."""
+        return MethodRequirements(views=BYOL_VIEWS)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """VICReg's loss of the two views' embeddings: weighted invariance (MSE),

@@ -12,6 +12,11 @@ one ``affine_grid``/``grid_sample`` call, jitter a few broadcast passes
 (``ssl_models.transforms.color``), blur one grouped convolution per axis. On CPU the batch is
 processed in chunks small enough to stay in cache, which matters more than anything else
 for large images.
+
+Solarization (BYOL, Grill et al. 2020, arXiv:2006.07733, appendix B: the last step, after
+blur) inverts every pixel at or above 128 of a drawn sample, on the uint8 view:
+``torchvision.transforms.functional.solarize(view, 128)`` exactly. Asymmetric recipes (BYOL's
+two views differ in blur and solarization) are one recipe per view.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class ViewRecipe:
     grayscale_prob: float = 0.2
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
 
     @classmethod
     def simclr(
@@ -60,6 +66,7 @@ class ViewRecipe:
         jitter_prob: float = 0.8,
         grayscale_prob: float = 0.2,
         blur_prob: float = 0.0,
+        solarize_prob: float = 0.0,
     ) -> ViewRecipe:
         """The paper's recipe with colour-distortion strength ``strength`` (s)."""
         return cls(
@@ -74,6 +81,7 @@ class ViewRecipe:
             hue=min(0.2 * strength, 0.5),
             grayscale_prob=grayscale_prob,
             blur_prob=blur_prob,
+            solarize_prob=solarize_prob,
         )
 
 
@@ -151,6 +159,7 @@ class ViewParams:
     jitter: JitterParams
     gray: Tensor  # (N,) convert to grayscale or not
     blur_sigma: Tensor  # (N,) Gaussian sigma, 0 for no blur
+    solarize: Tensor  # (N,) solarize or not
 
     def rows(self, start: int, stop: int) -> ViewParams:
         """The draws of images ``start:stop``."""
@@ -160,6 +169,7 @@ class ViewParams:
             self.jitter.rows(start, stop),
             self.gray[start:stop],
             self.blur_sigma[start:stop],
+            self.solarize[start:stop],
         )
 
 
@@ -173,7 +183,13 @@ def sample_view_params(
     gray = (torch.rand(n, generator=gen) < recipe.grayscale_prob) & (channels == 3)
     blur = torch.rand(n, generator=gen) < recipe.blur_prob
     sigma = torch.where(blur, uniform(n, *recipe.blur_sigma, gen), 0.0)
-    return ViewParams(boxes, flip, jitter, gray, sigma)
+    # Drawn only when asked for, so recipes without it keep their random streams.
+    solarize = (
+        torch.rand(n, generator=gen) < recipe.solarize_prob
+        if recipe.solarize_prob > 0
+        else torch.zeros(n, dtype=torch.bool)
+    )
+    return ViewParams(boxes, flip, jitter, gray, sigma, solarize)
 
 
 def apply_view(images: Tensor, params: ViewParams, size: int) -> Tensor:
@@ -189,7 +205,33 @@ def apply_view(images: Tensor, params: ViewParams, size: int) -> Tensor:
     if len(blurred):
         sigma = params.blur_sigma[blurred].to(device)
         x[blurred.to(device)] = gaussian_blur(x[blurred.to(device)], sigma)
-    return x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    views = x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    return solarize(views, params.solarize.to(device))
+
+
+#: BYOL's asymmetric pair (Grill et al. 2020, table 6): view 1 always blurred, never
+#: solarized; view 2 blurred with p=0.1, solarized with p=0.2. Barlow Twins, VICReg and
+#: MoCo v3 use it as well.
+BYOL_VIEWS: tuple[dict[str, float], ...] = (
+    {"blur_prob": 1.0, "solarize_prob": 0.0},
+    {"blur_prob": 0.1, "solarize_prob": 0.2},
+)
+#: DINO's global pair as BYOL's, and its local crops blurred with p=0.5 (Caron et al. 2021,
+#: official ``DataAugmentationDINO``).
+DINO_VIEWS: tuple[dict[str, float], ...] = (
+    *BYOL_VIEWS,
+    {"blur_prob": 0.5, "solarize_prob": 0.0},
+)
+
+SOLARIZE_THRESHOLD = 128  # BYOL's 0.5 of the [0, 1] range; torchvision's RandomSolarize(128)
+
+
+def solarize(views: Tensor, chosen: Tensor) -> Tensor:
+    """Invert (255 - v) the pixels >= 128 of the chosen uint8 views (N, C, H, W)."""
+    if not bool(chosen.any()):
+        return views
+    inverted = torch.where(views >= SOLARIZE_THRESHOLD, 255 - views, views)
+    return torch.where(chosen.view(-1, 1, 1, 1), inverted, views)
 
 
 # Float elements per CPU chunk (4 MiB): a chunk's passes then run out of cache, not memory.

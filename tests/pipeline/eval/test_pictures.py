@@ -100,9 +100,9 @@ def test_nearest_neighbours_by_cosine_and_excluding_self():
 def test_augmentation_preview_is_seeded_and_sized(tmp_path):
     pixels = _images(3, 3, 16, 16)
     recipe = ViewRecipe.simclr(12, strength=1.0)
-    a = augmentation_preview(pixels, recipe, 4, tmp_path / "a.png", seed=7)
-    b = augmentation_preview(pixels, recipe, 4, tmp_path / "b.png", seed=7)
-    c = augmentation_preview(pixels, recipe, 4, tmp_path / "c.png", seed=8)
+    a = augmentation_preview(pixels, [recipe], 4, tmp_path / "a.png", seed=7)
+    b = augmentation_preview(pixels, [recipe], 4, tmp_path / "b.png", seed=7)
+    c = augmentation_preview(pixels, [recipe], 4, tmp_path / "c.png", seed=8)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
     with Image.open(a) as png:

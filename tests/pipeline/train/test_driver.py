@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli.runs import save_results
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.eval.evaluate import evaluate_checkpoint, load_eval_context
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.train.driver import pretrain, run_dir
@@ -248,6 +248,44 @@ def test_view_recipes_are_the_methods_global_views_then_the_local_crops(monkeypa
     assert views[2].crop_scale == (0.05, 0.3) and views[2].brightness == views[0].brightness
     config = load_config(None, ["augment.local_crops=1", "augment.local_size=16"])
     assert view_recipes(config, 224)[-1].size == 16
+
+
+def test_each_method_gets_its_papers_views_and_augment_views_overrides_them():
+    simclr = view_recipes(load_config(None, ["augment.blur_prob=0.5"]), 28)
+    assert simclr[0] == simclr[1] and simclr[0].blur_prob == 0.5  # symmetric
+    for method in ("byol", "barlow_twins", "vicreg", "moco_v3"):
+        first, second = view_recipes(load_config(None, [f"method.name={method}"]), 28)
+        assert (first.blur_prob, first.solarize_prob) == (1.0, 0.0), method
+        assert (second.blur_prob, second.solarize_prob) == (0.1, 0.2), method
+        assert first.crop_scale == second.crop_scale == (0.2, 1.0)  # the rest is the section's
+    dino = view_recipes(load_config(None, ["method.name=dino", "augment.local_crops=2"]), 28)
+    assert [(v.size, v.blur_prob, v.solarize_prob) for v in dino] == [
+        (28, 1.0, 0.0),
+        (28, 0.1, 0.2),
+        (12, 0.5, 0.0),
+        (12, 0.5, 0.0),
+    ]
+    # --set augment.views replaces the paper's list: here a symmetric BYOL.
+    overridden = load_config(
+        None, ["method.name=byol", "augment.views=[{blur_prob: 0.5}, {blur_prob: 0.5}]"]
+    )
+    first, second = view_recipes(overridden, 28)
+    assert first == second and first.blur_prob == 0.5 and first.solarize_prob == 0.0
+
+
+@pytest.mark.parametrize(
+    ("views", "message"),
+    [
+        ("[{blur_prob: 0.5}]", r"'augment\.views' must have 2 entries"),
+        ("[{}, {blur_prob: 2}]", r"'augment\.views\[1\]\.blur_prob' must be a probability"),
+        ("[{}, {sharpen: 1}]", r"unknown config key 'augment\.views\[1\]\.sharpen'"),
+        ("[{}, {solarize_prob: high}]", r"'augment\.views\[1\]\.solarize_prob' must be a number"),
+        ("[{}, 3]", r"'augment\.views\[1\]' must be a mapping"),
+    ],
+)
+def test_bad_per_view_settings_name_the_view_and_key(views, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["method.name=byol", f"augment.views={views}"])
 
 
 def test_train_keeps_the_training_streams_read_ahead_bound(ray_session, fmnist_small):

@@ -1,6 +1,7 @@
 """Batched SimCLR views: shapes, parameter ranges and per-op correctness."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ssl_models.transforms.views import (
     resized_crop_flip,
     sample_crop_boxes,
     sample_view_params,
+    solarize,
 )
 
 
@@ -211,3 +213,30 @@ def test_chunked_cpu_views_equal_one_pass_views(monkeypatch):
     whole = random_views(images, recipe, _gen(3))
     monkeypatch.setattr("ssl_models.transforms.views._CPU_CHUNK_ELEMENTS", 3 * 16 * 16 * 3)
     torch.testing.assert_close(random_views(images, recipe, _gen(3)), whole, atol=1, rtol=0)
+
+
+def test_solarization_equals_torchvisions_solarize_on_the_chosen_views_only():
+    from torchvision.transforms.functional import solarize as torchvision_solarize
+
+    views = torch.randint(0, 256, (6, 3, 9, 9), dtype=torch.uint8)
+    chosen = torch.tensor([True, False, True, True, False, False])
+    out = solarize(views, chosen)
+    for i in range(6):
+        expected = torchvision_solarize(views[i], 128) if chosen[i] else views[i]
+        assert torch.equal(out[i], expected)
+
+
+def test_solarization_is_the_views_last_step_at_its_drawn_rate():
+    recipe = ViewRecipe.simclr(8, blur_prob=0.3, solarize_prob=0.2)
+    params = sample_view_params(20000, 3, 8, 8, recipe, _gen())
+    assert abs(float(params.solarize.float().mean()) - 0.2) < 0.01
+    # Drawn after everything else: the same seed gives the same crops, jitter and blur.
+    plain = sample_view_params(20000, 3, 8, 8, replace(recipe, solarize_prob=0.0), _gen())
+    assert torch.equal(plain.boxes, params.boxes) and torch.equal(
+        plain.blur_sigma, params.blur_sigma
+    )
+    assert not plain.solarize.any()
+    images = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
+    solarized = random_views(images, replace(recipe, solarize_prob=1.0), _gen(5))
+    unsolarized = random_views(images, replace(recipe, solarize_prob=0.0), _gen(5))
+    assert torch.equal(solarized, solarize(unsolarized, torch.ones(64, dtype=torch.bool)))
