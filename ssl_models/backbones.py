@@ -237,8 +237,14 @@ def backbone_kind(name: str, small_images: bool = True) -> BackboneKind:
     built once to tell (and to check ``small_images`` suits it)."""
     if name in _BUILT_IN_KINDS:
         return _BUILT_IN_KINDS[name]
-    module, _ = build_backbone(name, small_images=small_images)
-    if timm_vit_steps(module) is not None:
+    return module_kind(build_backbone(name, small_images=small_images)[0])
+
+
+def module_kind(module: nn.Module) -> BackboneKind:
+    """The kind of a built backbone: ``"vit"`` for one with patch tokens to mask (the
+    built-in ViT, a timm ``VisionTransformer``), ``"other"`` for other attention models,
+    ``"cnn"`` for the rest."""
+    if isinstance(module, ViT) or timm_vit_steps(module) is not None:
         return "vit"
     return "other" if is_attention_model(module) else "cnn"
 

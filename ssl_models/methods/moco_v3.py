@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_models.backbones import module_kind
 from ssl_models.dist import shuffle_across_ranks, unshuffle_across_ranks
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses.info_nce import info_nce_loss
@@ -43,11 +44,12 @@ class MoCoV3(SSLMethod):
 
     Design choices, in the paper's terms:
 
-    - Heads: a 3-layer projector (BN and ReLU in the hidden layers, BN without affine
-      parameters at the output, "following SimCLR") and a 2-layer predictor with BN in its
-      hidden layer. The paper says every layer of both MLPs has BN; the official code gives
-      the predictor no output BN (``last_bn=False``), which we follow. (The official code
-      uses a 2-layer projector for ResNets and 3 layers for ViTs; we use the paper's 3.)
+    - Heads, as the official code builds them for the backbone's kind
+      (``moco/builder.py``): for a ViT (built-in or timm) a 3-layer projector and a 2-layer
+      predictor, both ending in BN without affine parameters; for a CNN a 2-layer projector
+      (output BN) and a 2-layer predictor without output BN (``last_bn=False``). Hidden
+      layers are Linear-BN-ReLU. Deviation: the official linear layers have no bias; here
+      only a layer followed by BN drops it, so the CNN predictor's last layer has one.
     - Loss: :func:`~ssl_models.losses.info_nce.info_nce_loss` with in-batch negatives, times
       ``2 * t`` as in the official code (which cancels the 1/t of the gradient scale),
       summed over the two directions.
@@ -87,11 +89,16 @@ class MoCoV3(SSLMethod):
         self.temperature = temperature
         self.base_momentum = base_momentum
         self.momentum = base_momentum  # the value of the latest update, for logging
+        vit = module_kind(backbone) == "vit"
         self.projector = ProjectionHead(
-            feature_dim, projection_hidden_dim, projection_dim, num_layers=3, last_bn=True
+            feature_dim,
+            projection_hidden_dim,
+            projection_dim,
+            num_layers=3 if vit else 2,
+            last_bn=True,
         )
         self.predictor = ProjectionHead(
-            projection_dim, projection_hidden_dim, projection_dim, num_layers=2
+            projection_dim, projection_hidden_dim, projection_dim, num_layers=2, last_bn=vit
         )
         self.momentum_backbone = momentum_teacher(self.backbone)
         self.momentum_projector = momentum_teacher(self.projector)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_models import SSLMethod
+from ssl_models import SSLMethod, build_method
 from ssl_models.losses.info_nce import info_nce_loss
 from ssl_models.method import Batch
 from ssl_models.methods.moco_v3 import MoCoV3
@@ -31,14 +31,31 @@ def _pairs(model: MoCoV3):
     yield model.momentum_projector, model.projector
 
 
-def test_heads_follow_the_paper():
-    model = _tiny_moco()
-    projector = list(model.projector.layers)
-    assert sum(isinstance(m, nn.Linear) for m in projector) == 3
-    assert isinstance(projector[-1], nn.BatchNorm1d) and not projector[-1].affine
-    predictor = list(model.predictor.layers)
-    assert sum(isinstance(m, nn.Linear) for m in predictor) == 2
-    assert isinstance(predictor[-1], nn.Linear)  # official code: no BN on the output
+def _linears(head: nn.Module) -> int:
+    return sum(isinstance(m, nn.Linear) for m in head.modules())
+
+
+def _ends_in_plain_bn(head: nn.Module) -> bool:
+    last = list(head.layers)[-1]
+    return isinstance(last, nn.BatchNorm1d) and not last.affine
+
+
+def test_heads_follow_the_official_code_for_a_cnn():
+    model = _tiny_moco()  # MoCo_ResNet: 2-layer projector with output BN, predictor without
+    assert _linears(model.projector) == 2 and _ends_in_plain_bn(model.projector)
+    assert _linears(model.predictor) == 2 and isinstance(
+        list(model.predictor.layers)[-1], nn.Linear
+    )
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny", "timm:test_vit"])
+def test_heads_follow_the_official_code_for_a_vit(backbone):
+    # MoCo_ViT: 3-layer projector and 2-layer predictor, both ending in BN.
+    model = build_method(
+        "moco_v3", backbone=backbone, width=0.25 if backbone == "vit_tiny" else 1.0, in_channels=1
+    )
+    assert _linears(model.projector) == 3 and _ends_in_plain_bn(model.projector)
+    assert _linears(model.predictor) == 2 and _ends_in_plain_bn(model.predictor)
 
 
 def test_momentum_encoder_starts_as_frozen_exact_copy_without_predictor():
