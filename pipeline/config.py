@@ -119,6 +119,9 @@ class ModelConfig:
     # A safetensors or torch state_dict file (local path or s3:// / gs:// URI) the backbone
     # starts from; None: random initialisation.
     pretrained: str | None = None
+    # Batch norm over the global batch of all workers (ssl_models.batch_norm); None: the
+    # method's paper (on for SimCLR, BYOL, MoCo v3, Barlow Twins, VICReg).
+    sync_bn: bool | None = None
 
 
 @dataclass
@@ -190,6 +193,13 @@ class Config:
     def method_options(self) -> dict[str, Any]:
         """Every option of the method: its defaults, then the config's ``method.*`` keys."""
         return method_params(self.method_name) | self.method_kwargs
+
+    @property
+    def global_bn(self) -> bool:
+        """Whether batch norm covers the global batch: ``model.sync_bn``, else the paper's."""
+        if self.model.sync_bn is not None:
+            return self.model.sync_bn
+        return self.method_requirements.global_bn
 
     @property
     def method_requirements(self) -> MethodRequirements:

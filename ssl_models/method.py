@@ -111,6 +111,9 @@ class MethodRequirements:
     #: mapping per global view, then one for the local views (``transforms.views``'s
     #: ``BYOL_VIEWS``, ``DINO_VIEWS``); None: every view the same (SimCLR, MoCo v2).
     views: tuple[Mapping[str, float], ...] | None = None
+    #: Whether the paper normalises over the global batch ("global BN", SyncBN): the
+    #: default of ``model.sync_bn`` (``ssl_models.batch_norm.GlobalBatchNorm``).
+    global_bn: bool = False
 
     @property
     def views_in_forward(self) -> int:

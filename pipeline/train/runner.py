@@ -42,6 +42,7 @@ from pipeline.train.monitors import EpochScalars, OnlineKNN, OnlineProbe, Progre
 from pipeline.train.step import amp_enabled, model_inputs, optimizer_for, train_step
 from pipeline.train.trackers import RunTrackers
 from pipeline.train.views import view_plan
+from ssl_models.batch_norm import use_global_batch_norm
 from ssl_models.method import Batch, MethodOutput
 from ssl_models.optim import set_lr, warmup_cosine
 
@@ -127,6 +128,8 @@ class TrainLoopRunner:
         method = build_method_for(
             config, loop.spec.channels, loop.num_images, run_backbone_weights(config)
         )
+        if config.global_bn:  # before DDP: its statistics then cover every worker's batch
+            use_global_batch_norm(method)
         self.method = method.to(memory_format=self.memory_format)
         torch.manual_seed(config.run.seed + self.rank)  # same init everywhere, then per-rank draws
         # Buffers (queues, banks, BN statistics) evolve identically or per rank by design;

@@ -73,9 +73,9 @@ class BarlowTwins(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
-        """Two global views of whole images, asymmetric: BYOL's recipe, as in the
+        """Two global views of whole images, asymmetric: BYOL's recipe (and global BN), as in the
         official code's Transform."""
-        return MethodRequirements(views=BYOL_VIEWS)
+        return MethodRequirements(views=BYOL_VIEWS, global_bn=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """The Barlow Twins loss (eq. 1) of the two views' projections: the cross-correlation

@@ -83,8 +83,9 @@ class BYOL(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
-        """Two global views of whole images, asymmetric: BYOL's own (Grill et al. 2020, table 6)."""
-        return MethodRequirements(views=BYOL_VIEWS)
+        """Two global views of whole images, asymmetric: BYOL's own (Grill et al. 2020,
+        table 6); global BN."""
+        return MethodRequirements(views=BYOL_VIEWS, global_bn=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """BYOL's symmetrised loss (eq. 2 both ways): each view's prediction against the

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_models.batch_norm import use_split_batch_norm
 from ssl_models.dist import gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks
 from ssl_models.losses.info_nce import info_nce_loss
 from ssl_models.method import Batch, MethodOutput, SSLMethod
@@ -44,9 +45,11 @@ class MoCoV2(SSLMethod):
     - Shuffled BN: keys are computed on a batch shuffled across ranks and then unshuffled, so
       a query and its positive key are normalised with statistics of different sub-batches
       and batch norm cannot leak which key is the positive. In a single process the shuffle
-      is a mere permutation of one batch: batch norm statistics do not depend on order, so
-      there it gives no protection (the official CIFAR demo splits the batch into BN groups
-      for that case; multi-worker runs get the real thing).
+      alone is a mere permutation of one batch, which batch norm does not see; there, as in
+      the official CIFAR demo, the backbone's batch norms are split BN
+      (``ssl_models.batch_norm.SplitBatchNorm``, ``bn_splits`` interleaved sub-batches), so
+      shuffled keys are normalised in other sub-batches than their queries. With several
+      workers split BN is ordinary BN and the shuffle spans the ranks.
     - Symmetrised loss: both views serve as query and as key and the two InfoNCE terms are
       averaged (an option of the official MoCo CIFAR-10 demo, always on in solo-learn's
       MoCo v2+; the paper uses the single term q_1 vs k_2). Averaging keeps the scale of the
@@ -73,6 +76,8 @@ class MoCoV2(SSLMethod):
         projection_hidden_dim: hidden width of the MLP head (2048 in the paper, matching
             ResNet-50 features; 512 suits the small CPU backbones used here).
         projection_dim: output dimension of the head (128 in the paper).
+        bn_splits: sub-batches of the single-process split BN (8, the CIFAR demo's; 1 turns
+            it off); a worker's batch must divide into them.
     """
 
     def __init__(
@@ -85,8 +90,10 @@ class MoCoV2(SSLMethod):
         momentum: float = 0.99,
         projection_hidden_dim: int = 512,
         projection_dim: int = 128,
+        bn_splits: int = 8,
     ) -> None:
         super().__init__(backbone, feature_dim)
+        use_split_batch_norm(self.backbone, bn_splits)  # before the key encoder's copy
         self.temperature = temperature
         self.momentum = momentum
         self.projector = nn.Sequential(
@@ -116,6 +123,7 @@ class MoCoV2(SSLMethod):
             momentum=PROBABILITY,
             projection_hidden_dim=AT_LEAST_ONE,
             projection_dim=AT_LEAST_ONE,
+            bn_splits=AT_LEAST_ONE,
         )
 
     def loss(self, batch: Batch) -> MethodOutput:

@@ -57,10 +57,11 @@ class MoCoV3(SSLMethod):
       from ``base_momentum`` to 1 and the momentum encoder (backbone + projector) moves
       towards the online one. The official code updates at the start of the next forward,
       before the keys are computed; it is the same update.
-    - Batch norm: the official ResNet recipe uses SyncBN, so no rank's statistics single out
-      its own keys. The pipeline keeps per-rank BN, so keys are encoded with MoCo's shuffled
-      BN instead (a key is normalised with statistics of a random sub-batch of the global
-      batch, not its query's). In a single process this is a no-op for BN statistics.
+    - Batch norm: the official recipe uses SyncBN, so no rank's statistics single out its own
+      keys; so does the pipeline by default (``model.sync_bn``, global BN). With per-rank BN
+      (``model.sync_bn=false``) keys are encoded with MoCo's shuffled BN instead (a key is
+      normalised with statistics of a random sub-batch of the global batch, not its
+      query's); in a single process that is a no-op for BN statistics.
 
     Args:
         backbone: encoder mapping images to (N, feature_dim) features.
@@ -126,9 +127,9 @@ class MoCoV3(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
-        """Two global views of whole images, asymmetric: BYOL's recipe, as in the
+        """Two global views of whole images, asymmetric: BYOL's recipe (and global BN), as in the
         official code's augmentation1 / augmentation2."""
-        return MethodRequirements(views=BYOL_VIEWS)
+        return MethodRequirements(views=BYOL_VIEWS, global_bn=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """Algorithm 1's symmetrised contrastive loss: each view's query against the momentum

@@ -16,7 +16,7 @@ from torch import nn
 
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses import NTXentLoss
-from ssl_models.method import Batch, MethodOutput, SSLMethod
+from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
 from ssl_models.options import AT_LEAST_ONE, POSITIVE, check_options
 from ssl_models.registry import register
 
@@ -56,6 +56,11 @@ class SimCLR(SSLMethod):
             projection_hidden_dim=AT_LEAST_ONE,
             projection_dim=AT_LEAST_ONE,
         )
+
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
+        """Two global views of whole images, one recipe; global BN, as in the paper."""
+        return MethodRequirements(global_bn=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """NT-Xent (eq. 1) over the two views' projections: each embedding's positive is

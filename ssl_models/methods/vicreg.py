@@ -75,9 +75,9 @@ class VICReg(SSLMethod):
 
     @classmethod
     def requirements(cls, options: Mapping[str, Any]) -> MethodRequirements:
-        """Two global views of whole images, asymmetric: BYOL's recipe, as in the
+        """Two global views of whole images, asymmetric: BYOL's recipe (and global BN), as in the
         official code's TrainTransform."""
-        return MethodRequirements(views=BYOL_VIEWS)
+        return MethodRequirements(views=BYOL_VIEWS, global_bn=True)
 
     def loss(self, batch: Batch) -> MethodOutput:
         """VICReg's loss of the two views' embeddings: weighted invariance (MSE),

@@ -6,9 +6,11 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_models import SSLMethod
+from ssl_models.batch_norm import SplitBatchNorm
 from ssl_models.losses.info_nce import info_nce_loss
 from ssl_models.method import Batch
 from ssl_models.methods.moco_v2 import MoCoV2
@@ -20,8 +22,22 @@ BATCH = 8
 
 def _tiny_moco(seed: int = 0, **options) -> MoCoV2:
     backbone, dim = tiny_backbone(seed)
+    # Plain BN (one split): keys then do not depend on the shuffle's draw, so the tests can
+    # recompute them in batch order (split BN has its own test below).
     options = {"queue_size": 16, "projection_hidden_dim": 32, "projection_dim": 16} | options
-    return MoCoV2(backbone, dim, **options)
+    return MoCoV2(backbone, dim, **({"bn_splits": 1} | options))
+
+
+def test_one_process_gets_split_bn_in_both_encoders():
+    backbone, dim = tiny_backbone(0)
+    model = MoCoV2(backbone, dim)
+    for encoder in (model.backbone, model.key_backbone):
+        norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 8 for m in norms)
+    # Keys are shuffled before the key encoder, so with 8 interleaved sub-batches a key is
+    # normalised with its own query's sub-batch only by chance (1 in 8).
+    x_1, x_2 = noisy_views(64, 16, 3)
+    model(Batch([x_1, x_2])).loss.backward()
 
 
 def _views(seed: int = 1) -> list[torch.Tensor]:

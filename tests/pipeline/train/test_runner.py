@@ -7,11 +7,13 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.config import load_config
 from pipeline.data.ingest import ImageSpec
 from pipeline.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from pipeline.train.runner import EpochRecord, LoopConfig, TrainLoopRunner
+from ssl_models.batch_norm import GlobalBatchNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,3 +104,21 @@ def test_other_ranks_report_without_a_checkpoint(ray_train, tmp_path):
     runner.save(0, runner.end_epoch(0, EpochRecord()))
     [(metrics, kept)] = ray_train["reports"]
     assert metrics["epoch"] == 1 and kept is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "global_bn"),
+    [
+        ([], True),  # SimCLR's paper: global BN
+        (["model.sync_bn=false"], False),
+        (["method.name=simsiam"], False),
+        (["method.name=simsiam", "model.sync_bn=true"], True),
+    ],
+)
+def test_global_batch_norm_follows_the_paper_unless_model_sync_bn_says(
+    ray_train, tmp_path, overrides, global_bn
+):
+    runner = TrainLoopRunner(_loop(tmp_path, 1, *overrides), 0, 1, torch.device("cpu"))
+    runner.setup()
+    norms = [m for m in runner.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, GlobalBatchNorm) == global_bn for m in norms)
