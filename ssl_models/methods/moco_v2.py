@@ -37,7 +37,8 @@ class MoCoV2(SSLMethod):
     Design choices, in the paper's terms:
 
     - Head: MoCo v2's 2-layer MLP (Linear-ReLU-Linear, no batch norm), on the query and the
-      key encoder alike.
+      key encoder alike; ``mlp_head=False`` gives MoCo v1's linear head (the preset
+      ``configs/moco_v1.yaml``: linear head, T=0.07, no blur).
     - Momentum update: constant ``momentum``, applied in :meth:`after_optimizer_step`. The
       paper's pseudo-code updates the key encoder right after the query encoder's SGD step,
       and the official code at the start of the next forward; both are the same update, and
@@ -78,6 +79,8 @@ class MoCoV2(SSLMethod):
         projection_dim: output dimension of the head (128 in the paper).
         bn_splits: sub-batches of the single-process split BN (8, the CIFAR demo's; 1 turns
             it off); a worker's batch must divide into them.
+        mlp_head: MoCo v2's MLP head (True) or MoCo v1's single linear layer (False), which
+            ignores ``projection_hidden_dim``.
     """
 
     def __init__(
@@ -91,15 +94,20 @@ class MoCoV2(SSLMethod):
         projection_hidden_dim: int = 512,
         projection_dim: int = 128,
         bn_splits: int = 8,
+        mlp_head: bool = True,
     ) -> None:
         super().__init__(backbone, feature_dim)
         use_split_batch_norm(self.backbone, bn_splits)  # before the key encoder's copy
         self.temperature = temperature
         self.momentum = momentum
-        self.projector = nn.Sequential(
-            nn.Linear(feature_dim, projection_hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(projection_hidden_dim, projection_dim),
+        self.projector = (
+            nn.Sequential(
+                nn.Linear(feature_dim, projection_hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(projection_hidden_dim, projection_dim),
+            )
+            if mlp_head
+            else nn.Sequential(nn.Linear(feature_dim, projection_dim))
         )
         self.key_backbone = momentum_teacher(self.backbone)
         self.key_projector = momentum_teacher(self.projector)
