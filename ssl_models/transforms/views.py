@@ -211,7 +211,9 @@ def apply_view(images: Tensor, params: ViewParams, size: int) -> Tensor:
 
 #: BYOL's asymmetric pair (Grill et al. 2020, table 6): view 1 always blurred, never
 #: solarized; view 2 blurred with p=0.1, solarized with p=0.2. Barlow Twins, VICReg and
-#: MoCo v3 use it as well.
+#: MoCo v3 use it as well. The rest of each view is the augment section's: one colour
+#: strength s scales brightness, contrast and saturation alike (0.8s) and hue (0.2s), so at
+#: s=0.5 saturation jitters by 0.4 where BYOL's recipe has 0.2 (SimCLR's scaling).
 BYOL_VIEWS: tuple[dict[str, float], ...] = (
     {"blur_prob": 1.0, "solarize_prob": 0.0},
     {"blur_prob": 0.1, "solarize_prob": 0.2},
