@@ -168,8 +168,7 @@ def augmentation_preview(
     # On the CPU: a handful of images is instant, and the bytes then match on any machine.
     images = torch.from_numpy(np.ascontiguousarray(pixels))
     drawn = [
-        random_views(images, recipes[column % len(recipes)], gen).numpy()
-        for column in range(views)
+        random_views(images, recipes[column % len(recipes)], gen).numpy() for column in range(views)
     ]
     rows = [[image, *(d[i] for d in drawn)] for i, image in enumerate(pixels)]
     frames = [[FIRST_FRAME] + [BACKGROUND] * views for _ in rows]
