@@ -38,7 +38,7 @@ BELOW_ONE = Rule(lambda x: 0 <= x < 1, "in [0, 1)")
 UP_TO_ONE = Rule(lambda x: 0 < x <= 1, "in (0, 1]")
 
 
-def one_of(*choices: str) -> Rule:
+def one_of(*choices: object) -> Rule:
     """The value must be one of ``choices``."""
     return Rule(lambda x: x in choices, f"one of {list(choices)}")
 

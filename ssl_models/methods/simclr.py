@@ -17,13 +17,16 @@ from torch import nn
 from ssl_models.heads import ProjectionHead
 from ssl_models.losses import NTXentLoss
 from ssl_models.method import Batch, MethodOutput, MethodRequirements, SSLMethod
-from ssl_models.options import AT_LEAST_ONE, POSITIVE, check_options
+from ssl_models.options import AT_LEAST_ONE, POSITIVE, check_options, one_of
 from ssl_models.registry import register
 
 
 @register("simclr")
 class SimCLR(SSLMethod):
-    """SimCLR v1: backbone, 2-layer MLP projector, NT-Xent loss.
+    """SimCLR: backbone, MLP projector, NT-Xent loss. v1's projector has 2 layers; SimCLR v2
+    (Chen et al. 2020b, arXiv:2006.10029, section 2) deepens it to 3 (``projection_layers=3``)
+    with batch norm after every layer. Deviation from v2's code: the last layer's batch norm
+    has no scale parameter either (here ``BatchNorm1d(affine=False)``, as MoCo v3's).
 
     Args:
         backbone: encoder mapping images to (N, feature_dim) features.
@@ -32,6 +35,8 @@ class SimCLR(SSLMethod):
             the common choice for CIFAR-sized runs, e.g. solo-learn).
         projection_hidden_dim: hidden width of the projector.
         projection_dim: output dimension of the projector.
+        projection_layers: linear layers in the projector: 2 (v1) or 3 (v2, with a batch
+            norm on its output).
     """
 
     def __init__(
@@ -42,19 +47,27 @@ class SimCLR(SSLMethod):
         temperature: float = 0.2,
         projection_hidden_dim: int = 512,
         projection_dim: int = 128,
+        projection_layers: int = 2,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        self.projector = ProjectionHead(feature_dim, projection_hidden_dim, projection_dim)
+        self.projector = ProjectionHead(
+            feature_dim,
+            projection_hidden_dim,
+            projection_dim,
+            num_layers=projection_layers,
+            last_bn=projection_layers >= 3,
+        )
         self.criterion = NTXentLoss(temperature)
 
     @classmethod
     def validate(cls, options: Mapping[str, Any]) -> None:
-        """A positive temperature and head widths of at least 1."""
+        """A positive temperature, head widths of at least 1, a 2- or 3-layer projector."""
         check_options(
             options,
             temperature=POSITIVE,
             projection_hidden_dim=AT_LEAST_ONE,
             projection_dim=AT_LEAST_ONE,
+            projection_layers=one_of(2, 3),
         )
 
     @classmethod

@@ -14,7 +14,12 @@ def test_build_simclr_with_options():
 
 def test_method_params_lists_options_with_defaults():
     params = method_params("simclr")
-    assert params == {"temperature": 0.2, "projection_hidden_dim": 512, "projection_dim": 128}
+    assert params == {
+        "temperature": 0.2,
+        "projection_hidden_dim": 512,
+        "projection_dim": 128,
+        "projection_layers": 2,
+    }
 
 
 def test_unknown_method_names_key_and_choices():

@@ -1,8 +1,10 @@
 import pytest
 import torch
+from torch import nn
 
 from ssl_models.method import Batch
 from ssl_models.methods import SimCLR
+from ssl_models.options import OptionError
 from tests.ssl_models.helpers import (
     check_forward_backward,
     noisy_views,
@@ -34,3 +36,18 @@ def test_rejects_wrong_number_of_views():
 def test_loss_decreases_on_fixed_batch():
     losses = train_losses(_tiny_simclr(), noisy_views(16, 28, seed=1), lr=0.1)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_simclr_v2s_projector_has_three_layers_and_a_normalised_output():
+    backbone, dim = tiny_backbone()
+    v1 = SimCLR(backbone, dim, projection_hidden_dim=32, projection_dim=16)
+    v2 = SimCLR(backbone, dim, projection_hidden_dim=32, projection_dim=16, projection_layers=3)
+    linears = [
+        sum(isinstance(m, nn.Linear) for m in model.projector.modules()) for model in (v1, v2)
+    ]
+    assert linears == [2, 3]
+    last = list(v2.projector.layers)[-1]
+    assert isinstance(last, nn.BatchNorm1d) and not last.affine
+    assert isinstance(list(v1.projector.layers)[-1], nn.Linear)
+    with pytest.raises(OptionError, match="projection_layers must be one of \\[2, 3\\], got 4"):
+        SimCLR.validate(SimCLR.option_defaults() | {"projection_layers": 4})
