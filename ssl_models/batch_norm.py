@@ -27,12 +27,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ssl_models.dist import all_reduce_sum_with_grad, world_size
 
 
-class GlobalBatchNorm(_BatchNorm):
-    """Batch norm whose training statistics cover every rank's batch (any input rank >= 2)."""
+class _AnyShapeBatchNorm(_BatchNorm):
+    """Batch norm over (N, C, ...) inputs of any rank >= 2 (one class for 1d, 2d and 3d)."""
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
+
+
+class GlobalBatchNorm(_AnyShapeBatchNorm):
+    """Batch norm whose training statistics cover every rank's batch (any input rank >= 2)."""
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalise with the global batch's mean and (biased) variance in training, with
@@ -67,17 +71,13 @@ class GlobalBatchNorm(_BatchNorm):
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
 
-class SplitBatchNorm(_BatchNorm):
+class SplitBatchNorm(_AnyShapeBatchNorm):
     """Batch norm over ``num_splits`` interleaved sub-batches in single-process training
     (sample i in split i mod num_splits); the batch must divide into them."""
 
     def __init__(self, num_features: int, num_splits: int, **kwargs: object) -> None:
         super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
         self.num_splits = num_splits
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
 
     def forward(self, input: Tensor) -> Tensor:
         """Each split normalised with its own statistics; the running statistics move by
