@@ -30,7 +30,8 @@ from ssl_models.transforms.views import ViewRecipe
 
 
 def _record_stream(config: dict) -> None:
-    """Iterate the shard's one stream; write each row's id and digests of its two views."""
+    """Iterate the shard's one stream; write each row's id, digests of its two views, and
+    whether the first view is blank (one value everywhere)."""
     rank = ray.train.get_context().get_world_rank()
     rows = []
     for batch in ray.train.get_dataset_shard("train").iter_batches(
@@ -38,7 +39,7 @@ def _record_stream(config: dict) -> None:
     ):
         for image_id, a, b in zip(batch["id"], batch["view_0"], batch["view_1"], strict=True):
             digests = [hashlib.sha1(view.tobytes()).hexdigest() for view in (a, b)]
-            rows.append([str(image_id), *digests])
+            rows.append([str(image_id), *digests, bool(a.min() == a.max())])
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(rows))
     ray.train.report({"rows": len(rows)})
 
@@ -66,14 +67,19 @@ def test_each_id_once_per_pass_and_views_change(ray_session, fmnist_small, tmp_p
     # streaming_split(equal=True) gives both workers the same count; 3 x 1000 splits evenly.
     assert len(ranks[0]) == len(ranks[1]) == passes * limit // 2
     rows = ranks[0] + ranks[1]
-    counts = Counter(image_id for image_id, _, _ in rows)
+    counts = Counter(image_id for image_id, *_ in rows)
     assert set(counts) == set(read_decoded(fmnist_small["train"], spec, limit).ids)
     assert set(counts.values()) == {passes}, "an image was seen more or less than once a pass"
-    assert all(a != b for _, a, b in rows), "the two views of an image match"
-    distinct = {image_id: set() for image_id in counts}
-    for image_id, a, _ in rows:
-        distinct[image_id].add(a)
-    assert all(len(views) == passes for views in distinct.values()), "views were not re-drawn"
+    # A small crop of a Fashion-MNIST sandal can land on the black background, and colour
+    # jitter leaves black black: such blank views may repeat, views with content never do.
+    blank = [row for row in rows if row[3]]
+    assert len(blank) < len(rows) // 50, "too many blank views"
+    assert all(a != b for _, a, b, is_blank in rows if not is_blank), "two views match"
+    drawn = {image_id: [] for image_id in counts}
+    for image_id, a, _, is_blank in rows:
+        if not is_blank:
+            drawn[image_id].append(a)
+    assert all(len(set(views)) == len(views) for views in drawn.values()), "views not re-drawn"
 
 
 def test_passes_visit_the_shard_files_in_seeded_orders(fmnist_small):
