@@ -7,6 +7,9 @@ solo-learn, hidden layers are Linear -> BatchNorm -> ReLU.
 
 from torch import Tensor, nn
 
+# The hidden layers' activations of the projection heads (ReLU) and of DINO's head (GELU).
+ACTIVATIONS = (nn.ReLU, nn.GELU)
+
 
 class ProjectionHead(nn.Module):
     """``num_layers`` linear layers: (Linear-BN-ReLU) x (num_layers - 1), then Linear.
@@ -43,3 +46,20 @@ class ProjectionHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Features (N, in_dim) -> (N, out_dim)."""
         return self.layers(x)
+
+
+def through_first_layer(
+    backbone: nn.Module, feature_dim: int, head: nn.Module
+) -> tuple[nn.Module, int]:
+    """The backbone followed by ``head``'s first hidden layer (its first Linear, any norm
+    after it, and its activation), and that layer's width: where SimCLR v2 (Chen et al.
+    2020b, arXiv:2006.10029, section 2) starts fine-tuning. A head without a hidden layer
+    (one Linear) gives the backbone and ``feature_dim``. The modules are the method's own
+    (shared, not copied)."""
+    leaves = [module for module in head.modules() if not list(module.children())]
+    activations = [i for i, module in enumerate(leaves) if isinstance(module, ACTIVATIONS)]
+    if not activations:
+        return backbone, feature_dim
+    first_layer = leaves[: activations[0] + 1]
+    width = next(module.out_features for module in first_layer if isinstance(module, nn.Linear))
+    return nn.Sequential(backbone, *first_layer), width

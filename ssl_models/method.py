@@ -22,11 +22,12 @@ import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ssl_models.heads import through_first_layer
 from ssl_models.optim import param_groups
 from ssl_models.transforms.pretext import PretextViews
 
@@ -136,6 +137,10 @@ class SSLMethod(nn.Module):
     ``forward``.
     """
 
+    #: The attribute holding the head whose first hidden layer few-label fine-tuning starts
+    #: from (SimCLR v2's protocol, :meth:`finetune_start`); None: the backbone alone.
+    finetune_head: ClassVar[str | None] = None
+
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
@@ -242,3 +247,12 @@ class SSLMethod(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         """Backbone features (N, feature_dim) for evaluation."""
         return self.backbone(images)
+
+    def finetune_start(self) -> tuple[nn.Module, int]:
+        """The network few-label fine-tuning copies and puts a classifier on, and its output
+        width: the backbone through the first hidden layer of the ``finetune_head`` (SimCLR
+        v2 found this beats the backbone alone), or the backbone."""
+        if self.finetune_head is None:
+            return self.backbone, self.feature_dim
+        head = getattr(self, self.finetune_head)
+        return through_first_layer(self.backbone, self.feature_dim, head)

@@ -17,8 +17,13 @@ same architecture with random weights:
             also scores raw pixels
   linear    a linear classifier on the frozen features of the train split, scored on the
             test split (features standardised, SGD Nesterov 0.9, cosine, 100 epochs)
-  finetune  backbone + new linear head trained end to end on class-balanced label subsets
-            of the train split (1% and 10% by default, seeded by run.seed), crop + flip
+  finetune  SimCLR v2's semi-supervised protocol: the backbone, through the first layer
+            of the method's projection head where it has one (--finetune-from), plus a new
+            linear head, trained end to end on class-balanced label subsets of the train
+            split (1% and 10% by default, seeded by run.seed), crop + flip; given several
+            --finetune-lr / --finetune-weight-decay values, every pair is tried and the one
+            with the best top-1 on a validation split (--validation-fraction of the train
+            images outside the subsets) is reported: the test split never chooses
 The splits are the run's data.eval_train and data.eval_test; --train-data/--test-data
 score another labelled dataset instead (transfer), decoded to the checkpoint's image size
 and channels (prepare it first, e.g. `prepare mnist --root DIR`).
@@ -27,6 +32,8 @@ Results are merged into RUN_DIR/eval.json, which `report` compares across runs.
 Examples:
   python -m pipeline evaluate --checkpoint runs/fmnist-simclr
   python -m pipeline evaluate --checkpoint runs/fmnist-simclr --protocol knn linear finetune
+  python -m pipeline evaluate --checkpoint runs/fmnist-simclr --protocol finetune \
+      --finetune-lr 0.01 0.05 0.2 --finetune-weight-decay 0 1e-4
   python -m pipeline evaluate --checkpoint runs/fmnist-simclr --protocol linear \\
       --train-data data/shards/mnist/train --test-data data/shards/mnist/test
 """
@@ -68,6 +75,34 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="label fractions for finetune (default: 0.01 0.1)",
     )
     parser.add_argument("--finetune-epochs", type=int, default=30, help="fine-tuning epochs")
+    parser.add_argument(
+        "--finetune-lr",
+        nargs="+",
+        type=float,
+        default=[0.05],
+        help="fine-tuning learning rate(s) at batch 256 (SGD, Nesterov, cosine; default 0.05)",
+    )
+    parser.add_argument(
+        "--finetune-weight-decay",
+        nargs="+",
+        type=float,
+        default=[0.0],
+        help="fine-tuning weight decay(s) (default 0, as SimCLR v2)",
+    )
+    parser.add_argument(
+        "--finetune-from",
+        choices=["head", "backbone"],
+        default="head",
+        help="head: the projection head's first layer where the method has one (SimCLR v2; "
+        "default); backbone: the backbone alone",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="share of the train split (outside the label subsets) that chooses among several "
+        "fine-tuning settings (default 0.1)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -88,6 +123,7 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
         label_subsets,
         results_table,
         run_protocols,
+        validation_ids,
     )
     from pipeline.train.checkpoint import find_checkpoint
 
@@ -98,6 +134,10 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
         probe_epochs=args.probe_epochs,
         fractions=tuple(args.fractions),
         finetune_epochs=args.finetune_epochs,
+        finetune_lrs=tuple(args.finetune_lr),
+        finetune_weight_decays=tuple(args.finetune_weight_decay),
+        finetune_from=args.finetune_from,
+        validation_fraction=args.validation_fraction,
     )
     suffix = _transfer_suffix(args.test_data)
     with load_eval_context(checkpoint, args.train_data, args.test_data) as context:
@@ -105,6 +145,9 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
         save_results(checkpoint, context, results)
         if "finetune" in args.protocol:  # the label subsets, by image id, for reproduction
             subsets = label_subsets(context, settings.fractions)
+            if len(settings.finetune_grid()) > 1:
+                val_ids = validation_ids(context, subsets, settings.validation_fraction)
+                subsets = subsets | {"validation": val_ids}
             locations.write_text(
                 locations.join(locations.parent(checkpoint), f"finetune_subsets{suffix}.json"),
                 json.dumps(subsets) + "\n",

@@ -90,15 +90,16 @@ def _finetune(
     image_size: int,
     epoch_batches: Callable[[int, torch.Generator], Batches],
     steps_per_epoch: int,
-    test_batches: Callable[[], Batches],
+    scored: dict[str, Callable[[], Batches]],
     mean: Tensor | Sequence[float],
     std: Tensor | Sequence[float],
     settings: SGDSettings,
-) -> dict[str, float]:
+) -> dict[str, dict[str, float]]:
     """The fine-tuning loop (pipeline.eval.classifier's trainer): ``epochs`` passes of
     ``epoch_batches(epoch, gen)`` (uint8 images (B, C, S, S) and labels), each image cropped
-    and flipped with ``gen``, then the test batches scored unaugmented; both sources may be
-    in memory or streamed. Biases and normalisation parameters get no weight decay."""
+    and flipped with ``gen``, then each of the ``scored`` splits' batches scored unaugmented
+    ({split: accuracy}); every source may be in memory or streamed. Biases and
+    normalisation parameters get no weight decay."""
     device = torch.device(settings.device)
     gen = torch.Generator().manual_seed(settings.seed)
     encoder = copy.deepcopy(backbone).requires_grad_(True)
@@ -125,7 +126,10 @@ def _finetune(
     if steps == 0:
         raise ValueError("fine-tuning got no complete training batch")
     model.eval()
-    return count_hits(model, test_batches(), unaugmented, device, amp=amp).accuracy()
+    return {
+        split: count_hits(model, batches(), unaugmented, device, amp=amp).accuracy()
+        for split, batches in scored.items()
+    }
 
 
 def finetune_accuracy(
@@ -175,8 +179,8 @@ def finetune_accuracy(
 
     return _finetune(
         backbone, feature_dim, num_classes, train_pixels.shape[-1], epoch_batches,
-        steps_per_epoch, test_batches, mean, std, settings,
-    )  # fmt: skip
+        steps_per_epoch, {"test": test_batches}, mean, std, settings,
+    )["test"]  # fmt: skip
 
 
 def _keep_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
@@ -209,7 +213,7 @@ def _image_batches(
         yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"].astype(np.int64))
 
 
-def _decoded(rows: ray.data.Dataset, spec: ImageSpec) -> ray.data.Dataset:
+def decoded_rows(rows: ray.data.Dataset, spec: ImageSpec) -> ray.data.Dataset:
     """Encoded {id, image, label} rows as decoded {image, label} (lazy: decoded per pass)."""
     # Ray types map_batches' fn as taking the batch alone; fn_kwargs supplies the rest.
     return rows.map_batches(
@@ -238,18 +242,20 @@ def finetune_accuracy_streamed(
     seed: int = 0,
     device: torch.device | str = "cpu",
     shuffle_buffer: int = 4096,
+    validation: ray.data.Dataset | None = None,
 ) -> dict[str, float]:
     """``finetune_accuracy`` with the images streamed through Ray Data: ``train_rows`` are
     the label subset's encoded rows (``subset_rows``, ``train_count`` of them), decoded
     afresh each epoch and shuffled with a seeded local buffer; ``test`` is a decoded
     dataset ({id, image, label}, e.g. ``ingest.decoded_dataset``) scored batch by batch.
     Same recipe: crop + flip drawn in the driver's loop, incomplete batches dropped (a
-    subset smaller than a batch is one batch)."""
+    subset smaller than a batch is one batch). With a ``validation`` dataset (decoded, e.g.
+    ``decoded_rows``), its top-1 is returned too, as ``val_top1``, to choose settings by."""
     if train_count < 1:
         raise ValueError("train_pixels is empty")
     settings = SGDSettings(epochs, batch_size, lr, weight_decay, seed, device)
     batch_size = min(batch_size, train_count)
-    decoded = _decoded(train_rows, spec)
+    decoded = decoded_rows(train_rows, spec)
 
     def epoch_batches(epoch: int, gen: torch.Generator) -> Batches:
         return _image_batches(
@@ -260,10 +266,15 @@ def finetune_accuracy_streamed(
             local_shuffle_seed=seed * 1000 + epoch,
         )
 
-    def test_batches() -> Batches:
-        return _image_batches(test.select_columns(["image", "label"]), batch_size)
+    def scored(split: ray.data.Dataset) -> Callable[[], Batches]:
+        return lambda: _image_batches(split.select_columns(["image", "label"]), batch_size)
 
-    return _finetune(
+    splits = {"test": test} | ({"val": validation} if validation is not None else {})
+    accuracy = _finetune(
         backbone, feature_dim, num_classes, spec.size, epoch_batches,
-        max(1, train_count // batch_size), test_batches, mean, std, settings,
+        max(1, train_count // batch_size), {name: scored(split) for name, split in splits.items()},
+        mean, std, settings,
     )  # fmt: skip
+    if validation is not None:
+        return accuracy["test"] | {"val_top1": accuracy["val"]["top1"]}
+    return accuracy["test"]

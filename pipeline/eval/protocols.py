@@ -4,7 +4,10 @@
 - ``linear``: a linear classifier on frozen features (pipeline.eval.linear_probe), with the
   raw-pixel floor.
 - ``finetune``: the backbone fine-tuned end to end on class-balanced 1% and 10% label
-  subsets of the train split (pipeline.eval.finetune; SimCLR's semi-supervised protocol).
+  subsets of the train split (pipeline.eval.finetune; SimCLR v2's semi-supervised protocol):
+  from the projection head's first layer where the method has one, and, given several
+  learning rates or weight decays, with the pair that scores best on a validation split
+  drawn from the rest of the train split (the test split never chooses).
 
 Every protocol also runs on the same architecture with random weights (the run's seed), so a
 table shows what pretraining added. Results are keyed like eval.json's ``protocols``
@@ -17,15 +20,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import ray.data
 import torch
 
 from pipeline.data.ingest import decoded_dataset
 from pipeline.eval.evaluate import KNN_ENCODERS, EvalContext, KNNReport, evaluate_checkpoint
-from pipeline.eval.finetune import balanced_subset, finetune_accuracy_streamed, subset_rows
+from pipeline.eval.finetune import (
+    balanced_subset,
+    decoded_rows,
+    finetune_accuracy_streamed,
+    subset_rows,
+)
 from pipeline.eval.linear_probe import linear_probe_accuracy_streamed
 from ssl_models.method import SSLMethod
 
 PROTOCOLS = ("knn", "linear", "finetune")
+FINETUNE_STARTS = ("head", "backbone")
 # The frozen features each protocol reads (fine-tuning trains the backbones on images).
 PROTOCOL_ENCODERS = {
     "knn": KNN_ENCODERS,
@@ -44,9 +55,26 @@ class ProtocolSettings:
     probe_lr: float = 0.1
     fractions: tuple[float, ...] = (0.01, 0.1)
     finetune_epochs: int = 30
-    finetune_lr: float = 0.05
+    finetune_lrs: tuple[float, ...] = (0.05,)
+    finetune_weight_decays: tuple[float, ...] = (0.0,)
+    #: "head": SimCLR v2's start, the projection head's first layer (SSLMethod.finetune_start);
+    #: "backbone": the backbone alone.
+    finetune_from: str = "head"
+    #: The class-balanced share of the train split held out to choose fine-tuning settings
+    #: by, when there is more than one pair to choose from.
+    validation_fraction: float = 0.1
     probe_shuffle_buffer: int = 65536  # rows of features the probe's shuffle buffer holds
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def __post_init__(self) -> None:
+        if self.finetune_from not in FINETUNE_STARTS:
+            raise ValueError(
+                f"finetune_from must be one of {FINETUNE_STARTS}, got {self.finetune_from!r}"
+            )
+
+    def finetune_grid(self) -> list[tuple[float, float]]:
+        """Every (learning rate, weight decay) pair fine-tuning tries."""
+        return [(lr, wd) for lr in self.finetune_lrs for wd in self.finetune_weight_decays]
 
 
 def fraction_name(fraction: float) -> str:
@@ -60,6 +88,23 @@ def label_subsets(context: EvalContext, fractions: tuple[float, ...]) -> dict[st
     seed = context.config.run.seed
     ids, labels = context.train_ids_labels
     return {fraction_name(f): [ids[i] for i in balanced_subset(labels, f, seed)] for f in fractions}
+
+
+def validation_ids(
+    context: EvalContext, subsets: dict[str, list[str]], fraction: float
+) -> list[str]:
+    """A class-balanced ``fraction`` of the train split (seeded by run.seed + 1) drawn from
+    the images in none of the label ``subsets``: what fine-tuning settings are chosen by."""
+    ids, labels = context.train_ids_labels
+    taken = {image_id for subset in subsets.values() for image_id in subset}
+    rest = np.array([i for i, image_id in enumerate(ids) if image_id not in taken], dtype=int)
+    if len(rest) == 0:
+        raise ValueError(
+            "the label subsets use the whole train split, so no validation split is left to "
+            "choose fine-tuning settings by: give one learning rate and one weight decay"
+        )
+    picked = balanced_subset(labels[rest], fraction, context.config.run.seed + 1)
+    return [ids[i] for i in rest[picked]]
 
 
 def knn_results(report: KNNReport) -> dict[str, dict[str, float]]:
@@ -120,34 +165,57 @@ def linear_results(context: EvalContext, settings: ProtocolSettings) -> dict[str
 def finetune_results(
     context: EvalContext, settings: ProtocolSettings
 ) -> dict[str, dict[str, float]]:
-    """Fine-tuning of the trained and the random-init backbone on each label fraction's
-    subset, keyed as in eval.json (``finetune_1pct``, ``finetune_1pct_random_init``, ...)."""
+    """Fine-tuning of the trained and the random-init network on each label fraction's
+    subset, keyed as in eval.json (``finetune_1pct``, ``finetune_1pct_random_init``, ...);
+    each result also names the learning rate and weight decay it used and, when they were
+    chosen, the validation top-1 that chose them."""
     from pipeline.cluster import init_ray
 
     subsets = label_subsets(context, settings.fractions)
-    if subsets:
-        init_ray()
+    if not subsets:
+        return {}
+    init_ray()
+    validation = None
+    if len(settings.finetune_grid()) > 1:
+        val_ids = validation_ids(context, subsets, settings.validation_fraction)
+        validation = decoded_rows(subset_rows(context.train_dir, val_ids), context.spec)
+    test = decoded_dataset(context.test_dir, context.spec)
     encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained}
     results: dict[str, dict[str, float]] = {}
     for name, ids in subsets.items():
-        train_rows = subset_rows(context.train_dir, ids)
-        test = decoded_dataset(context.test_dir, context.spec)
+        train = (subset_rows(context.train_dir, ids), len(ids))
         for tag, method in encoders.items():
-            results[f"{name}{tag}"] = finetune_accuracy_streamed(
-                method.backbone,
-                method.feature_dim,
-                train_rows,
-                len(ids),
-                test,
-                context.spec,
-                context.num_classes,
-                *context.mean_std,
-                epochs=settings.finetune_epochs,
-                lr=settings.finetune_lr,
-                seed=context.config.run.seed,
-                device=settings.device,
+            results[f"{name}{tag}"] = _best_finetune(
+                context, settings, method, train, test, validation
             )
     return results
+
+
+def _best_finetune(
+    context: EvalContext,
+    settings: ProtocolSettings,
+    method: SSLMethod,
+    train: tuple[ray.data.Dataset, int],
+    test: ray.data.Dataset,
+    validation: ray.data.Dataset | None,
+) -> dict[str, float]:
+    """``method`` fine-tuned on the ``train`` rows (and their count) with each pair of the
+    settings' grid; the test accuracy of the pair with the best validation top-1 (the only
+    pair's, without a validation split), with that pair."""
+    start, width = (
+        method.finetune_start()
+        if settings.finetune_from == "head"
+        else (method.backbone, method.feature_dim)
+    )
+    tries = [
+        finetune_accuracy_streamed(
+            start, width, *train, test, context.spec, context.num_classes, *context.mean_std,
+            epochs=settings.finetune_epochs, lr=lr, weight_decay=weight_decay,
+            seed=context.config.run.seed, device=settings.device, validation=validation,
+        ) | {"lr": lr, "weight_decay": weight_decay}
+        for lr, weight_decay in settings.finetune_grid()
+    ]  # fmt: skip
+    return max(tries, key=lambda result: result.get("val_top1", 0.0))
 
 
 def results_table(results: dict[str, dict[str, float]]) -> str:

@@ -10,8 +10,10 @@ On-disk contract: a run directory holds ``eval.json``::
     {"protocols": {"knn": {"top1": 0.71, "top5": 0.95}, "linear": {"top1": 0.74}, ...},
      "method": "simclr", "backbone": "resnet18", "epochs": 100}
 
-Accuracies are fractions in [0, 1]; every protocol has at least ``top1``. ``write_eval`` merges
-new results into it; ``build_report`` reads it from each run.
+Accuracies (``top1``, ``top5``, ``val_top1``) are fractions in [0, 1]; every protocol has at
+least ``top1``, and may name the settings it used as numbers >= 0 (fine-tuning's ``lr`` and
+``weight_decay``). ``write_eval`` merges new results into it; ``build_report`` reads it from
+each run.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ DPI = 100
 _META = {"method": str, "backbone": str, "epochs": int}
 
 
-def _is_accuracy(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+def _is_metric(key: str, value: Any) -> bool:
+    """An accuracy (a ``top`` key) in [0, 1], or a setting >= 0."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    return is_number and value >= 0 and ("top" not in key or value <= 1)
 
 
 def _check(results: Any, where: str) -> None:
@@ -51,10 +55,11 @@ def _check(results: Any, where: str) -> None:
         if not (
             isinstance(metrics, dict)
             and "top1" in metrics
-            and all(_is_accuracy(v) for v in metrics.values())
+            and all(_is_metric(key, value) for key, value in metrics.items())
         ):
             raise ValueError(
-                f"{where}: protocol {name!r} needs 'top1' and accuracies in [0, 1], got {metrics!r}"
+                f"{where}: protocol {name!r} needs 'top1', accuracies in [0, 1] and settings "
+                f">= 0, got {metrics!r}"
             )
 
 

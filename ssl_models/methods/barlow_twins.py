@@ -44,6 +44,8 @@ class BarlowTwins(SSLMethod):
             and reused unchanged by solo-learn at d = 2048).
     """
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

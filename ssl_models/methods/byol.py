@@ -51,6 +51,8 @@ class BYOL(SSLMethod):
 
     current_momentum: Tensor
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -96,6 +96,8 @@ class DINO(SSLMethod):
     current_momentum: Tensor
     steps_done: Tensor
 
+    finetune_head = "head"
+
     def __init__(
         self,
         backbone: nn.Module,

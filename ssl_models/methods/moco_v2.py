@@ -83,6 +83,8 @@ class MoCoV2(SSLMethod):
             ignores ``projection_hidden_dim``.
     """
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -76,6 +76,8 @@ class MoCoV3(SSLMethod):
         projection_dim: output dimension of the projector and predictor (256 in the paper).
     """
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

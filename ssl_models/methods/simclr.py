@@ -39,6 +39,8 @@ class SimCLR(SSLMethod):
             norm on its output).
     """
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -45,6 +45,8 @@ class SimSiam(SSLMethod):
         projection_layers: linear layers in the projector (2: CIFAR variant, 3: ImageNet).
     """
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -77,6 +77,8 @@ class SwAV(SSLMethod):
     queue_filled: Tensor  # buffer (): rows pushed so far
     steps_done: Tensor  # buffer (): optimiser steps taken
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

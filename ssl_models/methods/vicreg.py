@@ -43,6 +43,8 @@ class VICReg(SSLMethod):
         cov_weight: covariance weight (paper: 1).
     """
 
+    finetune_head = "projector"
+
     def __init__(
         self,
         backbone: nn.Module,

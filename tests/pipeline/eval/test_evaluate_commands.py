@@ -63,7 +63,9 @@ def run(fmnist_small, tmp_path_factory) -> Path:
 
 def test_protocols_print_a_table_and_merge_into_eval_json(run, fmnist_small, capsys):
     args = ["evaluate", "--checkpoint", str(run), "--protocol", "knn", "linear", "finetune"]
-    args += ["--probe-epochs", "5", "--finetune-epochs", "15", "--fractions", "0.25"]
+    # Fine-tuning tries two rates and keeps the one its validation split prefers.
+    args += ["--probe-epochs", "5", "--finetune-epochs", "12", "--fractions", "0.25"]
+    args += ["--finetune-lr", "0.05", "0.2"]
     assert main(args) == 0
     out = capsys.readouterr().out
     for key in ("knn", "knn_raw_pixels", "linear", "finetune_25pct"):
@@ -76,14 +78,21 @@ def test_protocols_print_a_table_and_merge_into_eval_json(run, fmnist_small, cap
     assert saved["method"] == "simclr" and saved["epochs"] == 3
     for metrics in saved["protocols"].values():
         # 10 classes, 512 queries: chance is 0.10 +- 0.013; every protocol learns something.
-        assert 0.13 < metrics["top1"] <= metrics["top5"] <= 1.0
-    # The label subset is recorded by image id: a quarter of each class of the 2048 images.
-    subset = json.loads((run / "finetune_subsets.json").read_text())["finetune_25pct"]
+        assert 0.13 < metrics["top1"] <= metrics["top5"] <= 1.0, saved["protocols"]
+    for key in ("finetune_25pct", "finetune_25pct_random_init"):
+        chosen = saved["protocols"][key]
+        assert chosen["lr"] in (0.05, 0.2) and chosen["weight_decay"] == 0.0
+    # The label subset is recorded by image id: a quarter of each class of the 2048 images;
+    # the validation split, a tenth of each class's rest, shares no image with it.
+    subsets = json.loads((run / "finetune_subsets.json").read_text())
+    subset, validation = subsets["finetune_25pct"], subsets["validation"]
     labels = dict(zip(*read_labels(fmnist_small["train"]), strict=True))
     per_class = Counter(labels[i] for i in subset)
     everything = Counter(labels.values())
-    assert len(set(subset)) == len(subset)
+    assert len(set(subset)) == len(subset) and not set(subset) & set(validation)
     assert all(per_class[c] == max(1, round(0.25 * n)) for c, n in everything.items())
+    held_out = Counter(labels[i] for i in validation)
+    assert all(held_out[c] == round(0.1 * (n - per_class[c])) for c, n in everything.items())
 
 
 def test_transfer_scores_another_dataset_under_its_own_keys(run, fmnist_small, capsys):

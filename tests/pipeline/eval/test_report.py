@@ -79,11 +79,19 @@ def test_write_eval_merges_protocols_and_fields(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left
 
 
+def test_fine_tuning_results_name_their_settings(tmp_path):
+    finetune = {"top1": 0.6, "top5": 0.9, "val_top1": 0.61, "lr": 1.6, "weight_decay": 0.0}
+    write_eval(tmp_path, {"protocols": {"finetune_1pct": finetune}})
+    assert read_eval(tmp_path)["protocols"]["finetune_1pct"] == finetune
+
+
 @pytest.mark.parametrize(
     "results, message",
     [
         ({"protocols": {"knn": {"top5": 0.9}}}, "'knn' needs 'top1'"),
         ({"protocols": {"knn": {"top1": 71.2}}}, r"in \[0, 1\]"),
+        ({"protocols": {"finetune_1pct": {"top1": 0.6, "val_top1": 2.0}}}, r"in \[0, 1\]"),
+        ({"protocols": {"finetune_1pct": {"top1": 0.6, "lr": -0.1}}}, "settings >= 0"),
         ({"protocols": {"knn": 0.7}}, "'knn' needs 'top1'"),
         ({"protocols": {}, "epochs": "100"}, "'epochs' must be of type int"),
         ([0.7], "JSON object"),
