@@ -180,17 +180,6 @@ def test_sweep_runs_asha_writes_results_and_resumes(
 
 
 @pytest.mark.slow
-def test_optuna_search_proposes_values_inside_the_space(ray_session, fmnist_small, tmp_path):
-    config = _config(fmnist_small, tmp_path, "train.epochs=1")
-    settings = SweepSettings(samples=2, concurrency=2, search="optuna", name="o")
-    rows = sweep(config, SPACE, settings)
-    assert [r["status"] for r in rows] == ["completed", "completed"]
-    for row in rows:
-        assert 0.05 <= row["method.temperature"] <= 0.5
-        assert 0.05 <= row["train.base_lr"] <= 1.0
-
-
-@pytest.mark.slow
 def test_a_failing_trial_is_retried_then_reported_not_dropped(ray_session, fmnist_small, tmp_path):
     config = _config(fmnist_small, tmp_path, "train.epochs=1")
     # Valid as a config, but 384 images hold no full batch of 1024: the trial itself fails.
