@@ -186,12 +186,13 @@ def finetune_results(
         train = (subset_rows(context.train_dir, ids), len(ids))
         for tag, method in encoders.items():
             results[f"{name}{tag}"] = _best_finetune(
-                context, settings, method, train, test, validation
+                f"{name}{tag}", context, settings, method, train, test, validation
             )
     return results
 
 
 def _best_finetune(
+    key: str,
     context: EvalContext,
     settings: ProtocolSettings,
     method: SSLMethod,
@@ -201,20 +202,26 @@ def _best_finetune(
 ) -> dict[str, float]:
     """``method`` fine-tuned on the ``train`` rows (and their count) with each pair of the
     settings' grid; the test accuracy of the pair with the best validation top-1 (the only
-    pair's, without a validation split), with that pair."""
+    pair's, without a validation split), with that pair. Each try is printed under ``key``."""
     start, width = (
         method.finetune_start()
         if settings.finetune_from == "head"
         else (method.backbone, method.feature_dim)
     )
-    tries = [
-        finetune_accuracy_streamed(
+    tries = []
+    for lr, weight_decay in settings.finetune_grid():
+        result = finetune_accuracy_streamed(
             start, width, *train, test, context.spec, context.num_classes, *context.mean_std,
             epochs=settings.finetune_epochs, lr=lr, weight_decay=weight_decay,
             seed=context.config.run.seed, device=settings.device, validation=validation,
-        ) | {"lr": lr, "weight_decay": weight_decay}
-        for lr, weight_decay in settings.finetune_grid()
-    ]  # fmt: skip
+        )  # fmt: skip
+        tries.append(result | {"lr": lr, "weight_decay": weight_decay})
+        if validation is not None:
+            print(
+                f"{key}: lr {lr:g}, weight decay {weight_decay:g}: validation top-1 "
+                f"{result['val_top1']:.4f}, test top-1 {result['top1']:.4f}",
+                flush=True,
+            )
     return max(tries, key=lambda result: result.get("val_top1", 0.0))
 
 
