@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
+from tests.runs import write_untrained_run
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -56,28 +56,8 @@ def run_script(bench_dir) -> Callable[..., str]:
 
 
 @pytest.fixture(scope="session")
-def trained_run(ray_session, fmnist_small, tmp_path_factory) -> Path:
-    """A SimCLR small-CNN run pretrained for one short epoch (256 images) on the session's
-    Ray instance; its evaluation splits are the small shards."""
-    from pipeline.train.driver import pretrain
-
-    root = tmp_path_factory.mktemp("runs")
-    config = load_config(
-        None,
-        [
-            f"run.root={root}",
-            "run.name=tiny",
-            f"data.train={fmnist_small['train']}",
-            f"data.eval_train={fmnist_small['train']}",
-            f"data.eval_test={fmnist_small['test']}",
-            "data.limit=256",
-            "model.backbone=small_cnn",
-            "model.width=0.25",
-            "train.epochs=1",
-            "train.batch_size=64",
-            "train.num_workers=1",
-            "train.online_knn_bank=0",
-        ],
-    )
-    pretrain(config)
-    return root / "tiny"
+def small_run(fmnist_small, tmp_path_factory) -> Path:
+    """A SimCLR small-CNN run with one checkpoint (seeded random weights, written directly:
+    the benchmarks measure evaluation, not training); its evaluation splits are the small
+    shards."""
+    return write_untrained_run(fmnist_small, tmp_path_factory.mktemp("runs") / "tiny")

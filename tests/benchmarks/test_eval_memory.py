@@ -28,8 +28,8 @@ def test_a_tiny_bank_is_measured_chunked_and_in_memory(run_script):
 
 
 @pytest.mark.slow
-def test_evaluate_on_a_small_run_is_measured(ray_session, run_script, trained_run):
-    out = run_script("eval_memory.py", "evaluate", "--checkpoint", str(trained_run), ray=True)
+def test_evaluate_on_a_small_run_is_measured(ray_session, run_script, small_run):
+    out = run_script("eval_memory.py", "evaluate", "--checkpoint", str(small_run), ray=True)
     (measurement,) = _measurements(out)
     assert measurement["measurement"] == "evaluate --protocol knn"
     assert measurement["ru_maxrss_mib"] > 0 and measurement["sampled_peak_mib"] > 0

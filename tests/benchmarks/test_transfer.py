@@ -1,5 +1,5 @@
 """benchmarks/transfer.py runs at HEAD: a small labelled image folder (written by the test,
-so scikit-learn's digits are not needed) is prepared into shards and a trained run is
+so scikit-learn's digits are not needed) is prepared into shards and a run is
 scored on it with kNN and the linear probe, the scores saved under the folder's keys."""
 
 import json
@@ -24,13 +24,13 @@ def _digit_like_folders(root, per_class: int = 12) -> None:
 
 @pytest.mark.slow
 def test_the_transfer_benchmark_scores_a_run_on_another_folder(
-    ray_session, run_script, bench_dir, trained_run
+    ray_session, run_script, bench_dir, small_run
 ):
     _digit_like_folders(bench_dir / "data" / "digits")
-    out = run_script("transfer.py", str(trained_run), ray=True)
+    out = run_script("transfer.py", str(small_run), ray=True)
     assert "digits train: 48 images, 0 skipped" in out
     assert "digits test: 48 images, 0 skipped" in out
-    protocols = json.loads((trained_run / "eval.json").read_text())["protocols"]
+    protocols = json.loads((small_run / "eval.json").read_text())["protocols"]
     for key in ("knn@digits", "linear@digits"):
         assert key in out
         # 4 classes that one bright row tells apart: far above chance (0.25).

@@ -7,58 +7,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.data.ingest import ImageSpec, channel_stats, read_decoded
 from pipeline.data.shards import read_labels
-from pipeline.train.checkpoint import CheckpointState, build_method_for, save_checkpoint
+from tests.runs import write_untrained_run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-def _write_run(fmnist_small: dict[str, Path], run: Path, method: str = "simclr") -> Path:
-    config = load_config(
-        None,
-        [
-            f"run.root={run.parent}",
-            f"run.name={run.name}",
-            f"data.train={fmnist_small['train']}",
-            f"data.eval_train={fmnist_small['train']}",
-            f"data.eval_test={fmnist_small['test']}",
-            "model.backbone=small_cnn",
-            "model.width=0.25",
-            f"method.name={method}",
-        ],
-    )
-    torch.manual_seed(1)
-    method_module = build_method_for(config, channels=1, num_images=2048)
-    mean, std = channel_stats(read_decoded(fmnist_small["train"], ImageSpec(28, 1), 256).pixels)
-    state = CheckpointState(
-        model=method_module.state_dict(),
-        epoch=3,
-        config=config.to_dict(),
-        channels=1,
-        image_size=28,
-        num_images=2048,
-        mean=mean,
-        std=std,
-        optimizer={},
-        step=0,
-        torch_rng=torch.get_rng_state(),
-        metrics={},
-    )
-    checkpoint = run / "checkpoint_2026-01-01_00-00-00.000000"
-    checkpoint.mkdir(parents=True)
-    save_checkpoint(checkpoint, state)
-    return run
-
-
 @pytest.fixture(scope="module")
 def run(fmnist_small, tmp_path_factory) -> Path:
-    return _write_run(fmnist_small, tmp_path_factory.mktemp("runs") / "simclr-run")
+    return write_untrained_run(fmnist_small, tmp_path_factory.mktemp("runs") / "simclr-run")
 
 
 def test_protocols_print_a_table_and_merge_into_eval_json(run, fmnist_small, capsys):
@@ -127,7 +87,7 @@ def test_preview_draws_the_configs_views(fmnist_small, tmp_path, capsys):
 
 
 def test_report_compares_runs(run, fmnist_small, tmp_path, capsys):
-    other = _write_run(fmnist_small, tmp_path / "byol-run", method="byol")
+    other = write_untrained_run(fmnist_small, tmp_path / "byol-run", method="byol")
     assert main(["evaluate", "--checkpoint", str(other), "--k", "20"]) == 0
     assert main(["report", str(run), str(other), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "report.md").read_text()

@@ -97,14 +97,34 @@ def test_pretrain_checkpoints_resumes_and_evaluates(
 
 
 @pytest.mark.slow
-def test_views_drawn_on_the_device_train(ray_session, fmnist_small, tmp_path):
-    """(The synthetic ceiling, data.synthetic=true, trains in tests/benchmarks/test_training.)"""
-    overrides = ("augment.on_train_device=true", "train.online_knn_bank=0")
-    result = pretrain(_config(fmnist_small, tmp_path, 1, *overrides))
+def test_views_drawn_on_the_device_train_and_a_non_finite_loss_keeps_their_checkpoint(
+    ray_session, fmnist_small, tmp_path
+):
+    """A run whose views are drawn on the train device (the synthetic ceiling trains in
+    tests/benchmarks/test_training), then its continuation at an exploding rate: that one
+    stops on the non-finite loss and the first run's checkpoint is kept. One test, so the
+    two share a run instead of paying Ray Train's start-up twice."""
+    on_device = ("augment.on_train_device=true", "train.online_knn_bank=0")
+    result = pretrain(_config(fmnist_small, tmp_path, 1, *on_device))
     steps_per_epoch = (2048 // 2) // 64
     assert result.metrics["step"] == steps_per_epoch
     assert result.metrics["loss_last_steps"] < result.metrics["loss_first_steps"]
     assert result.metrics["seconds_to_first_step"] > 0
+
+    exploding = _config(
+        fmnist_small,
+        tmp_path,
+        2,
+        *on_device,
+        "train.max_failures=0",
+        "train.base_lr=1e30",
+        "train.warmup_epochs=0",
+    )
+    with pytest.raises(Exception, match=r"loss became (nan|inf).*last good checkpoint is kept"):
+        pretrain(exploding)
+    state = load_checkpoint(latest_checkpoint(run_dir(exploding)))
+    assert state.epoch == 1
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
 
 
 def _train_workers() -> set[int]:
@@ -162,27 +182,6 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     # The restarted stream skipped the trained passes and counted each epoch once.
     report = json.loads((Path(run_dir(config)) / "ingest_report.json").read_text())
     assert {report[e]["delivered"] for e in ("1", "2", "3")} == {2048}
-
-
-@pytest.mark.slow
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
-    ray_session, fmnist_small, tmp_path
-):
-    pretrain(_config(fmnist_small, tmp_path, 1, "train.online_knn_bank=0"))
-    exploding = _config(
-        fmnist_small,
-        tmp_path,
-        2,
-        "train.online_knn_bank=0",
-        "train.max_failures=0",
-        "train.base_lr=1e30",
-        "train.warmup_epochs=0",
-    )
-    with pytest.raises(Exception, match=r"loss became (nan|inf).*last good checkpoint is kept"):
-        pretrain(exploding)
-    state = load_checkpoint(latest_checkpoint(run_dir(exploding)))
-    assert state.epoch == 1
-    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
 
 
 def test_bad_shards_stop_pretraining_before_ray_starts(tmp_path, monkeypatch):
