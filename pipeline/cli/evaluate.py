@@ -75,20 +75,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="label fractions for finetune (default: 0.01 0.1)",
     )
     parser.add_argument("--finetune-epochs", type=int, default=30, help="fine-tuning epochs")
-    parser.add_argument(
-        "--finetune-lr",
-        nargs="+",
-        type=float,
-        default=[0.05],
-        help="fine-tuning learning rate(s) at batch 256 (SGD, Nesterov, cosine; default 0.05)",
-    )
-    parser.add_argument(
-        "--finetune-weight-decay",
-        nargs="+",
-        type=float,
-        default=[0.0],
-        help="fine-tuning weight decay(s) (default 0, as SimCLR v2)",
-    )
+    for flag, default, what in (
+        ("--finetune-lr", 0.05, "learning rate(s) at batch 256 (SGD, Nesterov, cosine)"),
+        ("--finetune-weight-decay", 0.0, "weight decay(s) (0 as in SimCLR v2)"),
+    ):
+        parser.add_argument(
+            flag, nargs="+", type=float, default=[default], help=f"fine-tuning {what}; "
+            f"several values are each tried (default {default:g})",
+        )  # fmt: skip
     parser.add_argument(
         "--finetune-from",
         choices=["head", "backbone"],
@@ -120,10 +114,9 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
     from pipeline.eval.evaluate import load_eval_context
     from pipeline.eval.protocols import (
         ProtocolSettings,
-        label_subsets,
+        finetune_splits,
         results_table,
         run_protocols,
-        validation_ids,
     )
     from pipeline.train.checkpoint import find_checkpoint
 
@@ -144,10 +137,7 @@ def _evaluate_protocols(args: argparse.Namespace) -> str:
         results = run_protocols(context, args.protocol, settings, suffix)
         save_results(checkpoint, context, results)
         if "finetune" in args.protocol:  # the label subsets, by image id, for reproduction
-            subsets = label_subsets(context, settings.fractions)
-            if len(settings.finetune_grid()) > 1:
-                val_ids = validation_ids(context, subsets, settings.validation_fraction)
-                subsets = subsets | {"validation": val_ids}
+            subsets = finetune_splits(context, settings)
             locations.write_text(
                 locations.join(locations.parent(checkpoint), f"finetune_subsets{suffix}.json"),
                 json.dumps(subsets) + "\n",

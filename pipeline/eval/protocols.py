@@ -107,6 +107,17 @@ def validation_ids(
     return [ids[i] for i in rest[picked]]
 
 
+def finetune_splits(context: EvalContext, settings: ProtocolSettings) -> dict[str, list[str]]:
+    """Fine-tuning's image ids: each label fraction's subset and, when the settings' grid
+    has more than one pair to choose from, the ``validation`` split that chooses."""
+    subsets = label_subsets(context, settings.fractions)
+    if len(settings.finetune_grid()) > 1:
+        return subsets | {
+            "validation": validation_ids(context, subsets, settings.validation_fraction)
+        }
+    return subsets
+
+
 def knn_results(report: KNNReport) -> dict[str, dict[str, float]]:
     """A kNN report's rows keyed as in eval.json (the floors when the report has them)."""
     keys = ("knn", "knn_raw_pixels", "knn_random_init")
@@ -171,13 +182,13 @@ def finetune_results(
     chosen, the validation top-1 that chose them."""
     from pipeline.cluster import init_ray
 
-    subsets = label_subsets(context, settings.fractions)
+    subsets = finetune_splits(context, settings)
+    val_ids = subsets.pop("validation", None)
     if not subsets:
         return {}
     init_ray()
     validation = None
-    if len(settings.finetune_grid()) > 1:
-        val_ids = validation_ids(context, subsets, settings.validation_fraction)
+    if val_ids is not None:
         validation = decoded_rows(subset_rows(context.train_dir, val_ids), context.spec)
     test = decoded_dataset(context.test_dir, context.spec)
     encoders: dict[str, SSLMethod] = {"": context.method, "_random_init": context.untrained}
